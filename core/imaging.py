@@ -1,0 +1,114 @@
+"""Safe image and video decoding.
+
+Every decoder returns RGB uint8 arrays of shape (H, W, 3) whatever the file holds
+(grayscale, palette, RGBA, 16-bit, CMYK), applies EXIF orientation, and raises
+`ImageDecodeError` naming the file and the reason instead of a library traceback.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# A 16k x 16k photograph is larger than any competition image; past this PIL's own
+# decompression-bomb check fires, and we turn it into an error rather than a warning.
+MAX_PIXELS = 16384 * 16384
+MIN_SIDE = 16
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+class ImageDecodeError(ValueError):
+    """An image or video could not be turned into RGB pixels; the message names the file."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit and 32-bit integer images: scale the full range down to 8 bits.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency onto white: the colour under alpha = 0 is arbitrary.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Read `path` as an RGB uint8 array (H, W, 3), or raise ImageDecodeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageDecodeError(f"{path}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageDecodeError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(f"{path}: decompression bomb ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        # PIL reports truncation and unknown formats as OSError / UnidentifiedImageError.
+        reason = "not an image or unsupported format" if "cannot identify" in str(err) else str(err)
+        raise ImageDecodeError(f"{path}: {reason}") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise ImageDecodeError(f"{path}: {rgb.size[0]}x{rgb.size[1]} is smaller than {MIN_SIDE} px")
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def is_video(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
+    """Return `num_frames` RGB frames spread evenly over the whole video.
+
+    Frames are taken at evenly spaced indices from first to last, not from the start,
+    so a long video is represented by all of its length.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError(f"{path}: no such file")
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise ImageDecodeError(f"{path}: cannot open as a video")
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total <= 0:
+            raise ImageDecodeError(f"{path}: video reports no frames")
+        indices = np.unique(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(int))
+        frames = []
+        for idx in indices:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, int(idx))
+            ok, frame = cap.read()
+            if ok:
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        cap.release()
+    if not frames:
+        raise ImageDecodeError(f"{path}: no frame could be decoded")
+    return frames

@@ -1,0 +1,79 @@
+"""Label CSVs in the competition format, validated before any training starts.
+
+Labels are `img_name,target` (1 = fake, 0 = real); a test list needs only `img_name`.
+A manifest adds `method,parent,region`. Names are relative to an image root and may not
+escape it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+SHOW = 5  # how many offending names an error message lists
+
+
+class LabelError(ValueError):
+    """A label CSV is malformed; the message names the file and the reason."""
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(map(str, names[:SHOW]))
+    more = f" and {len(names) - SHOW} more" if len(names) > SHOW else ""
+    return f"{shown}{more}"
+
+
+def safe_join(root: str | Path, name: str) -> Path:
+    """Join `name` under `root`, refusing absolute names and names that climb out of it."""
+    rel = PurePosixPath(str(name).replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or str(name).startswith("~"):
+        raise LabelError(f"{name}: path escapes the image root {root}")
+    return Path(root) / rel
+
+
+def read_labels(
+    csv_path: str | Path,
+    image_root: str | Path,
+    *,
+    require_target: bool = True,
+    check_files: bool = True,
+) -> pd.DataFrame:
+    """Read and validate a label CSV; return it with an extra `path` column.
+
+    Raises LabelError for a missing or empty file, missing columns, duplicate names,
+    targets other than 0/1, names escaping `image_root`, or images that do not exist.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise LabelError(f"{csv_path}: no such label file")
+    try:
+        df = pd.read_csv(csv_path, dtype={"img_name": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LabelError(f"{csv_path}: not a readable CSV ({err})") from None
+    required = ["img_name", "target"] if require_target else ["img_name"]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise LabelError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}, expected {required}")
+    if df.empty:
+        raise LabelError(f"{csv_path}: no rows")
+    if df["img_name"].isna().any():
+        raise LabelError(f"{csv_path}: empty img_name on row(s) {_listing(df.index[df['img_name'].isna()].tolist())}")
+    dupes = df["img_name"][df["img_name"].duplicated()].unique().tolist()
+    if dupes:
+        raise LabelError(f"{csv_path}: duplicate img_name {_listing(dupes)}")
+    if "target" in df.columns:
+        target = pd.to_numeric(df["target"], errors="coerce")
+        bad = df["img_name"][~target.isin([0, 1])].tolist()
+        if bad:
+            raise LabelError(f"{csv_path}: target must be 0 or 1, not for {_listing(bad)}")
+        df["target"] = target.astype(int)
+    try:
+        df["path"] = [str(safe_join(image_root, n)) for n in df["img_name"]]
+    except LabelError as err:
+        raise LabelError(f"{csv_path}: {err}") from None
+    if check_files:
+        absent = df["img_name"][~df["path"].map(lambda p: Path(p).is_file())].tolist()
+        if absent:
+            raise LabelError(f"{csv_path}: {len(absent)} image(s) not found under {image_root}: {_listing(absent)}")
+    return df.reset_index(drop=True)
