@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from core.io import atomic_path
 
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
 _SEP = "/"  # separator of flattened keys; state-dict keys use dots, so no clash
 
 
@@ -53,7 +55,7 @@ def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, t
     if _is_safetensors(path):
         try:
             return load_file(str(path))
-        except SafetensorsError as err:
+        except SafetensorError as err:
             raise CheckpointError(f"{path}: corrupt safetensors file ({err})") from None
     if not allow_pickle:
         raise CheckpointError(f"{path}: not a safetensors file; refusing to load a pickle checkpoint")

@@ -1,0 +1,9 @@
+"""Networks and losses, one file per method, built by name from config.
+
+Importing the package registers every member.
+"""
+
+from models import losses, mff  # noqa: F401  (registration side effects)
+from models.registry import build_criterion, build_model
+
+__all__ = ["build_criterion", "build_model"]

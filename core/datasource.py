@@ -1,0 +1,74 @@
+"""Where the data lives: the competition's files when configured, else the demo sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from core.labels import LabelError, read_labels
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train_labels: Path
+    train_root: Path
+    test_list: Path
+    test_root: Path
+    test_labels: Path | None  # answers, when known: only for reporting
+    manifest: Path | None  # provenance (method, parent, region) of prepared samples
+    is_demo: bool
+
+
+def resolve_data(cfg: dict) -> DataPaths:
+    """Read the config's `data` section; with no `train_labels` it points at the demo sample."""
+    d = cfg["data"]
+
+    def opt(key: str) -> Path | None:
+        return Path(d[key]) if d.get(key) else None
+
+    if d.get("train_labels"):
+        missing = [k for k in ("train_root", "test_list", "test_root") if not d.get(k)]
+        if missing:
+            raise LabelError(f"data config: train_labels is set but {missing} are not")
+        return DataPaths(
+            Path(d["train_labels"]), Path(d["train_root"]), Path(d["test_list"]), Path(d["test_root"]),
+            opt("test_labels"), opt("manifest"), is_demo=False,
+        )
+    demo = Path(d.get("demo_dir", "data/demo"))
+    return DataPaths(
+        demo / "train_labels.csv", demo / "train", demo / "test_list.csv", demo / "test",
+        demo / "test_labels.csv", demo / "manifest.csv", is_demo=True,
+    )
+
+
+def read_train_table(paths: DataPaths) -> pd.DataFrame:
+    """Train labels joined with provenance: `img_name,target,path,method,parent,region`.
+
+    Without a manifest every image is its own parent (nothing derived from anything).
+    """
+    df = read_labels(paths.train_labels, paths.train_root)
+    if paths.manifest and paths.manifest.is_file():
+        man = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
+        cols = ["img_name", "method", "parent", "region"]
+        missing = [c for c in cols if c not in man.columns]
+        if missing:
+            raise LabelError(f"{paths.manifest}: missing column(s) {missing}")
+        df = df.merge(man[cols], on="img_name", how="left")
+    for col, default in (("method", None), ("parent", None), ("region", "")):
+        if col not in df.columns:
+            df[col] = default
+    df["method"] = df["method"].fillna(df["target"].map({0: "real", 1: "fake"}))
+    df["parent"] = df["parent"].replace("", None).fillna(df["img_name"])
+    df["region"] = df["region"].fillna("")
+    return df
+
+
+def read_test_table(paths: DataPaths) -> pd.DataFrame:
+    """The test list in its order, with `target` when answers are configured."""
+    df = read_labels(paths.test_list, paths.test_root, require_target=False)
+    if paths.test_labels and paths.test_labels.is_file() and "target" not in df.columns:
+        answers = read_labels(paths.test_labels, paths.test_root, check_files=False)
+        df = df.merge(answers[["img_name", "target"]], on="img_name", how="left")
+    return df

@@ -1,0 +1,63 @@
+"""Image transforms built from config with albumentations.
+
+Normalisation always comes after resizing (the winning solution's released inference
+normalised a full-size image first: slower, and different numerics at the edges).
+Every call takes a seed, so augmentation depends on (epoch, sample) only: the same with
+any number of loader workers or processes, and the same after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _resize(size: int) -> A.Resize:
+    # INTER_AREA for the usual downscale of 512-1024 px photographs: no aliasing.
+    return A.Resize(size, size, interpolation=cv2.INTER_AREA)
+
+
+def _normalize(cfg: Mapping) -> list:
+    return [A.Normalize(mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD)), ToTensorV2()]
+
+
+def _train_augs(aug: Mapping) -> list:
+    """Label-keeping augmentations; `strength` scales their probabilities (0 turns them off)."""
+    s = float(aug.get("strength", 1.0))
+    if s <= 0:
+        return []
+    jpeg_lo = int(aug.get("jpeg_min_quality", 60))
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.ImageCompression(quality_range=(jpeg_lo, 100), p=min(1.0, 0.3 * s)),
+        A.GaussianBlur(blur_limit=(3, 5), p=min(1.0, 0.1 * s)),
+        A.GaussNoise(std_range=(0.01, 0.05), p=min(1.0, 0.1 * s)),
+        A.ColorJitter(brightness=0.1 * s, contrast=0.1 * s, saturation=0.1 * s, hue=0.02 * s, p=min(1.0, 0.3 * s)),
+        A.Affine(scale=(1 - 0.05 * s, 1 + 0.05 * s), translate_percent=(-0.03 * s, 0.03 * s), p=min(1.0, 0.3 * s)),
+    ]
+
+
+class ImageTransform:
+    """Callable `transform(image, seed) -> CHW float tensor`."""
+
+    def __init__(self, ops: list):
+        self.compose = A.Compose(ops, seed=0)
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        self.compose.set_random_seed(seed)
+        return self.compose(image=image)["image"]
+
+
+def build_transform(cfg: Mapping, train: bool) -> ImageTransform:
+    """`cfg` is the config's `data` section: `image_size`, optional `mean`/`std`, `aug`."""
+    size = int(cfg["image_size"])
+    ops = ([_resize(size)] + (_train_augs(cfg.get("aug", {})) if train else [])) + _normalize(cfg)
+    return ImageTransform(ops)

@@ -1,0 +1,77 @@
+"""timm backbones with pretrained weights from the hub or a local file, loaded loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from core.checkpoint import CheckpointError, load_weights
+from core.log import get_logger
+
+log = get_logger("backbones")
+
+# Keys of a classifier head: dropped because the member brings its own head.
+_HEAD_PREFIXES = ("classifier.", "head.fc.", "head.", "fc.", "last_linear.")
+# Wrappers that training scripts commonly add around a state dict.
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_backbone_weights(model: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """Load a local pretrained file into `model`, logging what loaded.
+
+    Head keys are ignored. Any other missing or unexpected key, or a shape mismatch,
+    raises unless `strict=False`, in which case it is logged and skipped.
+    """
+    state = _strip_wrappers(load_weights(path, allow_pickle=True))
+    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    problems = {"missing": missing, "unexpected": unexpected, "shape mismatch": mismatched}
+    summary = "; ".join(f"{name}: {len(keys)} e.g. {keys[:3]}" for name, keys in problems.items() if keys)
+    if summary and strict:
+        raise CheckpointError(f"{path}: does not fit the backbone ({summary}); set allow_mismatch to load anyway")
+    loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    model.load_state_dict(loadable, strict=False)
+    log.info("loaded %d/%d backbone tensors from %s%s", len(loadable), len(own), path, f" ({summary})" if summary else "")
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    weights: str | None = None,
+    allow_mismatch: bool = False,
+    **kwargs,
+) -> torch.nn.Module:
+    """A timm model with its classifier removed (`num_classes=0`): returns pooled features.
+
+    `weights` (a local file) wins over `pretrained` (the hub), so an offline machine can
+    load the same weights a connected one downloads.
+    """
+    if weights:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        load_backbone_weights(model, weights, strict=not allow_mismatch)
+        return model
+    if pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        except Exception as err:  # hub errors come as many types (HTTP, OS, huggingface_hub)
+            raise RuntimeError(
+                f"cannot download pretrained weights for {name!r} ({type(err).__name__}: {err}); "
+                "give a local file with model.weights=<path> or set model.pretrained=false"
+            ) from None
+        log.info("loaded pretrained %s from the hub", name)
+        return model
+    log.info("%s: randomly initialised (pretrained=false, no weights file)", name)
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

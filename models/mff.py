@@ -1,0 +1,38 @@
+"""One expert of the winning solution: a timm backbone with a 2-class head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.backbones import create_backbone
+from models.registry import register_model
+
+
+class MFFExpert(nn.Module):
+    """timm backbone -> pooled features -> dropout -> Linear(2). Returns logits and features
+    (the features feed the feature-level contrastive loss)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 2, drop_rate: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(backbone.num_features, num_classes))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        return {"logits": self.head(features), "features": features}
+
+
+@register_model("mff_expert")
+def build_mff_expert(
+    backbone: str,
+    pretrained: bool = False,
+    weights: str | None = None,
+    allow_mismatch: bool = False,
+    num_classes: int = 2,
+    drop_rate: float = 0.0,
+    drop_path_rate: float | None = None,
+) -> MFFExpert:
+    extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    net = create_backbone(backbone, pretrained=pretrained, weights=weights, allow_mismatch=allow_mismatch, **extra)
+    return MFFExpert(net, num_classes=num_classes, drop_rate=drop_rate)

@@ -1,0 +1,127 @@
+"""Train one member on one fold: train on the other folds, select on this one.
+
+  python train.py --config configs/members/mff_demo.yaml --fold 0
+  python train.py --config configs/members/mff_demo.yaml --fold 0 train.epochs=2 train.lr=3e-4
+
+Writes outputs/<member>/fold<k>/: model.safetensors (EMA weights of the best validation
+epoch), meta.json, oof.csv, test.csv, metrics.csv, curve.png, config.yaml. Rerunning a
+finished fold does nothing (--force redoes it); an interrupted run resumes from its last
+epoch and reaches the same result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import models
+from core.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_weights
+from core.config import ConfigError, load_config, save_config
+from core.dataset import ImageDataset
+from core.datasource import read_test_table, read_train_table, resolve_data
+from core.device import pick_device
+from core.folds import FoldError, read_folds
+from core.io import write_csv, write_json
+from core.labels import LabelError
+from core.log import get_logger
+from core.metrics import score_report
+from core.predict import predict_paths
+from core.report import plot_history, versions
+from core.training import Trainer, TrainSettings
+from core.transforms import build_transform
+
+log = get_logger("train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="member config, e.g. configs/members/mff_demo.yaml")
+    p.add_argument("--fold", type=int, required=True, help="validation fold k (train on the others)")
+    p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="retrain from scratch even if the fold is finished")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+    return p.parse_args(argv)
+
+
+def fold_dir(cfg: dict, fold: int) -> Path:
+    return Path(cfg["paths"]["outputs"]) / cfg["name"] / f"fold{fold}"
+
+
+def is_finished(out_dir: Path) -> bool:
+    meta = out_dir / META_FILE
+    return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
+
+
+def train_fold(cfg: dict, fold: int) -> dict:
+    """Train, select on fold `fold`, write every output; return the best validation metrics."""
+    out_dir = fold_dir(cfg, fold)
+    data = resolve_data(cfg)
+    table = read_folds(cfg["paths"]["folds"], read_train_table(data))
+    if fold not in set(table["fold"]):
+        raise FoldError(f"fold {fold} not in {cfg['paths']['folds']} (folds: {sorted(set(table['fold']))})")
+    train_df, val_df = table[table["fold"] != fold], table[table["fold"] == fold]
+    settings = TrainSettings.from_cfg(cfg["train"])
+    torch.manual_seed(settings.seed)
+    log.info("%s fold %d: %d train / %d validation images -> %s", cfg["name"], fold, len(train_df), len(val_df), out_dir)
+
+    device = pick_device(cfg.get("device", "auto"))
+    model = models.build_model(cfg["model"])
+    train_ds = ImageDataset(train_df["path"], train_df["target"], build_transform(cfg["data"], train=True), settings.seed)
+    val_ds = ImageDataset(val_df["path"], val_df["target"], build_transform(cfg["data"], train=False))
+    save_config(cfg, out_dir / "config.yaml")
+    result = Trainer(model, models.build_criterion(cfg), train_ds, val_ds, settings, out_dir, device).fit()
+
+    oof = val_df[["img_name", "target"]].assign(y_pred=result.val_probs)
+    write_csv(oof, out_dir / "oof.csv")
+    model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))
+    test = read_test_table(data)
+    test["y_pred"] = predict_paths(
+        [model], test["path"].tolist(), build_transform(cfg["data"], train=False), device,
+        batch_size=settings.eval_batch_size, num_workers=settings.num_workers,
+        channels_last=settings.channels_last, progress=settings.progress,
+    )
+    write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
+    plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")
+    test_metrics = score_report(test["target"], test["y_pred"]) if "target" in test.columns else {}
+    write_json(
+        {
+            "complete": True,
+            "member": cfg["name"],
+            "fold": fold,
+            "best_epoch": result.best_epoch,
+            "val": result.best_metrics,
+            "test_if_labelled": test_metrics,  # reported, never used for selection
+            "history": result.history,
+            "config": cfg,
+            "versions": versions(),
+        },
+        out_dir / META_FILE,
+    )
+    return result.best_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config([args.data_config, args.config], args.overrides)
+        out_dir = fold_dir(cfg, args.fold)
+        if is_finished(out_dir) and not args.force:
+            log.info("%s is finished; skipping (use --force to retrain)", out_dir)
+            return 0
+        if args.force and out_dir.exists():
+            shutil.rmtree(out_dir)
+        metrics = train_fold(cfg, args.fold)
+    except (ConfigError, LabelError, FoldError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("done: val auc %.4f, tpr@fpr1e-3 %.4f -> %s", metrics["auc"], metrics["tpr@fpr1e-3"], out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
