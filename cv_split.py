@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         mode = args.mode or cfg["split"]["mode"]
         df = read_train_table(resolve_data(cfg))
-        log.info("read %d train images (%d fake) in %d parent groups", len(df), df["target"].sum(), df["parent"].nunique())
+        log.info(
+            "read %d train images (%d fake) in %d parent groups", len(df), df["target"].sum(), df["parent"].nunique()
+        )
         if mode != "stratified":
             raise FoldError(f"split mode {mode!r} is not available; use stratified")
         df["fold"] = stratified_group_folds(df, cfg["split"]["n_folds"], cfg["split"]["seed"])

@@ -67,11 +67,15 @@ def train_fold(cfg: dict, fold: int) -> dict:
     train_df, val_df = table[table["fold"] != fold], table[table["fold"] == fold]
     settings = TrainSettings.from_cfg(cfg["train"])
     torch.manual_seed(settings.seed)
-    log.info("%s fold %d: %d train / %d validation images -> %s", cfg["name"], fold, len(train_df), len(val_df), out_dir)
+    log.info(
+        "%s fold %d: %d train / %d validation images -> %s", cfg["name"], fold, len(train_df), len(val_df), out_dir
+    )
 
     device = pick_device(cfg.get("device", "auto"))
     model = models.build_model(cfg["model"])
-    train_ds = ImageDataset(train_df["path"], train_df["target"], build_transform(cfg["data"], train=True), settings.seed)
+    train_ds = ImageDataset(
+        train_df["path"], train_df["target"], build_transform(cfg["data"], train=True), settings.seed
+    )
     val_ds = ImageDataset(val_df["path"], val_df["target"], build_transform(cfg["data"], train=False))
     save_config(cfg, out_dir / "config.yaml")
     result = Trainer(model, models.build_criterion(cfg), train_ds, val_ds, settings, out_dir, device).fit()
@@ -81,9 +85,14 @@ def train_fold(cfg: dict, fold: int) -> dict:
     model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))
     test = read_test_table(data)
     test["y_pred"] = predict_paths(
-        [model], test["path"].tolist(), build_transform(cfg["data"], train=False), device,
-        batch_size=settings.eval_batch_size, num_workers=settings.num_workers,
-        channels_last=settings.channels_last, progress=settings.progress,
+        [model],
+        test["path"].tolist(),
+        build_transform(cfg["data"], train=False),
+        device,
+        batch_size=settings.eval_batch_size,
+        num_workers=settings.num_workers,
+        channels_last=settings.channels_last,
+        progress=settings.progress,
     )
     write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
     plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")

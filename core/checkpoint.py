@@ -61,7 +61,7 @@ def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, t
         raise CheckpointError(f"{path}: not a safetensors file; refusing to load a pickle checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unsafe or corrupt pickles
+    except Exception as err:  # noqa: BLE001 - torch raises many types for unsafe or corrupt pickles
         raise CheckpointError(f"{path}: cannot load with weights_only=True ({type(err).__name__}: {err})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -94,9 +94,7 @@ def _unflatten(prefix: str, tensors: dict, rest: dict) -> Any:
         return node["value"]
     if kind == "dict":
         casts = {"int": int, "str": str, "float": float}
-        return {
-            casts[t](k): _unflatten(f"{prefix}{_SEP}{k}", tensors, rest) for t, k in node["keys"]
-        }
+        return {casts[t](k): _unflatten(f"{prefix}{_SEP}{k}", tensors, rest) for t, k in node["keys"]}
     items = [_unflatten(f"{prefix}{_SEP}{i}", tensors, rest) for i in range(node["len"])]
     return tuple(items) if kind == "tuple" else items
 
@@ -120,5 +118,5 @@ def load_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors training state")
     with safe_open(str(path), framework="pt") as fh:
         rest = json.loads(fh.metadata()["structure"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no dict
     return _unflatten("", tensors, rest)

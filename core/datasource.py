@@ -33,13 +33,23 @@ def resolve_data(cfg: dict) -> DataPaths:
         if missing:
             raise LabelError(f"data config: train_labels is set but {missing} are not")
         return DataPaths(
-            Path(d["train_labels"]), Path(d["train_root"]), Path(d["test_list"]), Path(d["test_root"]),
-            opt("test_labels"), opt("manifest"), is_demo=False,
+            Path(d["train_labels"]),
+            Path(d["train_root"]),
+            Path(d["test_list"]),
+            Path(d["test_root"]),
+            opt("test_labels"),
+            opt("manifest"),
+            is_demo=False,
         )
     demo = Path(d.get("demo_dir", "data/demo"))
     return DataPaths(
-        demo / "train_labels.csv", demo / "train", demo / "test_list.csv", demo / "test",
-        demo / "test_labels.csv", demo / "manifest.csv", is_demo=True,
+        demo / "train_labels.csv",
+        demo / "train",
+        demo / "test_list.csv",
+        demo / "test",
+        demo / "test_labels.csv",
+        demo / "manifest.csv",
+        is_demo=True,
     )
 
 

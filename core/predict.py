@@ -66,6 +66,4 @@ def predict_paths(
     on_error: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     loader = make_loader(ImageDataset(paths, transform=transform), batch_size, num_workers)
-    return predict_loader(
-        models, loader, device, channels_last=channels_last, progress=progress, on_error=on_error
-    )
+    return predict_loader(models, loader, device, channels_last=channels_last, progress=progress, on_error=on_error)

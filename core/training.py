@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -23,8 +23,8 @@ import torch
 from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
-from core.config import ConfigError
 from core.checkpoint import WEIGHTS_FILE, load_state, save_state, save_weights
+from core.config import ConfigError
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast
 from core.io import write_csv
@@ -226,8 +226,13 @@ class Trainer:
             train_loss = self.train_epoch()
             metrics, probs = self.evaluate()
             self.epoch += 1
-            row = {"epoch": self.epoch, "train_loss": train_loss, **metrics,
-                   "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - start, 2)}
+            row = {
+                "epoch": self.epoch,
+                "train_loss": train_loss,
+                **metrics,
+                "lr": self.scheduler.get_last_lr()[0],
+                "seconds": round(time.time() - start, 2),
+            }
             self.history.append(row)
             if self.best is None or _selection_key(metrics) > _selection_key(self.best):
                 self.best = {"epoch": self.epoch, **metrics}
@@ -236,7 +241,12 @@ class Trainer:
                     save_weights(self.model.state_dict(), self.out_dir / WEIGHTS_FILE, {"epoch": self.epoch})
             log.info(
                 "epoch %d/%d loss %.4f val auc %.4f tpr@1e-3 %.4f (best epoch %d)",
-                self.epoch, self.s.epochs, train_loss, metrics["auc"], metrics["tpr@fpr1e-3"], self.best["epoch"],
+                self.epoch,
+                self.s.epochs,
+                train_loss,
+                metrics["auc"],
+                metrics["tpr@fpr1e-3"],
+                self.best["epoch"],
             )
             write_csv(pd.DataFrame(self.history), self.out_dir / "metrics.csv")
             save_state(self.state(), self.out_dir / STATE_FILE)

@@ -21,7 +21,7 @@ _WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -43,7 +43,9 @@ def load_backbone_weights(model: torch.nn.Module, path: str | Path, *, strict: b
         raise CheckpointError(f"{path}: does not fit the backbone ({summary}); set allow_mismatch to load anyway")
     loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
     model.load_state_dict(loadable, strict=False)
-    log.info("loaded %d/%d backbone tensors from %s%s", len(loadable), len(own), path, f" ({summary})" if summary else "")
+    log.info(
+        "loaded %d/%d backbone tensors from %s%s", len(loadable), len(own), path, f" ({summary})" if summary else ""
+    )
 
 
 def create_backbone(
@@ -66,7 +68,7 @@ def create_backbone(
     if pretrained:
         try:
             model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
-        except Exception as err:  # hub errors come as many types (HTTP, OS, huggingface_hub)
+        except Exception as err:  # noqa: BLE001 - hub failures come as HTTP, OS and huggingface_hub errors
             raise RuntimeError(
                 f"cannot download pretrained weights for {name!r} ({type(err).__name__}: {err}); "
                 "give a local file with model.weights=<path> or set model.pretrained=false"

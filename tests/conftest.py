@@ -68,8 +68,13 @@ def tiny_project(tmp_path: Path) -> dict:
     member["name"] = "tiny"
     member["data"]["image_size"] = 32
     member["train"].update(epochs=2, batch_size=4, num_workers=0, warmup_steps=1, progress=False)
-    ensemble = {"members": ["tiny"], "demo_members": ["tiny"], "weights": None,
-                "submission": str(outputs / "submission.csv"), "fill_missing": None}
+    ensemble = {
+        "members": ["tiny"],
+        "demo_members": ["tiny"],
+        "weights": None,
+        "submission": str(outputs / "submission.csv"),
+        "fill_missing": None,
+    }
     paths = {"root": tmp_path, "outputs": outputs, **data}
     for name, cfg in (("data", data_cfg), ("member", member), ("ensemble", ensemble)):
         paths[f"{name}_cfg"] = tmp_path / f"{name}.yaml"
