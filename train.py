@@ -71,6 +71,9 @@ def train_fold(cfg: dict, fold: int) -> dict:
         "%s fold %d: %d train / %d validation images -> %s", cfg["name"], fold, len(train_df), len(val_df), out_dir
     )
 
+    m = cfg["model"]
+    source = m.get("weights") or ("the hub" if m.get("pretrained") else "none (random initialisation)")
+    log.info("backbone %s, pretrained weights: %s", m.get("backbone", m["name"]), source)
     device = pick_device(cfg.get("device", "auto"))
     model = models.build_model(cfg["model"])
     train_ds = ImageDataset(
@@ -93,7 +96,7 @@ def train_fold(cfg: dict, fold: int) -> dict:
         num_workers=settings.num_workers,
         channels_last=settings.channels_last,
         progress=settings.progress,
-    )
+    )[:, 0]
     write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
     plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")
     test_metrics = score_report(test["target"], test["y_pred"]) if "target" in test.columns else {}

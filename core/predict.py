@@ -21,6 +21,40 @@ def fake_probability(outputs: dict | torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
+def _batches(arrays: Sequence[np.ndarray], transform: Callable, batch_size: int):
+    for start in range(0, len(arrays), batch_size):
+        chunk = arrays[start : start + batch_size]
+        images = torch.stack([transform(a, 0) for a in chunk])
+        yield {"image": images, "index": torch.arange(start, start + len(chunk)), "errors": []}
+
+
+@torch.inference_mode()
+def predict_arrays(
+    models: Sequence[torch.nn.Module],
+    arrays: Sequence[np.ndarray],
+    transform: Callable,
+    device: torch.device,
+    *,
+    batch_size: int,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Like `predict_loader` for images already in memory (video frames, face crops)."""
+    for model in models:
+        model.eval()
+    probs = np.full((len(arrays), len(models)), np.nan, dtype=np.float64)
+    for batch in _batches(arrays, transform, batch_size):
+        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last)
+    return probs
+
+
+def _forward(models: Sequence[torch.nn.Module], images: torch.Tensor, device: torch.device, channels_last: bool):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    with autocast(device):
+        p = torch.stack([fake_probability(m(images)) for m in models], dim=1)
+    return p.float().cpu().numpy()
+
+
 @torch.inference_mode()
 def predict_loader(
     models: Sequence[torch.nn.Module],
@@ -31,25 +65,22 @@ def predict_loader(
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
 ) -> np.ndarray:
-    """Mean fake probability over `models` for every item; NaN where the file was bad.
+    """Fake probability of every model for every item, shape (N, len(models)); NaN where
+    the file was bad.
 
     Errors are passed to `on_error` (default: logged) as they appear, so a bad file among
     thousands is reported and the rest are scored.
     """
     report = on_error or log.warning
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for model in models:
         model.eval()
-    probs = np.full(len(loader.dataset), np.nan, dtype=np.float64)
+    probs = np.full((len(loader.dataset), len(models)), np.nan, dtype=np.float64)
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
         for message in batch["errors"]:
             report(message)
         if "image" not in batch:
             continue
-        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        with autocast(device):
-            p = torch.stack([fake_probability(m(images)) for m in models]).mean(0)
-        probs[batch["index"].numpy()] = p.float().cpu().numpy()
+        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last)
     return probs
 
 

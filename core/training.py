@@ -214,7 +214,7 @@ class Trainer:
         with self._averaged():
             probs = predict_loader(
                 [self.model], loader, self.device, channels_last=self.s.channels_last, progress=self.s.progress
-            )
+            )[:, 0]
         ok = ~np.isnan(probs)
         return score_report(np.asarray(self.val_ds.targets)[ok], probs[ok]), probs
 

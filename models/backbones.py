@@ -75,5 +75,6 @@ def create_backbone(
             ) from None
         log.info("loaded pretrained %s from the hub", name)
         return model
-    log.info("%s: randomly initialised (pretrained=false, no weights file)", name)
+    # Debug only: inference rebuilds the architecture this way before loading a checkpoint.
+    log.debug("%s: randomly initialised (pretrained=false, no weights file)", name)
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

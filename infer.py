@@ -1,0 +1,200 @@
+"""Probability that an image (or video) is a deepfake, from the trained ensemble.
+
+  python infer.py face.jpg                    # one line: <probability>\\t<path>
+  python infer.py a.jpg b.png folder/ clip.mp4 --out results.csv
+  python infer.py face.jpg --weights outputs/mff_demo/fold0/model.safetensors
+
+Models: every finished fold of the configured members under outputs/ (their folds
+averaged, then members blended as ensemble.py does), or the files given with --weights
+(safetensors only, each with the meta.json that train.py wrote beside it).
+Folders are searched recursively for images and videos. A video is scored from
+--frames frames spread evenly over its length: the faces in each frame are cropped, the
+frame's score is the highest face score and the video's the mean over frames. Still images
+are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
+
+Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
+stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import models  # noqa: F401  (registers the members)
+from core.checkpoint import CheckpointError
+from core.config import ConfigError, load_config
+from core.dataset import ImageDataset, make_loader
+from core.device import pick_device
+from core.imaging import ImageDecodeError, decode_image, is_image, is_video, sample_video_frames
+from core.io import write_csv
+from core.predict import predict_arrays, predict_loader
+from core.transforms import build_transform
+from models.zoo import Ensemble, find_trained, load_trained
+
+NO_MODEL = 3
+
+# Measured with bench/infer_throughput.py (README): on a CPU, small batches in
+# channels_last beat large ones; on a GPU, large batches.
+DEVICE_DEFAULTS = {"cpu": {"batch_size": 4, "workers": 1}, "cuda": {"batch_size": 64, "workers": 8}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="images, videos or folders")
+    p.add_argument("--weights", nargs="+", help="model.safetensors files to use instead of the outputs folder")
+    p.add_argument("--config", default="configs/ensemble.yaml", help="ensemble config (default: %(default)s)")
+    p.add_argument("--outputs", default="outputs", help="where train.py wrote the members (default: %(default)s)")
+    p.add_argument("--out", help="also write img_name,y_pred to this CSV")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="default: 4 on CPU, 64 on GPU (measured, see README)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
+    p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
+    return p.parse_args(argv)
+
+
+def expand_inputs(inputs: list[str], report: Callable[[str], None]) -> list[Path]:
+    """Files as given; folders searched recursively for images and videos, sorted."""
+    found: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and (is_image(p) or is_video(p)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            report(f"{path}: no such file or folder")
+    return found
+
+
+def load_ensemble(args: argparse.Namespace) -> Ensemble:
+    cfg = load_config([args.config])
+    if args.weights:
+        paths = [Path(w) for w in args.weights]
+    else:
+        members = list(dict.fromkeys(cfg.get("members", []) + cfg.get("demo_members", [])))
+        paths = find_trained(args.outputs, members)
+    if not paths:
+        raise FileNotFoundError(
+            f"no trained model under {args.outputs}/: run `bash run_all.sh` (or train.py for a member), "
+            "or give --weights outputs/<member>/fold<k>/model.safetensors"
+        )
+    return Ensemble([load_trained(p) for p in paths], cfg.get("weights"))
+
+
+def face_crops(frame: np.ndarray, analyzer, size: int = 512) -> list[np.ndarray]:
+    from data_prep.faces import align_crop
+
+    return [align_crop(frame, face, size) for face in analyzer.detect(frame)]
+
+
+class Scorer:
+    def __init__(self, ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]):
+        self.ensemble = ensemble
+        self.device = pick_device(args.device)
+        defaults = DEVICE_DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
+        self.batch_size = args.batch_size or defaults["batch_size"]
+        self.workers = defaults["workers"] if args.workers is None else args.workers
+        self.channels_last = True  # faster for these convnets on CPU and GPU alike (README)
+        self.frames = args.frames
+        self.crop_faces = args.crop_faces
+        self.report = report
+        self._analyzer = None
+        self.groups = [
+            (build_transform(ensemble.trained[idx[0]].config["data"], train=False),
+             [ensemble.trained[i].model.to(self.device) for i in idx], idx)
+            for idx in ensemble.groups().values()
+        ]
+
+    @property
+    def analyzer(self):
+        if self._analyzer is None:
+            from data_prep.faces import FaceAnalyzer
+
+            self._analyzer = FaceAnalyzer(embed=False)
+        return self._analyzer
+
+    def score_files(self, paths: list[Path]) -> np.ndarray:
+        probs = np.full((len(paths), len(self.ensemble.trained)), np.nan)
+        for transform, group_models, idx in self.groups:
+            loader = make_loader(ImageDataset([str(p) for p in paths], transform=transform), self.batch_size,
+                                 self.workers)
+            probs[:, idx] = predict_loader(group_models, loader, self.device, channels_last=self.channels_last,
+                                           progress=len(paths) > self.batch_size, on_error=self.report)
+        return self.ensemble.blend(probs)
+
+    def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
+        probs = np.full((len(arrays), len(self.ensemble.trained)), np.nan)
+        for transform, group_models, idx in self.groups:
+            probs[:, idx] = predict_arrays(group_models, arrays, transform, self.device,
+                                           batch_size=self.batch_size, channels_last=self.channels_last)
+        return self.ensemble.blend(probs)
+
+    def score_faces(self, path: Path, frames: list[np.ndarray]) -> float:
+        """Max over the faces of a frame, mean over frames; NaN (reported) when no face."""
+        crops, owner = [], []
+        for f, frame in enumerate(frames):
+            for crop in face_crops(frame, self.analyzer):
+                crops.append(crop)
+                owner.append(f)
+        if not crops:
+            self.report(f"{path}: no face found in {len(frames)} frame(s)")
+            return float("nan")
+        scores = pd.Series(self.score_arrays(crops)).groupby(owner).max()
+        return float(scores.mean())
+
+    def score(self, paths: list[Path]) -> np.ndarray:
+        out = np.full(len(paths), np.nan)
+        stills = [i for i, p in enumerate(paths) if not is_video(p)]
+        if stills and not self.crop_faces:
+            out[stills] = self.score_files([paths[i] for i in stills])
+        for i, p in enumerate(paths):
+            try:
+                if is_video(p):
+                    out[i] = self.score_faces(p, sample_video_frames(p, self.frames))
+                elif self.crop_faces:
+                    out[i] = self.score_faces(p, [decode_image(p)])
+            except ImageDecodeError as err:
+                self.report(str(err))
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problems: list[str] = []
+
+    def report(message: str) -> None:
+        problems.append(message)
+        print(f"skipped: {message}", file=sys.stderr)
+
+    try:
+        ensemble = load_ensemble(args)
+    except FileNotFoundError as err:
+        print(str(err), file=sys.stderr)
+        return NO_MODEL
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = expand_inputs(args.inputs, report)
+    if not paths:
+        print("error: no image or video to score", file=sys.stderr)
+        return 2
+    probs = Scorer(ensemble, args, report).score(paths)
+    for path, p in zip(paths, probs, strict=True):
+        if not np.isnan(p):
+            print(f"{p:.4f}\t{path}")
+    if args.out:
+        write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
+    if np.isnan(probs).all():
+        return 2
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
