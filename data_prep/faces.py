@@ -229,7 +229,7 @@ class FaceAnalyzer:
             return [(d.rect, float(d.confidence)) for d in cnn(rgb, self.upsample)]
         hog = _load_model("hog", Path("builtin"))
         rects, scores, _ = hog.run(rgb, self.upsample, 0.0)
-        return list(zip(rects, map(float, scores)))
+        return list(zip(rects, map(float, scores), strict=True))
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         """All faces in an RGB uint8 image (grayscale accepted), largest box first."""
@@ -312,7 +312,7 @@ class FaceAnalyzer:
         if len(names) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(names)} names")
         results = FaceResults()
-        for path, name in tqdm(list(zip(paths, names)), desc="faces", unit="img", disable=not progress):
+        for path, name in tqdm(list(zip(paths, names, strict=True)), desc="faces", unit="img", disable=not progress):
             try:
                 cache_file = cache_path(cache_dir, name) if cache_dir is not None else None
                 face, cached = self.analyze_file(path, cache_file)
@@ -369,10 +369,9 @@ def save_face_cache(cache_file: str | Path, key: tuple[int, int, str], face: Fac
         "embedding": face.embedding.astype(np.float32) if has_emb else np.zeros(EMBEDDING_DIM, np.float32),
         "score": np.float64(face.score if found else 0.0),
     }
-    with atomic_path(cache_file) as tmp:
-        # A file object, not a name: np.savez would append ".npz" to the temporary name.
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    # A file object, not a name: np.savez would append ".npz" to the temporary name.
+    with atomic_path(cache_file) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def load_face_cache(cache_file: str | Path, key: tuple[int, int, str]) -> tuple[bool, Face | None]:
@@ -389,7 +388,8 @@ def load_face_cache(cache_file: str | Path, key: tuple[int, int, str]) -> tuple[
                 return True, None
             emb = data["embedding"].astype(np.float32) if bool(data["has_embedding"]) else None
             box = tuple(int(v) for v in data["box"])
-            face = Face(box=box, landmarks=data["landmarks"].astype(np.float32), embedding=emb, score=float(data["score"]))
+            pts = data["landmarks"].astype(np.float32)
+            face = Face(box=box, landmarks=pts, embedding=emb, score=float(data["score"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         # A truncated or foreign file is recomputed rather than trusted.
         return False, None

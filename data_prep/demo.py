@@ -1,0 +1,460 @@
+"""The bundled demo sample: a small labelled set in the competition's format, built offline.
+
+    python -m data_prep.demo --out data/demo [--seed 0] [--n-real 160] [--n-test 80] [--size 256]
+
+Sources are public-domain photographs that ship inside installed packages (scikit-image's
+astronaut, matplotlib's Grace Hopper); nothing is downloaded. Reals are augmented views of
+them; fakes are real manipulations of a real view (its "parent"):
+
+- `swap:<region>`: eyes, mouth, nose or the inner face taken from the OTHER photograph,
+  aligned to the parent's 68 landmarks by a similarity transform, colour-matched in LAB
+  inside the mask and blended through a feathered mask;
+- `selfblend`: the parent blended with a slightly warped, colour-shifted copy of itself
+  inside a blurred landmark hull (a small SBI-style forgery).
+
+Layout under `out` (image names are relative to their own image root, `train/` or `test/`):
+
+    train/*.jpg  train_labels.csv (img_name,target)  manifest.csv (img_name,target,method,parent,region)
+    test/*.jpg   test_list.csv (img_name)  test_labels.csv (img_name,target)  test_manifest.csv
+    DONE         the parameters, written last
+
+Train has `n_real` reals and as many fakes; test has `n_test` images, half of each, drawn
+from a separate random stream. The same parameters give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from core.io import write_csv, write_json, write_text
+from data_prep.faces import FaceAnalyzer, estimate_similarity, eye_centers, flip_landmarks
+
+# Bump whenever the recipe changes what gets written, so an old build is not taken as current.
+RECIPE_VERSION = 1
+
+PHOTOS = ("astronaut", "grace_hopper")
+# skimage.data.camera() was considered too: dlib's HOG detector finds no face in it at
+# upsample 0-2, so it cannot give landmarks and is left out.
+
+REGIONS = ("eyes", "mouth", "nose", "face")
+FAKE_METHODS = ("swap:eyes", "swap:mouth", "swap:nose", "swap:face", "selfblend")
+JPEG_QUALITY = (70, 100)
+MIN_SIZE = 64
+
+DONE_FILE = "DONE"
+BUILDING_FILE = ".building"
+OUTPUT_FILES = (
+    "train_labels.csv",
+    "manifest.csv",
+    "test_list.csv",
+    "test_labels.csv",
+    "test_manifest.csv",
+)
+OUTPUT_DIRS = ("train", "test")
+
+
+class DemoError(RuntimeError):
+    """The demo cannot be built; the message says why."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    name: str
+    rgb: np.ndarray
+    landmarks: np.ndarray
+
+
+@dataclass
+class View:
+    """An augmented real image before JPEG, with its landmarks in its own coordinates."""
+
+    rgb: np.ndarray
+    landmarks: np.ndarray
+    photo: str
+
+
+def _read_photo(name: str) -> np.ndarray:
+    if name == "astronaut":
+        from skimage import data
+
+        return np.ascontiguousarray(data.astronaut()[..., :3])
+    if name == "grace_hopper":
+        from matplotlib import cbook
+        from PIL import Image
+
+        with cbook.get_sample_data("grace_hopper.jpg") as fh, Image.open(fh) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    raise DemoError(f"unknown demo photograph {name!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def load_photos() -> tuple[Photo, ...]:
+    """The source photographs with their landmarks, detected once per process."""
+    # pick="score": upsampled HOG also fires weakly on the astronaut's suit patch, whose box
+    # is about as large as her face; the detector score tells them apart clearly.
+    analyzer = FaceAnalyzer(detector="hog", upsample=1, embed=False, pick="score")
+    photos = []
+    for name in PHOTOS:
+        rgb = _read_photo(name)
+        face = analyzer.primary(rgb)
+        if face is None:
+            raise DemoError(f"{name}: dlib found no face in the bundled photograph")
+        photos.append(Photo(name=name, rgb=rgb, landmarks=face.landmarks))
+    return tuple(photos)
+
+
+def _balanced(rng: np.random.Generator, n_options: int, n: int) -> np.ndarray:
+    """`n` option indices, each used equally often (+-1), in random order; even tiny sets cover all."""
+    return rng.permutation(np.resize(np.arange(n_options), n))
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def colour_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-channel gain, brightness, contrast and saturation, all mild."""
+    x = rgb.astype(np.float32) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    mean = float(x.mean())
+    x = (x - mean) * rng.uniform(0.85, 1.15) + mean + rng.uniform(-20, 20)
+    grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = grey[..., None] + (x - grey[..., None]) * rng.uniform(0.8, 1.2)
+    return _to_uint8(x)
+
+
+def augment_view(photo: Photo, size: int, rng: np.random.Generator) -> View:
+    """A random square view around the face: scale, shift, small rotation, flip, colour jitter."""
+    lm = photo.landmarks.astype(np.float64)
+    lo, hi = lm.min(0), lm.max(0)
+    face = float((hi - lo).max())
+    side = face * rng.uniform(1.5, 2.3)
+    # Landmarks stop at the brows; moving the centre up a little keeps the forehead in view.
+    centre = (lo + hi) / 2.0 + rng.uniform(-0.08, 0.08, 2) * face - np.array([0.0, 0.1 * face])
+    mat = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(rng.uniform(-12, 12)), size / side)
+    mat[:, 2] += (size - 1) / 2.0 - centre
+    rgb = cv2.warpAffine(photo.rgb, mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    pts = (lm @ mat[:, :2].T + mat[:, 2]).astype(np.float32)
+    if rng.random() < 0.5:
+        rgb = np.ascontiguousarray(rgb[:, ::-1])
+        pts = flip_landmarks(pts, size)
+    return View(rgb=colour_jitter(rgb, rng), landmarks=pts, photo=photo.name)
+
+
+def _hull(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.rint(points).astype(np.int32)), 1)
+    return mask
+
+
+def _morph(mask: np.ndarray, radius: float, op: int) -> np.ndarray:
+    r = max(int(round(radius)), 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return cv2.morphologyEx(mask, op, kernel)
+
+
+def region_mask(landmarks: np.ndarray, region: str, shape: tuple[int, int]) -> np.ndarray:
+    """Hard uint8 0/1 mask of a facial region from 68 landmarks.
+
+    Feature regions are dilated by a fraction of the inter-ocular distance so the edit
+    takes some skin around the feature with it, as a real region swap would.
+    """
+    right, left = eye_centers(landmarks)
+    iod = float(np.linalg.norm(left - right))
+    if region == "eyes":
+        mask = _hull(landmarks[36:42], shape) | _hull(landmarks[42:48], shape)
+        return _morph(mask, 0.14 * iod, cv2.MORPH_DILATE)
+    if region == "mouth":
+        return _morph(_hull(landmarks[48:60], shape), 0.12 * iod, cv2.MORPH_DILATE)
+    if region == "nose":
+        return _morph(_hull(landmarks[27:36], shape), 0.12 * iod, cv2.MORPH_DILATE)
+    if region == "face":
+        # Inner face: brows, eyes, nose, mouth and chin, pulled in from the jaw outline so
+        # the hair and background stay the target's.
+        return _morph(_hull(landmarks, shape), 0.08 * iod, cv2.MORPH_ERODE)
+    raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
+
+
+def _feather(mask: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(sigma, 0.5))
+
+
+def match_colour_lab(src: np.ndarray, dst: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`src` with the mean and std of each LAB channel of `dst`, both measured inside `mask`."""
+    inside = mask > 0
+    if inside.sum() < 4:
+        return src
+    src_lab = cv2.cvtColor(src.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    dst_lab = cv2.cvtColor(dst.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    s, d = src_lab[inside], dst_lab[inside]
+    out = (src_lab - s.mean(0)) / (s.std(0) + 1e-6) * d.std(0) + d.mean(0)
+    rgb = cv2.cvtColor(out.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return _to_uint8(np.clip(rgb, 0.0, 1.0) * 255.0)
+
+
+def swap_region(target: View, source: Photo, region: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paste `region` of another photograph onto `target`; returns (image, soft mask in [0, 1])."""
+    src_rgb, src_lm = source.rgb, source.landmarks
+    if rng.random() < 0.5:
+        src_rgb = np.ascontiguousarray(src_rgb[:, ::-1])
+        src_lm = flip_landmarks(src_lm, src_rgb.shape[1])
+    h, w = target.rgb.shape[:2]
+    # All 68 points fix the similarity: the whole face geometry, not just the pasted part,
+    # decides where the region goes, so it sits where the target's own feature was.
+    mat = estimate_similarity(src_lm, target.landmarks)
+    warped = cv2.warpAffine(src_rgb, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    valid = cv2.warpAffine(np.ones(src_rgb.shape[:2], np.uint8), mat, (w, h), flags=cv2.INTER_NEAREST)
+    hard = region_mask(target.landmarks, region, (h, w)) & valid
+    matched = match_colour_lab(warped, target.rgb, hard)
+    right, left = eye_centers(target.landmarks)
+    iod = float(np.linalg.norm(left - right))
+    soft = _feather(hard, rng.uniform(0.04, 0.09) * iod)[..., None]
+    out = soft * matched.astype(np.float32) + (1.0 - soft) * target.rgb.astype(np.float32)
+    return _to_uint8(out), soft[..., 0]
+
+
+def _sbi_colour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = x + rng.uniform(-20, 20, 3).astype(np.float32)
+    x = (x - 128.0) * (1.0 + rng.uniform(-0.1, 0.1)) + 128.0 + rng.uniform(-0.1, 0.1) * 255.0
+    h, w = x.shape[:2]
+    kind = int(rng.integers(3))
+    if kind < 2:
+        # Downscale and back: the source loses detail the target keeps, as in SBI.
+        f = 2 if kind == 0 else 4
+        small = cv2.resize(x, (max(w // f, 1), max(h // f, 1)), interpolation=cv2.INTER_LINEAR)
+        x = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        x = x + 0.8 * (x - cv2.GaussianBlur(x, (0, 0), 1.5))
+    return np.clip(x, 0.0, 255.0)
+
+
+def _odd_kernel(rng: np.random.Generator, scale: float) -> int:
+    k = int(round(rng.integers(5, 26) * scale))
+    return max(k | 1, 3)
+
+
+def self_blend(target: View, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An SBI-style forgery of `target` with itself; returns (image, soft mask in [0, 1])."""
+    h, w = target.rgb.shape[:2]
+    base = target.rgb.astype(np.float32)
+    src, tgt = base.copy(), base.copy()
+    # SBI augments either side, 50/50, so neither "blurrier inside" nor "blurrier outside" is a rule.
+    if rng.random() < 0.5:
+        src = _sbi_colour(src, rng)
+    else:
+        tgt = _sbi_colour(tgt, rng)
+    lm = target.landmarks.astype(np.float64)
+    centre = lm.mean(0)
+    scale = rng.uniform(0.95, 1.05)
+    mat = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), 0.0, float(scale))
+    mat[:, 2] += [rng.uniform(-0.03, 0.03) * w, rng.uniform(-0.015, 0.015) * h]
+    src = cv2.warpAffine(src, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+    mask = _hull(lm, (h, w)).astype(np.float32)
+    # Resize the mask down and back up (SBI's random 192-256) so its outline is not the exact hull.
+    f = rng.uniform(0.75, 1.0)
+    small = cv2.resize(mask, (max(int(w * f), 1), max(int(h * f), 1)), interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    ks = w / 256.0
+    k1 = _odd_kernel(rng, ks)
+    mask = cv2.GaussianBlur(mask, (k1, k1), 0)
+    mask = np.where(mask < 1.0, 0.0, 1.0).astype(np.float32)  # erode to the blur's inner core
+    k2 = _odd_kernel(rng, ks)
+    mask = cv2.GaussianBlur(mask, (k2, k2), 0)
+    ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
+    m = (ratio * mask)[..., None]
+    out = m * src + (1.0 - m) * tgt
+    return _to_uint8(out), m[..., 0]
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise DemoError(f"JPEG encoding failed at quality {quality}")
+    return buf.tobytes()
+
+
+def _build_split(
+    root: Path,
+    rng: np.random.Generator,
+    n_real: int,
+    n_fake: int,
+    size: int,
+    photos: Sequence[Photo],
+    progress: bool,
+    desc: str,
+) -> pd.DataFrame:
+    """Write one split's images under `root`; return its manifest rows."""
+    total = n_real + n_fake
+    width = max(5, len(str(total - 1)))
+    # Opaque, shuffled names: the file order says nothing about the label or the parent.
+    names = [f"{k:0{width}d}.jpg" for k in rng.permutation(total)]
+    photo_idx = _balanced(rng, len(photos), n_real)
+    views = [augment_view(photos[i], size, rng) for i in photo_idx]
+    parents = _balanced(rng, n_real, n_fake)
+    methods = _balanced(rng, len(FAKE_METHODS), n_fake)
+    by_name = {p.name: p for p in photos}
+
+    rows = []
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [("real", i, None) for i in range(n_real)] + [
+        ("fake", int(p), FAKE_METHODS[m]) for p, m in zip(parents, methods, strict=True)
+    ]
+    for k, (kind, idx, method) in enumerate(tqdm(jobs, desc=desc, unit="img", disable=not progress)):
+        view = views[idx]
+        if kind == "real":
+            rgb, method, region, parent = view.rgb, "real", "", names[k]
+        elif method == "selfblend":
+            rgb, _ = self_blend(view, rng)
+            region, parent = "face", names[idx]
+        else:
+            region = method.split(":", 1)[1]
+            others = [n for n in PHOTOS if n != view.photo and n in by_name]
+            source = by_name[others[int(rng.integers(len(others)))]]
+            rgb, _ = swap_region(view, source, region, rng)
+            parent = names[idx]
+        # Fakes start from the parent's pixels before JPEG and get their own quality draw, so
+        # reals and fakes share one compression history and "compressed twice" means nothing.
+        quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
+        (root / names[k]).write_bytes(encode_jpeg(rgb, quality))
+        rows.append(
+            {
+                "img_name": names[k],
+                "target": int(kind == "fake"),
+                "method": method,
+                "parent": parent,
+                "region": region,
+            }
+        )
+    return pd.DataFrame(rows).sort_values("img_name").reset_index(drop=True)
+
+
+def _params(seed: int, n_real: int, n_test: int, size: int) -> dict[str, int]:
+    return {"recipe": RECIPE_VERSION, "seed": seed, "n_real": n_real, "n_test": n_test, "size": size}
+
+
+def _done_params(out: Path) -> dict[str, int] | None:
+    try:
+        return json.loads((out / DONE_FILE).read_text())["params"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous (finished or half-built) demo's outputs, and nothing else."""
+    (out / DONE_FILE).unlink(missing_ok=True)
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _counts(df: pd.DataFrame) -> str:
+    per = df.groupby("method").size()
+    return ", ".join(f"{m} {int(c)}" for m, c in per.items())
+
+
+def build_demo(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_real: int = 160,
+    n_test: int = 80,
+    size: int = 256,
+    progress: bool = True,
+) -> Path:
+    """Build the demo sample under `out_dir` (see the module docstring); return `out_dir`.
+
+    Does nothing when `out_dir/DONE` records the same parameters. A folder holding a
+    half-built or differently-parametrised demo is cleared and rebuilt; a non-empty folder
+    that is not a demo build is refused, so real data is never deleted.
+    """
+    if n_real < 1:
+        raise DemoError(f"n_real must be >= 1, not {n_real}")
+    if n_test < 2:
+        raise DemoError(f"n_test must be >= 2 (one real, one fake), not {n_test}")
+    if size < MIN_SIZE:
+        raise DemoError(f"size must be >= {MIN_SIZE}, not {size}")
+    out = Path(out_dir)
+    params = _params(seed, n_real, n_test, size)
+    if _done_params(out) == params:
+        print(f"demo: {out} is already built with {params}; nothing to do")
+        return out
+    ours = (out / DONE_FILE).exists() or (out / BUILDING_FILE).exists()
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise DemoError(f"{out}: folder exists, is not empty and holds no demo build; refusing to write into it")
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # Marks the folder as ours before anything is deleted or written, so an interrupted
+    # build is recognised (and cleared) next time.
+    write_text(json.dumps(params) + "\n", out / BUILDING_FILE)
+    _clear(out)
+
+    photos = load_photos()
+    train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
+    train = _build_split(
+        out / "train", np.random.default_rng(train_ss), n_real, n_real, size, photos, progress, "demo train"
+    )
+    n_test_real = (n_test + 1) // 2
+    test = _build_split(
+        out / "test",
+        np.random.default_rng(test_ss),
+        n_test_real,
+        n_test - n_test_real,
+        size,
+        photos,
+        progress,
+        "demo test",
+    )
+
+    write_csv(train[["img_name", "target"]], out / "train_labels.csv")
+    write_csv(train, out / "manifest.csv")
+    write_csv(test[["img_name"]], out / "test_list.csv")
+    write_csv(test[["img_name", "target"]], out / "test_labels.csv")
+    write_csv(test, out / "test_manifest.csv")
+    counts = {
+        "train": {"real": int((train.target == 0).sum()), "fake": int((train.target == 1).sum())},
+        "test": {"real": int((test.target == 0).sum()), "fake": int((test.target == 1).sum())},
+    }
+    write_json({"params": params, "photos": list(PHOTOS), "counts": counts}, out / DONE_FILE)
+    (out / BUILDING_FILE).unlink(missing_ok=True)
+
+    for split, df in (("train", train), ("test", test)):
+        c = counts[split]
+        print(f"demo: wrote {len(df)} {split} images ({c['real']} real, {c['fake']} fake: {_counts(df)})")
+    print(f"demo: {out} built in {time.perf_counter() - start:.1f}s with {params}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-real", type=int, default=160, help="real training images (as many fakes are added)")
+    parser.add_argument("--n-test", type=int, default=80, help="test images in all, half real and half fake")
+    parser.add_argument("--size", type=int, default=256, help="side of the square images in pixels")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    try:
+        build_demo(args.out, args.seed, args.n_real, args.n_test, args.size, progress=not args.no_progress)
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
