@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
     p.add_argument("--members", help="comma-separated members to blend (default: from the config)")
     p.add_argument("--out", help="submission path (default: submission in the config)")
+    p.add_argument("--list-members", action="store_true", help="print the members for the configured data and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p.parse_args(argv)
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config([args.data_config, args.config], args.overrides)
         data = resolve_data(cfg)
         members = args.members.split(",") if args.members else selected_members(cfg, data.is_demo)
+        if args.list_members:
+            print("\n".join(members))
+            return 0
         outputs = cfg["paths"]["outputs"]
         oofs, tests = {}, {}
         for m in members:

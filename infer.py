@@ -107,8 +107,11 @@ class Scorer:
         self.report = report
         self._analyzer = None
         self.groups = [
-            (build_transform(ensemble.trained[idx[0]].config["data"], train=False),
-             [ensemble.trained[i].model.to(self.device) for i in idx], idx)
+            (
+                build_transform(ensemble.trained[idx[0]].config["data"], train=False),
+                [ensemble.trained[i].model.to(self.device) for i in idx],
+                idx,
+            )
             for idx in ensemble.groups().values()
         ]
 
@@ -123,17 +126,30 @@ class Scorer:
     def score_files(self, paths: list[Path]) -> np.ndarray:
         probs = np.full((len(paths), len(self.ensemble.trained)), np.nan)
         for transform, group_models, idx in self.groups:
-            loader = make_loader(ImageDataset([str(p) for p in paths], transform=transform), self.batch_size,
-                                 self.workers)
-            probs[:, idx] = predict_loader(group_models, loader, self.device, channels_last=self.channels_last,
-                                           progress=len(paths) > self.batch_size, on_error=self.report)
+            loader = make_loader(
+                ImageDataset([str(p) for p in paths], transform=transform), self.batch_size, self.workers
+            )
+            probs[:, idx] = predict_loader(
+                group_models,
+                loader,
+                self.device,
+                channels_last=self.channels_last,
+                progress=len(paths) > self.batch_size,
+                on_error=self.report,
+            )
         return self.ensemble.blend(probs)
 
     def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
         probs = np.full((len(arrays), len(self.ensemble.trained)), np.nan)
         for transform, group_models, idx in self.groups:
-            probs[:, idx] = predict_arrays(group_models, arrays, transform, self.device,
-                                           batch_size=self.batch_size, channels_last=self.channels_last)
+            probs[:, idx] = predict_arrays(
+                group_models,
+                arrays,
+                transform,
+                self.device,
+                batch_size=self.batch_size,
+                channels_last=self.channels_last,
+            )
         return self.ensemble.blend(probs)
 
     def score_faces(self, path: Path, frames: list[np.ndarray]) -> float:

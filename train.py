@@ -1,6 +1,7 @@
 """Train one member on one fold: train on the other folds, select on this one.
 
   python train.py --config configs/members/mff_demo.yaml --fold 0
+  python train.py --config configs/members/mff_demo.yaml --fold all   # every fold in folds.csv
   python train.py --config configs/members/mff_demo.yaml --fold 0 train.epochs=2 train.lr=3e-4
 
 Writes outputs/<member>/fold<k>/: model.safetensors (EMA weights of the best validation
@@ -17,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 import models
@@ -41,7 +43,7 @@ log = get_logger("train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="member config, e.g. configs/members/mff_demo.yaml")
-    p.add_argument("--fold", type=int, required=True, help="validation fold k (train on the others)")
+    p.add_argument("--fold", required=True, help="validation fold k (train on the others), or 'all'")
     p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain from scratch even if the fold is finished")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
@@ -117,21 +119,34 @@ def train_fold(cfg: dict, fold: int) -> dict:
     return result.best_metrics
 
 
+def folds_to_train(cfg: dict, fold: str) -> list[int]:
+    if fold != "all":
+        try:
+            return [int(fold)]
+        except ValueError:
+            raise ConfigError(f"--fold must be an integer or 'all', not {fold!r}") from None
+    path = Path(cfg["paths"]["folds"])
+    if not path.is_file():
+        raise FoldError(f"{path}: no folds file; run cv_split.py first")
+    return sorted(pd.read_csv(path, usecols=["fold"])["fold"].unique().tolist())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config([args.data_config, args.config], args.overrides)
-        out_dir = fold_dir(cfg, args.fold)
-        if is_finished(out_dir) and not args.force:
-            log.info("%s is finished; skipping (use --force to retrain)", out_dir)
-            return 0
-        if args.force and out_dir.exists():
-            shutil.rmtree(out_dir)
-        metrics = train_fold(cfg, args.fold)
+        for fold in folds_to_train(cfg, args.fold):
+            out_dir = fold_dir(cfg, fold)
+            if is_finished(out_dir) and not args.force:
+                log.info("%s is finished; skipping (use --force to retrain)", out_dir)
+                continue
+            if args.force and out_dir.exists():
+                shutil.rmtree(out_dir)
+            metrics = train_fold(cfg, fold)
+            log.info("done: val auc %.4f, tpr@fpr1e-3 %.4f -> %s", metrics["auc"], metrics["tpr@fpr1e-3"], out_dir)
     except (ConfigError, LabelError, FoldError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log.info("done: val auc %.4f, tpr@fpr1e-3 %.4f -> %s", metrics["auc"], metrics["tpr@fpr1e-3"], out_dir)
     return 0
 
 

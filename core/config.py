@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from core.io import write_text
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); learning rates are written
+    that way, so floats in exponent form without a dot are accepted too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.[\d_]*$|^[-+]?\.[\d_]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -31,7 +48,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({err})") from None
     if not isinstance(data, dict):
@@ -58,7 +75,7 @@ def apply_override(cfg: dict, override: str) -> None:
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])!r} is not a mapping")
     if parts[-1] not in node and not allow_new:
         raise ConfigError(f"override {override!r}: no key {key!r} (write +{key}=... to add one)")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = parse_yaml(raw)
 
 
 def load_config(paths: list[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> dict:

@@ -1,0 +1,122 @@
+"""A tiny run through every entry point: split -> train -> ensemble -> infer, plus resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import cv_split
+import ensemble
+import infer
+import train
+from core.checkpoint import load_weights
+from core.training import Trainer
+
+
+def run_member(p, *extra):
+    assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
+    return train.main(["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "all", *extra])
+
+
+def test_train_ensemble_infer_end_to_end(tiny_project, capsys):
+    p = tiny_project
+    assert run_member(p) == 0
+    folds = pd.read_csv(p["outputs"] / "folds.csv")
+    manifest = pd.read_csv(p["manifest"])
+    merged = folds.merge(manifest, on="img_name")
+    assert (merged.groupby("parent")["fold"].nunique() == 1).all()
+    for k in (0, 1):
+        fold = p["outputs"] / "tiny" / f"fold{k}"
+        for name in ("model.safetensors", "meta.json", "oof.csv", "test.csv", "metrics.csv", "curve.png"):
+            assert (fold / name).is_file(), name
+        oof = pd.read_csv(fold / "oof.csv")
+        assert set(oof["img_name"]) == set(folds["img_name"][folds["fold"] == k])  # validated on its own fold only
+
+    assert ensemble.main(["--config", str(p["ensemble_cfg"]), "--data-config", str(p["data_cfg"])]) == 0
+    sub = pd.read_csv(p["outputs"] / "submission.csv")
+    test_list = pd.read_csv(p["test_list"])
+    assert sub["img_name"].tolist() == test_list["img_name"].tolist()
+    assert sub["y_pred"].between(0, 1).all()
+    assert "blend" in capsys.readouterr().out
+
+    # infer: a folder with one corrupt file among good ones -> scored rest, exit 1
+    folder = p["root"] / "mixed"
+    shutil.copytree(p["test_root"], folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out_csv = p["root"] / "results.csv"
+    rc = infer.main(
+        [str(folder), "--outputs", str(p["outputs"]), "--config", str(p["ensemble_cfg"]), "--out", str(out_csv)]
+    )
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "broken.png" in captured.err and "broken.png" not in captured.out
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == len(test_list)
+    scores = pd.read_csv(out_csv)
+    # infer.py blends like ensemble.py: same numbers for the test images
+    by_name = dict(zip(scores["img_name"].map(lambda s: s.split("/")[-1]), scores["y_pred"], strict=True))
+    assert sub["y_pred"].tolist() == pytest.approx([by_name[n] for n in sub["img_name"]], abs=1e-5)
+
+
+def test_infer_without_model_says_how_to_get_one(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert infer.main([str(img), "--outputs", str(tmp_path / "none")]) == infer.NO_MODEL
+    assert "run_all.sh" in capsys.readouterr().err
+
+
+def test_infer_refuses_pickle_weights(tmp_path, capsys):
+    weights = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(1)}, weights)
+    (tmp_path / "meta.json").write_text(
+        '{"config": {"name": "x", "model": {"name": "mff_expert", '
+        '"backbone": "test_efficientnet"}, "data": {"image_size": 32}}}'
+    )
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert infer.main([str(img), "--weights", str(weights)]) == 2
+    assert "refusing to load a pickle" in capsys.readouterr().err
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_project, monkeypatch):
+    p = tiny_project
+    assert run_member(p, "train.epochs=3") == 0
+    reference = load_weights(p["outputs"] / "tiny" / "fold0" / "model.safetensors")
+    reference_oof = pd.read_csv(p["outputs"] / "tiny" / "fold0" / "oof.csv")
+    shutil.rmtree(p["outputs"] / "tiny")
+
+    real_train_epoch = Trainer.train_epoch
+
+    def dies_in_third_epoch(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # the process is stopped mid-run
+        return real_train_epoch(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(
+            ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "0", "train.epochs=3"]
+        )
+    assert not (p["outputs"] / "tiny" / "fold0" / "meta.json").exists()
+    monkeypatch.setattr(Trainer, "train_epoch", real_train_epoch)
+    assert (
+        train.main(
+            ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "0", "train.epochs=3"]
+        )
+        == 0
+    )
+    resumed = load_weights(p["outputs"] / "tiny" / "fold0" / "model.safetensors")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    pd.testing.assert_frame_equal(reference_oof, pd.read_csv(p["outputs"] / "tiny" / "fold0" / "oof.csv"))
+
+
+def test_finished_fold_is_skipped(tiny_project, caplog):
+    p = tiny_project
+    assert run_member(p) == 0
+    stamp = (p["outputs"] / "tiny" / "fold0" / "model.safetensors").stat().st_mtime_ns
+    assert run_member(p) == 0
+    assert (p["outputs"] / "tiny" / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
