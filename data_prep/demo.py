@@ -270,7 +270,9 @@ def self_blend(target: View, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     ks = w / 256.0
     k1 = _odd_kernel(rng, ks)
     mask = cv2.GaussianBlur(mask, (k1, k1), 0)
-    mask = np.where(mask < 1.0, 0.0, 1.0).astype(np.float32)  # erode to the blur's inner core
+    # Keep only the blur's inner core (an erosion by about the kernel's radius); 0.99, not
+    # 1.0, because float Gaussian weights need not sum to exactly one.
+    mask = (mask >= 0.99).astype(np.float32)
     k2 = _odd_kernel(rng, ks)
     mask = cv2.GaussianBlur(mask, (k2, k2), 0)
     ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
@@ -363,7 +365,7 @@ def _clear(out: Path) -> None:
 
 
 def _counts(df: pd.DataFrame) -> str:
-    per = df.groupby("method").size()
+    per = df[df.target == 1].groupby("method").size()
     return ", ".join(f"{m} {int(c)}" for m, c in per.items())
 
 

@@ -118,7 +118,8 @@ def _load_model(kind: str, path: Path) -> Any:
         return _MODELS[key]
 
 
-@dataclass
+# eq=False: field-wise == on numpy arrays raises instead of answering.
+@dataclass(eq=False)
 class Face:
     """One detected face.
 
