@@ -231,7 +231,7 @@ def _sbi_colour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = x.shape[:2]
     kind = int(rng.integers(3))
     if kind < 2:
-        # Downscale and back: the source loses detail the target keeps, as in SBI.
+        # Downscale and back: the augmented side loses detail the other side keeps, as in SBI.
         f = 2 if kind == 0 else 4
         small = cv2.resize(x, (max(w // f, 1), max(h // f, 1)), interpolation=cv2.INTER_LINEAR)
         x = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
