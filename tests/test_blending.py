@@ -221,6 +221,23 @@ def test_sbi_rigid_mask_hugs_the_hull(astronaut_crop):
         assert core.sum() > 0.3 * hull.sum()
 
 
+def test_sbi_fake_is_the_blend_of_source_and_target(astronaut_crop):
+    img, lm = astronaut_crop
+    checked = 0
+    for seed in range(12):
+        real, fake, mask = sbi_pair(img, lm, np.random.default_rng(seed), RIGID)
+        if np.array_equal(real, img):
+            continue  # the source was the augmented copy, unknown from outside
+        # Target augmented, source = the untouched photo (the rigid warp is the identity).
+        ratio = float(mask.max())
+        expected = blend(img, real, mask / ratio, ratio)
+        assert np.abs(expected.astype(int) - fake.astype(int)).max() <= 1
+        soft = (mask > 0) & (mask < ratio - 1e-3)
+        assert soft.sum() > 100, "the mask has no soft edge"
+        checked += 1
+    assert checked >= 2
+
+
 def test_sbi_ratio_zero_returns_target(astronaut_crop):
     img, lm = astronaut_crop
     for pair_augment in (False, True):
