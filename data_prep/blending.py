@@ -446,6 +446,9 @@ def sbi_pair(
     source = cv2.warpAffine(source, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     mask_lm = lm @ affine[:, :2].T + affine[:, 2] if cfg.warp_mask_with_source else lm
     mask = sbi_mask(mask_lm, (h, w), rng, cfg)
+    if not mask.any():
+        # A "fake" identical to its real would be a wrong label, not a harmless no-op.
+        raise ValueError("sbi_pair: the landmarks give an empty mask (is the face inside the image?)")
 
     ratio = float(cfg.ratios[int(rng.integers(len(cfg.ratios)))])
     fake = blend(source, target, mask, ratio)
@@ -636,6 +639,8 @@ def sladd_forge(
         return tgt.copy(), np.zeros((h, w), np.float32)
 
     soft = region_mask(tgt_lm, region_index, (h, w), rng)
+    if not soft.any():
+        raise ValueError("sladd_forge: the region mask is empty (is the face inside the image?)")
     aligned, _ = align_source(src, src_lm, tgt_lm, (h, w))
     aligned = color_transfer(aligned, tgt, soft)
     mag = float(mag)

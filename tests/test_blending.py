@@ -324,6 +324,8 @@ def test_sbi_rejects_bad_input(astronaut_crop):
         sbi_pair(img, bad, rng)
     with pytest.raises(ValueError, match="uint8"):
         sbi_pair(img.astype(np.float32), lm, rng)
+    with pytest.raises(ValueError, match="empty mask"):
+        sbi_pair(img, lm + [2000.0, 0.0], rng)
     with pytest.raises(ValueError, match="blur_kernel"):
         SBIConfig(blur_kernel=(4, 25))
     with pytest.raises(ValueError, match="mask_variants"):
@@ -480,3 +482,5 @@ def test_sladd_rejects_bad_arguments(forge_pair):
         sladd_forge(tgt, tgt_lm, src, src_lm, 0, "laplacian", 0.5, rng)
     with pytest.raises(ValueError, match="mag"):
         sladd_forge(tgt, tgt_lm, src, src_lm, 0, "alpha", 1.5, rng)
+    with pytest.raises(ValueError, match="empty"):
+        sladd_forge(tgt, tgt_lm - [0.0, 5000.0], src, src_lm, 0, "copy", 0.5, rng)
