@@ -400,8 +400,8 @@ def sbi_mask(
         # A face smaller than the kernel would vanish; keep its unblurred hull instead.
         eroded = (mask > 0.5).astype(np.float32)
     out = cv2.GaussianBlur(eroded, (k2, k2), 0)
-    # Values under 1/255 of the peak would change no uint8 pixel; zeroing them keeps the
-    # mask's support honest for losses and tests that read it.
+    # A weight under 1/512 moves a uint8 pixel by under half a level, which rounding undoes;
+    # zeroing such weights makes the mask's support exactly the pixels that can change.
     peak = float(out.max())
     if peak <= 0:
         return np.zeros((h, w), np.float32)
@@ -410,12 +410,13 @@ def sbi_mask(
     return out
 
 
-def _random_affine(h: int, w: int, rng: np.random.Generator, cfg: SBIConfig) -> np.ndarray:
+def _random_affine(h: int, w: int, centre: np.ndarray, rng: np.random.Generator, cfg: SBIConfig) -> np.ndarray:
     tx = rng.uniform(-cfg.translate_x, cfg.translate_x) * w
     ty = rng.uniform(-cfg.translate_y, cfg.translate_y) * h
     s = rng.uniform(*cfg.scale)
-    # Scale about the image centre, then translate.
-    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    # Scale about the face centre, then translate: the face moves by the stated amounts
+    # wherever it sits in the frame (about the image centre an off-centre face would drift).
+    cx, cy = centre
     return np.array([[s, 0.0, (1 - s) * cx + tx], [0.0, s, (1 - s) * cy + ty]], np.float64)
 
 
@@ -442,7 +443,7 @@ def sbi_pair(
     else:
         target = changed
 
-    affine = _random_affine(h, w, rng, cfg)
+    affine = _random_affine(h, w, (lm.min(0) + lm.max(0)) / 2.0, rng, cfg)
     source = cv2.warpAffine(source, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     mask_lm = lm @ affine[:, :2].T + affine[:, 2] if cfg.warp_mask_with_source else lm
     mask = sbi_mask(mask_lm, (h, w), rng, cfg)

@@ -177,11 +177,11 @@ def test_sbi_differences_lie_inside_mask(astronaut_crop):
     cfg = SBIConfig(pair_augment=False)
     h, w = img.shape[:2]
     # Bound on how far the mask can reach past the 68-point hull lifted over the forehead:
-    # the source warp (translation, scale about the centre), elastic wiggle (4 std), the
+    # the source warp (translation, scale about the face centre), elastic wiggle (4 std), the
     # second blur's half-kernel and resize rounding.
     brows = lm[17:27]
     lifted = np.concatenate([lm, brows + cfg.forehead_extend[1] * (brows.mean(0) - lm[8])])
-    reach = np.abs(lifted - [(w - 1) / 2, (h - 1) / 2]).max()
+    reach = np.abs(lifted - (lm.min(0) + lm.max(0)) / 2).max()
     margin = (
         cfg.translate_x * w
         + (cfg.scale[1] - 1) * reach
@@ -484,3 +484,12 @@ def test_sladd_rejects_bad_arguments(forge_pair):
         sladd_forge(tgt, tgt_lm, src, src_lm, 0, "alpha", 1.5, rng)
     with pytest.raises(ValueError, match="empty"):
         sladd_forge(tgt, tgt_lm - [0.0, 5000.0], src, src_lm, 0, "copy", 0.5, rng)
+
+
+def test_sladd_seed_reproduces_and_differs(forge_pair):
+    tgt, tgt_lm, src, src_lm = forge_pair
+    a = sladd_forge(tgt, tgt_lm, src, src_lm, 7, "poisson", 0.6, np.random.default_rng(4))
+    b = sladd_forge(tgt, tgt_lm, src, src_lm, 7, "poisson", 0.6, np.random.default_rng(4))
+    c = sladd_forge(tgt, tgt_lm, src, src_lm, 7, "poisson", 0.6, np.random.default_rng(5))
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert a[0].tobytes() != c[0].tobytes()
