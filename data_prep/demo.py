@@ -376,10 +376,11 @@ def build_demo(
     n_test: int = 80,
     size: int = 256,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Build the demo sample under `out_dir` (see the module docstring); return `out_dir`.
 
-    Does nothing when `out_dir/DONE` records the same parameters. A folder holding a
+    Does nothing when `out_dir/DONE` records the same parameters, unless `force`. A folder holding a
     half-built or differently-parametrised demo is cleared and rebuilt; a non-empty folder
     that is not a demo build is refused, so real data is never deleted.
     """
@@ -391,7 +392,7 @@ def build_demo(
         raise DemoError(f"size must be >= {MIN_SIZE}, not {size}")
     out = Path(out_dir)
     params = _params(seed, n_real, n_test, size)
-    if _done_params(out) == params:
+    if _done_params(out) == params and not force:
         print(f"demo: {out} is already built with {params}; nothing to do")
         return out
     ours = (out / DONE_FILE).exists() or (out / BUILDING_FILE).exists()
@@ -449,9 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=80, help="test images in all, half real and half fake")
     parser.add_argument("--size", type=int, default=256, help="side of the square images in pixels")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds this build")
     args = parser.parse_args(argv)
     try:
-        build_demo(args.out, args.seed, args.n_real, args.n_test, args.size, progress=not args.no_progress)
+        build_demo(
+            args.out, args.seed, args.n_real, args.n_test, args.size, progress=not args.no_progress, force=args.force
+        )
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
