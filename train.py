@@ -23,7 +23,7 @@ import torch
 
 import models
 from core.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_weights
-from core.config import ConfigError, load_config, save_config
+from core.config import ConfigError, deep_merge, load_config, save_config
 from core.dataset import ImageDataset
 from core.datasource import read_test_table, read_train_table, resolve_data
 from core.device import pick_device
@@ -59,8 +59,20 @@ def is_finished(out_dir: Path) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
 
 
+def expert_config(cfg: dict, fold: int) -> dict:
+    """The config of the expert trained on `fold`: `experts[fold % len(experts)]` merged
+    into `model` (a `data` key inside an expert overrides the data section)."""
+    experts = cfg.get("experts")
+    if not experts:
+        return cfg
+    expert = dict(experts[fold % len(experts)])
+    data = expert.pop("data", {})
+    return deep_merge(cfg, {"model": expert, "data": data, "expert": fold % len(experts)})
+
+
 def train_fold(cfg: dict, fold: int) -> dict:
     """Train, select on fold `fold`, write every output; return the best validation metrics."""
+    cfg = expert_config(cfg, fold)
     out_dir = fold_dir(cfg, fold)
     data = resolve_data(cfg)
     table = read_folds(cfg["paths"]["folds"], read_train_table(data))
