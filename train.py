@@ -8,12 +8,16 @@ Writes outputs/<member>/fold<k>/: model.safetensors (EMA weights of the best val
 epoch), meta.json, oof.csv, test.csv, metrics.csv, curve.png, config.yaml. Rerunning a
 finished fold does nothing (--force redoes it); an interrupted run resumes from its last
 epoch and reaches the same result.
+
+Several GPUs (or CPU processes) with PyTorch DDP; batch_size stays the global batch:
+  torchrun --nproc_per_node 8 train.py --config configs/members/mff.yaml --fold all
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +31,7 @@ from core.config import ConfigError, deep_merge, load_config, save_config
 from core.dataset import ImageDataset
 from core.datasource import read_test_table, read_train_table, resolve_data
 from core.device import pick_device
+from core.distributed import DistInfo, barrier, init_distributed, shutdown
 from core.folds import FoldError, read_folds
 from core.io import write_csv, write_json
 from core.labels import LabelError
@@ -70,8 +75,13 @@ def expert_config(cfg: dict, fold: int) -> dict:
     return deep_merge(cfg, {"model": expert, "data": data, "expert": fold % len(experts)})
 
 
-def train_fold(cfg: dict, fold: int) -> dict:
-    """Train, select on fold `fold`, write every output; return the best validation metrics."""
+def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None) -> dict:
+    """Train, select on fold `fold`, write every output; return the best validation metrics.
+
+    Under torchrun every process trains; only rank 0 writes. `on_epoch(epoch, metrics)` is
+    called after each validation (hyper-parameter search uses it to prune).
+    """
+    dist = dist or DistInfo()
     cfg = expert_config(cfg, fold)
     out_dir = fold_dir(cfg, fold)
     data = resolve_data(cfg)
@@ -89,13 +99,20 @@ def train_fold(cfg: dict, fold: int) -> dict:
     source = m.get("weights") or ("the hub" if m.get("pretrained") else "none (random initialisation)")
     log.info("backbone %s, pretrained weights: %s", m.get("backbone", m["name"]), source)
     device = pick_device(cfg.get("device", "auto"))
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     model = models.build_model(cfg["model"])
     train_ds = ImageDataset(
         train_df["path"], train_df["target"], build_transform(cfg["data"], train=True), settings.seed
     )
     val_ds = ImageDataset(val_df["path"], val_df["target"], build_transform(cfg["data"], train=False))
-    save_config(cfg, out_dir / "config.yaml")
-    result = Trainer(model, models.build_criterion(cfg), train_ds, val_ds, settings, out_dir, device).fit()
+    if dist.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    trainer = Trainer(model, models.build_criterion(cfg), train_ds, val_ds, settings, out_dir, device, dist, on_epoch)
+    result = trainer.fit()
+    if not dist.is_main:
+        barrier(dist)  # rank 0 is writing the fold's outputs
+        return result.best_metrics
 
     oof = val_df[["img_name", "target"]].assign(y_pred=result.val_probs)
     write_csv(oof, out_dir / "oof.csv")
@@ -128,6 +145,7 @@ def train_fold(cfg: dict, fold: int) -> dict:
         },
         out_dir / META_FILE,
     )
+    barrier(dist)
     return result.best_metrics
 
 
@@ -145,6 +163,9 @@ def folds_to_train(cfg: dict, fold: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    dist = init_distributed()
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)
     try:
         cfg = load_config([args.data_config, args.config], args.overrides)
         for fold in folds_to_train(cfg, args.fold):
@@ -152,13 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             if is_finished(out_dir) and not args.force:
                 log.info("%s is finished; skipping (use --force to retrain)", out_dir)
                 continue
-            if args.force and out_dir.exists():
+            if args.force and out_dir.exists() and dist.is_main:
                 shutil.rmtree(out_dir)
-            metrics = train_fold(cfg, fold)
+            barrier(dist)
+            metrics = train_fold(cfg, fold, dist)
             log.info("done: val auc %.4f, tpr@fpr1e-3 %.4f -> %s", metrics["auc"], metrics["tpr@fpr1e-3"], out_dir)
     except (ConfigError, LabelError, FoldError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown(dist)
     return 0
 
 

@@ -34,6 +34,11 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.epoch = 0
 
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        """The items at `indices`, renumbered from 0 (item i of the subset reports index i)."""
+        targets = None if self.targets is None else [self.targets[i] for i in indices]
+        return ImageDataset([self.paths[i] for i in indices], targets, self.transform, self.seed)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -75,18 +80,22 @@ def make_loader(
     shuffle: bool = False,
     drop_last: bool = False,
     seed: int = 0,
-    sampler: torch.utils.data.Sampler | None = None,
+    batch_sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
+    """A loader whose batches carry the bad files' messages (see `collate_skip_errors`).
+    With `batch_sampler`, it decides batches and order; `batch_size`, `shuffle`, `drop_last`
+    are then unused."""
+    batching = (
+        {"batch_sampler": batch_sampler}
+        if batch_sampler is not None
+        else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
+    )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         collate_fn=collate_skip_errors,
-        drop_last=drop_last,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,  # workers must see set_epoch() of the new epoch
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,

@@ -27,6 +27,7 @@ from core.checkpoint import WEIGHTS_FILE, load_state, save_state, save_weights
 from core.config import ConfigError
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast
+from core.distributed import DistInfo, GlobalBatchSampler, barrier, gather_rows, shard
 from core.io import write_csv
 from core.log import get_logger
 from core.metrics import score_report
@@ -102,6 +103,10 @@ def _selection_key(metrics: dict) -> tuple[float, float]:
 
 
 class Trainer:
+    """Fits one model on one fold. Under torchrun the model is wrapped in DDP, each process
+    takes its slice of every global batch and of the validation set, and only rank 0
+    writes files."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -111,26 +116,36 @@ class Trainer:
         settings: TrainSettings,
         out_dir: str | Path,
         device: torch.device,
+        dist: DistInfo | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None,
     ):
         self.s = settings
+        self.dist = dist or DistInfo()
         self.out_dir = Path(out_dir)
         self.device = device
+        self.on_epoch = on_epoch
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format)
+        self.module = model.to(device, memory_format=self.memory_format)
+        self.model = self.module
+        if self.dist.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.criterion = criterion
         self.train_ds, self.val_ds = train_ds, val_ds
-        # drop_last batches, and only whole accumulation groups step the optimiser
-        self.steps_per_epoch = len(train_ds) // settings.batch_size // settings.accum_steps
+        self.sampler = GlobalBatchSampler(len(train_ds), settings.batch_size, self.dist, settings.seed)
+        # whole global batches only, and only whole accumulation groups step the optimiser
+        self.steps_per_epoch = len(self.sampler) // settings.accum_steps
         total = max(1, self.steps_per_epoch * settings.epochs)
-        self.optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, settings.weight_decay), lr=settings.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total, settings.warmup_steps, settings.min_lr_ratio)
         )
         self.ema = (
-            ExponentialMovingAverage(model.parameters(), decay=settings.ema_decay, use_num_updates=True)
+            ExponentialMovingAverage(self.module.parameters(), decay=settings.ema_decay, use_num_updates=True)
             if settings.ema_decay
             else None
         )
+        self.progress = settings.progress and self.dist.is_main
         self.epoch = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -139,7 +154,7 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------
     def state(self) -> dict:
         return {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else {},
@@ -150,7 +165,7 @@ class Trainer:
         }
 
     def load(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema:
@@ -176,13 +191,12 @@ class Trainer:
         s = self.s
         self.model.train()
         self.train_ds.set_epoch(self.epoch)
-        # Everything random in this epoch (dropout, noise, shuffling) derives from (seed, epoch).
-        torch.manual_seed(s.seed * 100_003 + self.epoch)
-        loader = make_loader(
-            self.train_ds, s.batch_size, s.num_workers, shuffle=True, drop_last=True, seed=s.seed * 100_003 + self.epoch
-        )
+        self.sampler.set_epoch(self.epoch)
+        # Everything random in this epoch (dropout, noise) derives from (seed, epoch, rank).
+        torch.manual_seed((s.seed * 100_003 + self.epoch) * 1009 + self.dist.rank)
+        loader = make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler)
         losses: list[float] = []
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not s.progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
             for message in batch["errors"]:
@@ -198,11 +212,13 @@ class Trainer:
                 self._optimizer_step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        return float(np.mean(losses)) if losses else float("nan")
+        local = np.array([np.sum(losses), len(losses)], dtype=float)
+        total = gather_rows(local[None], np.array([self.dist.rank]), self.dist.world, self.dist).sum(0)
+        return float(total[0] / total[1]) if total[1] else float("nan")
 
     def _optimizer_step(self) -> None:
         if self.s.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.s.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -210,16 +226,22 @@ class Trainer:
             self.ema.update()
 
     def evaluate(self) -> tuple[dict, np.ndarray]:
-        loader = make_loader(self.val_ds, self.s.eval_batch_size, self.s.num_workers)
+        """Metrics on the whole validation fold: each process scores its shard, then all gather."""
+        idx = shard(len(self.val_ds), self.dist)
+        loader = make_loader(self.val_ds.subset(idx.tolist()), self.s.eval_batch_size, self.s.num_workers)
         with self._averaged():
-            probs = predict_loader(
-                [self.model], loader, self.device, channels_last=self.s.channels_last, progress=self.s.progress
+            local = predict_loader(
+                [self.module], loader, self.device, channels_last=self.s.channels_last, progress=self.progress
             )[:, 0]
+        probs = gather_rows(local, idx, len(self.val_ds), self.dist)
         ok = ~np.isnan(probs)
         return score_report(np.asarray(self.val_ds.targets)[ok], probs[ok]), probs
 
     def fit(self) -> FitResult:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.dist)
         self.resume_if_possible()
         while self.epoch < self.s.epochs:
             start = time.time()
@@ -234,20 +256,21 @@ class Trainer:
                 "seconds": round(time.time() - start, 2),
             }
             self.history.append(row)
-            if self.best is None or _selection_key(metrics) > _selection_key(self.best):
+            improved = self.best is None or _selection_key(metrics) > _selection_key(self.best)
+            if improved:
                 self.best = {"epoch": self.epoch, **metrics}
                 self.best_probs = probs
-                with self._averaged():
-                    save_weights(self.model.state_dict(), self.out_dir / WEIGHTS_FILE, {"epoch": self.epoch})
-            log.info(
-                "epoch %d/%d loss %.4f val auc %.4f tpr@1e-3 %.4f (best epoch %d)",
-                self.epoch,
-                self.s.epochs,
-                train_loss,
-                metrics["auc"],
-                metrics["tpr@fpr1e-3"],
-                self.best["epoch"],
-            )
-            write_csv(pd.DataFrame(self.history), self.out_dir / "metrics.csv")
-            save_state(self.state(), self.out_dir / STATE_FILE)
+            if main:
+                if improved:
+                    with self._averaged():
+                        save_weights(self.module.state_dict(), self.out_dir / WEIGHTS_FILE, {"epoch": self.epoch})
+                log.info(
+                    "epoch %d/%d loss %.4f val auc %.4f tpr@1e-3 %.4f (best epoch %d)",
+                    self.epoch, self.s.epochs, train_loss, metrics["auc"], metrics["tpr@fpr1e-3"], self.best["epoch"],
+                )
+                write_csv(pd.DataFrame(self.history), self.out_dir / "metrics.csv")
+                save_state(self.state(), self.out_dir / STATE_FILE)
+            barrier(self.dist)
+            if self.on_epoch:
+                self.on_epoch(self.epoch, metrics)
         return FitResult(self.best["epoch"], self.best, self.best_probs, self.history)

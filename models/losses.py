@@ -89,13 +89,19 @@ def build_mff(cfg: dict):
     smoothing = float(cfg.get("label_smoothing", 0.0))
 
     def criterion(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor):
-        out = model(images)
+        n = len(images)
+        if w_kl:
+            # One forward over clean and noisy views together: DDP expects one forward per
+            # backward, and one large batch is faster than two small ones.
+            both = model(torch.cat([images, add_noise(images, noise_kind, noise_scale)]))
+            out = {k: v[:n] for k, v in both.items()}
+        else:
+            out = model(images)
         logs = {"ce": cross_entropy(out["logits"], target, smoothing)}
         if w_nce:
             logs["nce"] = real_contrastive(out["features"], target, temperature)
         if w_kl:
-            noisy = model(add_noise(images, noise_kind, noise_scale))
-            logs["kl"] = noise_consistency(out["logits"], noisy["logits"])
+            logs["kl"] = noise_consistency(out["logits"], both["logits"][n:])
         weights = {"ce": w_ce, "nce": w_nce, "kl": w_kl}
         loss = sum(weights[k] * v for k, v in logs.items())
         return loss, out["logits"], {k: v.detach() for k, v in logs.items()}
