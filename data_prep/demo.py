@@ -6,11 +6,15 @@ Sources are public-domain photographs that ship inside installed packages (sciki
 astronaut, matplotlib's Grace Hopper); nothing is downloaded. Reals are augmented views of
 them; fakes are real manipulations of a real view (its "parent"):
 
-- `swap:<region>`: eyes, mouth, nose or the inner face taken from the OTHER photograph,
-  aligned to the parent's 68 landmarks by a similarity transform, colour-matched in LAB
-  inside the mask and blended through a feathered mask;
-- `selfblend`: the parent blended with a slightly warped, colour-shifted copy of itself
-  inside a blurred landmark hull (a small SBI-style forgery).
+- `edit:swap` (region eyes, eyebrows, nose or mouth): that region of the OTHER photograph,
+  aligned to the parent's 68 landmarks, colour-matched and blended in (`edits.region_swap`);
+- `edit:faceswap` (region face): the other photograph's inner face, warped onto the parent's
+  landmarks, colour-matched and Poisson-cloned (`edits.face_swap`);
+- `sbi` (region face): the parent blended with a slightly warped, colour-shifted copy of
+  itself inside a blurred landmark hull (a small self-blended image).
+
+The swaps are the data stage's own edits (`data_prep.edits`), so the demo exercises the
+code that prepares real data; method and region names are the manifest's.
 
 Layout under `out` (image names are relative to their own image root, `train/` or `test/`):
 
@@ -40,17 +44,27 @@ import pandas as pd
 from tqdm import tqdm
 
 from core.io import write_csv, write_json, write_text
-from data_prep.faces import FaceAnalyzer, estimate_similarity, eye_centers, flip_landmarks
+from data_prep.edits import encode_jpeg, face_swap, hull_mask, region_swap, to_uint8
+from data_prep.faces import FaceAnalyzer, flip_landmarks
 
 # Bump whenever the recipe changes what gets written, so an old build is not taken as current.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 PHOTOS = ("astronaut", "grace_hopper")
 # skimage.data.camera() was considered too: dlib's HOG detector finds no face in it at
 # upsample 0-2, so it cannot give landmarks and is left out.
 
-REGIONS = ("eyes", "mouth", "nose", "face")
-FAKE_METHODS = ("swap:eyes", "swap:mouth", "swap:nose", "swap:face", "selfblend")
+# (method, region) of each kind of fake, drawn equally often.
+FAKE_RECIPES = (
+    ("edit:swap", "eyes"),
+    ("edit:swap", "eyebrows"),
+    ("edit:swap", "nose"),
+    ("edit:swap", "mouth"),
+    ("edit:faceswap", "face"),
+    ("sbi", "face"),
+)
+FAKE_METHODS = tuple(dict.fromkeys(m for m, _ in FAKE_RECIPES))
+REGIONS = tuple(dict.fromkeys(r for _, r in FAKE_RECIPES))
 JPEG_QUALITY = (70, 100)
 MIN_SIZE = 64
 
@@ -121,10 +135,6 @@ def _balanced(rng: np.random.Generator, n_options: int, n: int) -> np.ndarray:
     return rng.permutation(np.resize(np.arange(n_options), n))
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
 def colour_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per-channel gain, brightness, contrast and saturation, all mild."""
     x = rgb.astype(np.float32) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
@@ -132,7 +142,7 @@ def colour_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = (x - mean) * rng.uniform(0.85, 1.15) + mean + rng.uniform(-20, 20)
     grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     x = grey[..., None] + (x - grey[..., None]) * rng.uniform(0.8, 1.2)
-    return _to_uint8(x)
+    return to_uint8(x)
 
 
 def augment_view(photo: Photo, size: int, rng: np.random.Generator) -> View:
@@ -153,76 +163,22 @@ def augment_view(photo: Photo, size: int, rng: np.random.Generator) -> View:
     return View(rgb=colour_jitter(rgb, rng), landmarks=pts, photo=photo.name)
 
 
-def _hull(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=np.uint8)
-    cv2.fillConvexPoly(mask, cv2.convexHull(np.rint(points).astype(np.int32)), 1)
-    return mask
-
-
-def _morph(mask: np.ndarray, radius: float, op: int) -> np.ndarray:
-    r = max(int(round(radius)), 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    return cv2.morphologyEx(mask, op, kernel)
-
-
-def region_mask(landmarks: np.ndarray, region: str, shape: tuple[int, int]) -> np.ndarray:
-    """Hard uint8 0/1 mask of a facial region from 68 landmarks.
-
-    Feature regions are dilated by a fraction of the inter-ocular distance so the edit
-    takes some skin around the feature with it, as a real region swap would.
-    """
-    right, left = eye_centers(landmarks)
-    iod = float(np.linalg.norm(left - right))
-    if region == "eyes":
-        mask = _hull(landmarks[36:42], shape) | _hull(landmarks[42:48], shape)
-        return _morph(mask, 0.14 * iod, cv2.MORPH_DILATE)
-    if region == "mouth":
-        return _morph(_hull(landmarks[48:60], shape), 0.12 * iod, cv2.MORPH_DILATE)
-    if region == "nose":
-        return _morph(_hull(landmarks[27:36], shape), 0.12 * iod, cv2.MORPH_DILATE)
-    if region == "face":
-        # Inner face: brows, eyes, nose, mouth and chin, pulled in from the jaw outline so
-        # the hair and background stay the target's.
-        return _morph(_hull(landmarks, shape), 0.08 * iod, cv2.MORPH_ERODE)
-    raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
-
-
-def _feather(mask: np.ndarray, sigma: float) -> np.ndarray:
-    return cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(sigma, 0.5))
-
-
-def match_colour_lab(src: np.ndarray, dst: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`src` with the mean and std of each LAB channel of `dst`, both measured inside `mask`."""
-    inside = mask > 0
-    if inside.sum() < 4:
-        return src
-    src_lab = cv2.cvtColor(src.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    dst_lab = cv2.cvtColor(dst.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    s, d = src_lab[inside], dst_lab[inside]
-    out = (src_lab - s.mean(0)) / (s.std(0) + 1e-6) * d.std(0) + d.mean(0)
-    rgb = cv2.cvtColor(out.astype(np.float32), cv2.COLOR_LAB2RGB)
-    return _to_uint8(np.clip(rgb, 0.0, 1.0) * 255.0)
-
-
 def swap_region(target: View, source: Photo, region: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Paste `region` of another photograph onto `target`; returns (image, soft mask in [0, 1])."""
+    """Paste `region` of another photograph onto `target`; returns (image, edit weight in [0, 1]).
+
+    The source is mirrored half of the time (two photographs give few poses otherwise);
+    "face" is a full face swap (`edits.face_swap`), the other regions a region swap
+    (`edits.region_swap`), the same code the data stage runs.
+    """
     src_rgb, src_lm = source.rgb, source.landmarks
     if rng.random() < 0.5:
         src_rgb = np.ascontiguousarray(src_rgb[:, ::-1])
         src_lm = flip_landmarks(src_lm, src_rgb.shape[1])
-    h, w = target.rgb.shape[:2]
-    # All 68 points fix the similarity: the whole face geometry, not just the pasted part,
-    # decides where the region goes, so it sits where the target's own feature was.
-    mat = estimate_similarity(src_lm, target.landmarks)
-    warped = cv2.warpAffine(src_rgb, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    valid = cv2.warpAffine(np.ones(src_rgb.shape[:2], np.uint8), mat, (w, h), flags=cv2.INTER_NEAREST)
-    hard = region_mask(target.landmarks, region, (h, w)) & valid
-    matched = match_colour_lab(warped, target.rgb, hard)
-    right, left = eye_centers(target.landmarks)
-    iod = float(np.linalg.norm(left - right))
-    soft = _feather(hard, rng.uniform(0.04, 0.09) * iod)[..., None]
-    out = soft * matched.astype(np.float32) + (1.0 - soft) * target.rgb.astype(np.float32)
-    return _to_uint8(out), soft[..., 0]
+    if region == "face":
+        result = face_swap(target.rgb, target.landmarks, src_rgb, src_lm, rng)
+    else:
+        result = region_swap(target.rgb, target.landmarks, src_rgb, src_lm, region, rng)
+    return result.rgb, result.mask
 
 
 def _sbi_colour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -262,7 +218,7 @@ def self_blend(target: View, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     mat[:, 2] += [rng.uniform(-0.03, 0.03) * w, rng.uniform(-0.015, 0.015) * h]
     src = cv2.warpAffine(src, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
-    mask = _hull(lm, (h, w)).astype(np.float32)
+    mask = hull_mask(lm, (h, w)).astype(np.float32)
     # Resize the mask down and back up (SBI's random 192-256) so its outline is not the exact hull.
     f = rng.uniform(0.75, 1.0)
     small = cv2.resize(mask, (max(int(w * f), 1), max(int(h * f), 1)), interpolation=cv2.INTER_LINEAR)
@@ -278,14 +234,7 @@ def self_blend(target: View, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
     m = (ratio * mask)[..., None]
     out = m * src + (1.0 - m) * tgt
-    return _to_uint8(out), m[..., 0]
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise DemoError(f"JPEG encoding failed at quality {quality}")
-    return buf.tobytes()
+    return to_uint8(out), m[..., 0]
 
 
 def _build_split(
@@ -306,23 +255,22 @@ def _build_split(
     photo_idx = _balanced(rng, len(photos), n_real)
     views = [augment_view(photos[i], size, rng) for i in photo_idx]
     parents = _balanced(rng, n_real, n_fake)
-    methods = _balanced(rng, len(FAKE_METHODS), n_fake)
+    recipes = _balanced(rng, len(FAKE_RECIPES), n_fake)
     by_name = {p.name: p for p in photos}
 
     rows = []
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [("real", i, None) for i in range(n_real)] + [
-        ("fake", int(p), FAKE_METHODS[m]) for p, m in zip(parents, methods, strict=True)
+    jobs = [("real", i, ("real", "")) for i in range(n_real)] + [
+        ("fake", int(p), FAKE_RECIPES[r]) for p, r in zip(parents, recipes, strict=True)
     ]
-    for k, (kind, idx, method) in enumerate(tqdm(jobs, desc=desc, unit="img", disable=not progress)):
+    for k, (kind, idx, (method, region)) in enumerate(tqdm(jobs, desc=desc, unit="img", disable=not progress)):
         view = views[idx]
         if kind == "real":
-            rgb, method, region, parent = view.rgb, "real", "", names[k]
-        elif method == "selfblend":
+            rgb, parent = view.rgb, names[k]
+        elif method == "sbi":
             rgb, _ = self_blend(view, rng)
-            region, parent = "face", names[idx]
+            parent = names[idx]
         else:
-            region = method.split(":", 1)[1]
             others = [n for n in PHOTOS if n != view.photo and n in by_name]
             source = by_name[others[int(rng.integers(len(others)))]]
             rgb, _ = swap_region(view, source, region, rng)

@@ -11,7 +11,7 @@ import pytest
 
 from core.imaging import decode_image
 from core.labels import read_labels
-from data_prep import demo
+from data_prep import demo, edits
 from data_prep.demo import DemoError, build_demo
 from data_prep.faces import eye_centers
 
@@ -81,11 +81,9 @@ def test_provenance(which: str, manifest: pd.DataFrame, test_manifest: pd.DataFr
     assert (reals.parent == reals.img_name).all()
     assert (reals.region == "").all()
     assert fakes.parent.isin(set(reals.img_name)).all()
+    recipes = set(demo.FAKE_RECIPES)
     for _, row in fakes.iterrows():
-        if row.method == "selfblend":
-            assert row.region == "face"
-        else:
-            assert row.method == f"swap:{row.region}" and row.region in demo.REGIONS
+        assert (row.method, row.region) in recipes
 
 
 def test_images_decode_at_size(built: Path, manifest: pd.DataFrame) -> None:
@@ -95,7 +93,7 @@ def test_images_decode_at_size(built: Path, manifest: pd.DataFrame) -> None:
 
 
 def test_fakes_differ_from_their_parent(built: Path, manifest: pd.DataFrame) -> None:
-    swaps = manifest[manifest.method.str.startswith("swap:")]
+    swaps = manifest[manifest.method.isin(["edit:swap", "edit:faceswap"])]
     diffs = []
     for _, row in swaps.iterrows():
         fake = decode_image(built / "train" / row.img_name).astype(np.float32)
@@ -215,9 +213,12 @@ def test_swap_changes_only_the_region(view: demo.View, region: str) -> None:
     assert np.abs(out[inside].astype(int) - view.rgb[inside].astype(int)).mean() > 3
 
 
-@pytest.mark.parametrize("region,inside_pt,outside_pt", [("eyes", 37, 57), ("mouth", 62, 37), ("nose", 30, 8)])
+@pytest.mark.parametrize(
+    "region,inside_pt,outside_pt",
+    [("eyes", 37, 57), ("mouth", 62, 37), ("nose", 30, 8), ("eyebrows", 19, 30), ("face", 30, 0)],
+)
 def test_region_masks(view: demo.View, region: str, inside_pt: int, outside_pt: int) -> None:
-    mask = demo.region_mask(view.landmarks, region, view.rgb.shape[:2])
+    mask = edits.region_mask(view.landmarks, region, view.rgb.shape[:2])
     x, y = np.rint(view.landmarks[inside_pt]).astype(int)
     assert mask[y, x] == 1
     x, y = np.rint(view.landmarks[outside_pt]).astype(int)
