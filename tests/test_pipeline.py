@@ -120,3 +120,38 @@ def test_finished_fold_is_skipped(tiny_project, caplog):
     stamp = (p["outputs"] / "tiny" / "fold0" / "model.safetensors").stat().st_mtime_ns
     assert run_member(p) == 0
     assert (p["outputs"] / "tiny" / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_sigkill_mid_epoch_then_rerun_gives_the_same_result(tiny_project, tmp_path):
+    """A real kill -9 while training, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = tiny_project
+    assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
+    args = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "0", "train.epochs=4"]
+    assert train.main([*args, f"paths.outputs={tmp_path / 'clean'}"]) == 0
+    killed_out = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", *args, f"paths.outputs={killed_out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed_out / "tiny" / "fold0" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(pd.read_csv(metrics)) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_out / "tiny" / "fold0" / "meta.json").exists()
+    assert train.main([*args, f"paths.outputs={killed_out}"]) == 0
+    clean = load_weights(tmp_path / "clean" / "tiny" / "fold0" / "model.safetensors")
+    resumed = load_weights(killed_out / "tiny" / "fold0" / "model.safetensors")
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "clean" / "tiny" / "fold0" / "oof.csv"),
+        pd.read_csv(killed_out / "tiny" / "fold0" / "oof.csv"),
+    )
