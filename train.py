@@ -3,6 +3,9 @@
   python train.py --config configs/members/mff_demo.yaml --fold 0
   python train.py --config configs/members/mff_demo.yaml --fold all   # every fold in folds.csv
   python train.py --config configs/members/mff_demo.yaml --fold 0 train.epochs=2 train.lr=3e-4
+  python train.py --config configs/members/mff_demo.yaml --fold 0 --tune 20     # optuna search
+  python train.py --config configs/members/mff_demo.yaml \
+                  --config outputs/mff_demo/tune/fold0/best.yaml --fold all     # train with the result
 
 Writes outputs/<member>/fold<k>/: model.safetensors (EMA weights of the best validation
 epoch), meta.json, oof.csv, test.csv, metrics.csv, curve.png, config.yaml. Rerunning a
@@ -41,16 +44,29 @@ from core.predict import predict_paths
 from core.report import plot_history, versions
 from core.training import Trainer, TrainSettings
 from core.transforms import build_transform
+from core.tuning import tune
 
 log = get_logger("train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="member config, e.g. configs/members/mff_demo.yaml")
+    p.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="member config, e.g. configs/members/mff_demo.yaml; repeat to merge more (e.g. a tuned best.yaml)",
+    )
     p.add_argument("--fold", required=True, help="validation fold k (train on the others), or 'all'")
     p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain from scratch even if the fold is finished")
+    p.add_argument(
+        "--tune",
+        type=int,
+        metavar="N",
+        help="search the config's `tune` space with N optuna trials on --fold (resumable, SQLite under "
+        "outputs/<member>/tune/); writes best.yaml there, to pass as a second --config",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
     return p.parse_args(argv)
 
@@ -161,13 +177,26 @@ def folds_to_train(cfg: dict, fold: str) -> list[int]:
     return sorted(pd.read_csv(path, usecols=["fold"])["fold"].unique().tolist())
 
 
+def run_tuning(cfg: dict, fold: str, n_trials: int, dist: DistInfo) -> int:
+    if dist.enabled:
+        raise ConfigError("--tune runs trials one after another in one process; start it without torchrun")
+    if fold == "all":
+        raise ConfigError("--tune searches on one fold: give --fold k")
+    (k,) = folds_to_train(cfg, fold)
+    study_dir = Path(cfg["paths"]["outputs"]) / cfg["name"] / "tune" / f"fold{k}"
+    tune(cfg, n_trials, study_dir, f"{cfg['name']}-fold{k}", lambda c, report: train_fold(c, k, on_epoch=report)["auc"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist = init_distributed()
     if not dist.is_main:
         log.setLevel(logging.WARNING)
     try:
-        cfg = load_config([args.data_config, args.config], args.overrides)
+        cfg = load_config([args.data_config, *args.config], args.overrides)
+        if args.tune:
+            return run_tuning(cfg, args.fold, args.tune, dist)
         for fold in folds_to_train(cfg, args.fold):
             out_dir = fold_dir(cfg, fold)
             if is_finished(out_dir) and not args.force:
