@@ -1,9 +1,19 @@
 """Build validation folds that keep every parent image with the fakes derived from it.
 
-  python cv_split.py                          # stratified folds from configs/data.yaml
-  python cv_split.py split.n_folds=4 --force  # overrides as key=value
+  python cv_split.py                          # mode from configs/data.yaml (split.mode)
+  python cv_split.py --mode clusters          # hold out whole k-means clusters of image embeddings
+  python cv_split.py --mode stratified        # label-stratified random parent groups
+  python cv_split.py --sweep 4 12             # inertia and silhouette for K = 4..12, no folds written
+  python cv_split.py split.k=8 split.n_folds=4 --force   # overrides as key=value
 
-Writes folds.csv (img_name,target,cluster,fold) and the resolved config beside it.
+Cluster mode embeds every train image with split.encoder (split.demo_encoder on the demo
+sample), caches the features under <outputs>/features/, clusters them with k-means
+(K = split.k), moves each parent group whole into its majority cluster, and holds out
+whole clusters as folds (K == n_folds: fold i is cluster i).
+
+Writes folds.csv (img_name,target,cluster,fold), its resolved config, folds_report.md and
+folds_report.json (counts per fold by label and method, cluster sizes) and, in cluster
+mode, folds_clusters.png (2-D projection coloured by cluster and by label).
 """
 
 from __future__ import annotations
@@ -12,26 +22,202 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from core.config import ConfigError, load_config, save_config
-from core.datasource import read_train_table, resolve_data
-from core.folds import FOLD_COLUMNS, FoldError, check_folds, stratified_group_folds
-from core.io import write_csv
+from core.clustering import kmeans, plot_projection, sweep
+from core.config import ConfigError, load_config, read_yaml, save_config
+from core.datasource import DataPaths, read_train_table, resolve_data
+from core.device import pick_device
+from core.features import FeatureError, cached_features
+from core.folds import (
+    FOLD_COLUMNS,
+    FoldError,
+    check_folds,
+    cluster_folds,
+    fold_summary,
+    stratified_group_folds,
+    summary_markdown,
+)
+from core.io import write_csv, write_json, write_text
 from core.labels import LabelError
 from core.log import get_logger
+from core.transforms import build_transform
+from models.encoders import EncoderError, build_encoder, encoder_key
 
 log = get_logger("cv_split")
+
+MODES = ("clusters", "stratified")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/data.yaml", help="data config (default: %(default)s)")
-    p.add_argument("--mode", choices=["stratified"], help="split mode (default: split.mode in the config)")
+    p.add_argument("--mode", choices=MODES, help="split mode (default: split.mode in the config)")
     p.add_argument("--out", help="folds CSV to write (default: paths.folds in the config)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folds file exists")
+    p.add_argument(
+        "--sweep", nargs=2, type=int, metavar=("KMIN", "KMAX"), help="report inertia and silhouette for each K"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+    # Intermixed: overrides may come before and after options (`split.k=8 --force split.n_folds=4`).
+    return p.parse_intermixed_args(argv)
+
+
+def report_paths(folds_csv: Path) -> dict[str, Path]:
+    """Where the report of a folds file goes: beside it, named after it."""
+    stem = folds_csv.with_suffix("")
+    return {
+        "md": Path(f"{stem}_report.md"),
+        "json": Path(f"{stem}_report.json"),
+        "png": Path(f"{stem}_clusters.png"),
+    }
+
+
+def encoder_cfg(cfg: dict, data: DataPaths) -> dict:
+    """`split.demo_encoder` on the demo sample (when given), else `split.encoder`."""
+    split = cfg["split"]
+    chosen = split.get("demo_encoder") if data.is_demo and split.get("demo_encoder") else split.get("encoder")
+    if not chosen:
+        raise ConfigError("split.encoder is not set; cluster mode needs an encoder config")
+    return dict(chosen)
+
+
+def image_features(cfg: dict, df: pd.DataFrame, data: DataPaths) -> np.ndarray:
+    """L2-normalised embedding per train image (NaN rows for undecodable files), cached."""
+    split = cfg["split"]
+    enc_cfg = encoder_cfg(cfg, data)
+
+    def build():
+        encoder = build_encoder(enc_cfg)
+        return encoder.module, build_transform(encoder.transform_cfg(), train=False)
+
+    feats, stats = cached_features(
+        df["img_name"].tolist(),
+        df["path"].tolist(),
+        Path(cfg["paths"]["outputs"]) / "features",
+        encoder_key(enc_cfg),
+        build,
+        pick_device(split.get("device", "auto")),
+        batch_size=int(split.get("batch_size", 64)),
+        num_workers=int(split.get("num_workers", 0)),
+        progress=bool(split.get("progress", True)),
+    )
+    log.info(
+        "features %s: %d reused, %d computed, %d failed", feats.shape, stats.reused, stats.computed, len(stats.failed)
+    )
+    return feats
+
+
+def kmeans_options(cfg: dict) -> dict:
+    opts = dict(cfg["split"].get("kmeans") or {})
+    out = {k: opts[k] for k in ("n_init", "max_iter", "tol") if k in opts}
+    if "fit_memory_mb" in opts:
+        out["fit_memory"] = int(opts["fit_memory_mb"]) << 20
+    out["device"] = pick_device(cfg["split"].get("device", "auto"))
+    return out
+
+
+def cluster_labels(cfg: dict, feats: np.ndarray) -> np.ndarray:
+    """k-means cluster per row; -1 for rows without features."""
+    split = cfg["split"]
+    k = int(split.get("k") or split["n_folds"])
+    ok = np.isfinite(feats).all(axis=1)
+    if ok.sum() <= k:
+        raise FoldError(f"only {int(ok.sum())} image(s) with features for k={k} clusters")
+    res = kmeans(feats[ok], k, seed=int(split["seed"]), **kmeans_options(cfg))
+    log.info(
+        "k-means K=%d: sizes %s, inertia %.3f (torch_kmeans on %d images, then %d full-data iteration(s))",
+        k,
+        res.sizes,
+        res.inertia,
+        res.fit_size,
+        res.n_iter,
+    )
+    labels = np.full(len(feats), -1, dtype=np.int64)
+    labels[ok] = res.labels
+    return labels
+
+
+def build_folds(cfg: dict, df: pd.DataFrame, mode: str, data: DataPaths) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The train table with `cluster` and `fold` columns, and the features (cluster mode only)."""
+    split = cfg["split"]
+    n_folds = int(split["n_folds"])
+    df = df.copy()
+    if mode == "stratified":
+        df["fold"] = stratified_group_folds(df, n_folds, int(split["seed"]))
+        df["cluster"] = -1
+        feats = None
+    elif mode == "clusters":
+        feats = image_features(cfg, df, data)
+        df["kmeans_cluster"] = cluster_labels(cfg, feats)
+        df["cluster"], df["fold"] = cluster_folds(df, df["kmeans_cluster"].to_numpy(), n_folds)
+    else:
+        raise ConfigError(f"split.mode must be one of {list(MODES)}, got {mode!r}")
+    check_folds(df)
+    return df, feats
+
+
+def write_report(cfg: dict, df: pd.DataFrame, feats: np.ndarray | None, out: Path, mode: str) -> dict[str, Path]:
+    paths = report_paths(out)
+    summary = fold_summary(df)
+    summary["mode"] = mode
+    if "kmeans_cluster" in df:
+        summary["kmeans_sizes"] = df["kmeans_cluster"].value_counts().sort_index().to_dict()
+    title = f"Validation folds ({mode} mode)"
+    text = summary_markdown(summary, title)
+    written = {"md": paths["md"], "json": paths["json"]}
+    if feats is not None:
+        plot_projection(
+            feats,
+            df["cluster"].to_numpy(),
+            df["target"].to_numpy(),
+            paths["png"],
+            seed=int(cfg["split"]["seed"]),
+            tsne_max=int(cfg["split"].get("tsne_max", 2000)),
+            title=f"{len(df)} train images, {df['cluster'].nunique()} clusters, {df['fold'].nunique()} folds",
+        )
+        text += f"\n![projection of the features]({paths['png'].name})\n"
+        written["png"] = paths["png"]
+    write_text(text, paths["md"])
+    write_json(summary, paths["json"])
+    return written
+
+
+def sweep_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_sweep(cfg: dict, df: pd.DataFrame, data: DataPaths, k_min: int, k_max: int) -> Path:
+    if not 2 <= k_min <= k_max:
+        raise ConfigError(f"--sweep needs 2 <= KMIN <= KMAX, got {k_min} {k_max}")
+    feats = image_features(cfg, df, data)
+    ok = np.isfinite(feats).all(axis=1)
+    rows = sweep(
+        feats[ok],
+        list(range(k_min, k_max + 1)),
+        seed=int(cfg["split"]["seed"]),
+        silhouette_sample=int(cfg["split"].get("silhouette_sample", 5000)),
+        **kmeans_options(cfg),
+    )
+    out = Path(cfg["paths"]["outputs"]) / "kmeans_sweep.json"
+    write_json({"n_images": int(ok.sum()), "encoder": encoder_cfg(cfg, data), "rows": rows}, out)
+    print(sweep_table(rows))
+    return out
+
+
+def warn_if_config_changed(cfg: dict, out: Path) -> None:
+    saved = out.with_suffix(".config.yaml")
+    if saved.is_file():
+        try:
+            old = read_yaml(saved).get("split")
+        except ConfigError:
+            return
+        if old != cfg["split"]:
+            log.warning("%s was built with a different split config; use --force to rebuild it", out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,26 +225,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config([args.config], args.overrides)
         out = Path(args.out or cfg["paths"]["folds"])
-        if out.exists() and not args.force:
+        mode = args.mode or cfg["split"]["mode"]
+        if args.sweep is None and out.exists() and not args.force:
+            warn_if_config_changed(cfg, out)
             log.info("%s exists; skipping (use --force to rebuild)", out)
             return 0
-        mode = args.mode or cfg["split"]["mode"]
-        df = read_train_table(resolve_data(cfg))
+        data = resolve_data(cfg)
+        df = read_train_table(data)
         log.info(
             "read %d train images (%d fake) in %d parent groups", len(df), df["target"].sum(), df["parent"].nunique()
         )
-        if mode != "stratified":
-            raise FoldError(f"split mode {mode!r} is not available; use stratified")
-        df["fold"] = stratified_group_folds(df, cfg["split"]["n_folds"], cfg["split"]["seed"])
-        df["cluster"] = -1
-        check_folds(df)
-    except (ConfigError, LabelError, FoldError) as err:
+        if args.sweep is not None:
+            log.info("wrote %s", run_sweep(cfg, df, data, *args.sweep))
+            return 0
+        df, feats = build_folds(cfg, df, mode, data)
+        cfg["split"]["mode"] = mode
+        write_csv(df[FOLD_COLUMNS], out)
+        save_config(cfg, out.with_suffix(".config.yaml"))
+        written = write_report(cfg, df, feats, out, mode)
+    except (ConfigError, LabelError, FoldError, EncoderError, FeatureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_csv(df[FOLD_COLUMNS], out)
-    save_config(cfg, out.with_suffix(".config.yaml"))
     summary = pd.crosstab(df["fold"], df["target"]).rename(columns={0: "real", 1: "fake"})
     log.info("wrote %s (%s mode)\n%s", out, mode, summary.to_string())
+    log.info("report: %s", ", ".join(str(p) for p in written.values()))
     return 0
 
 

@@ -1,0 +1,152 @@
+"""Image encoders for the unlabelled clustering behind the hard validation split.
+
+An encoder config (`split.encoder` / `split.demo_encoder` in configs/data.yaml) is one of
+
+  {kind: timm, name: convnext_base.fb_in22k, pretrained: true, weights: null, image_size: null}
+  {kind: open_clip, name: ViT-L-14, pretrained: openai}           # a tag, or a local checkpoint file
+  {kind: open_clip, model_cfg: {embed_dim: .., vision_cfg: {..}, text_cfg: {..}}, weights: null}
+
+`model_cfg` builds an open_clip model from an inline config (no download), which is what
+the tests use. Only the image tower is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import CheckpointError
+from core.log import get_logger
+from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import create_backbone
+
+log = get_logger("encoders")
+
+KINDS = ("timm", "open_clip")
+
+
+class EncoderError(ValueError):
+    """An encoder config is wrong or its weights cannot be had; the message says which."""
+
+
+@dataclass
+class Encoder:
+    """`module(images) -> (B, D)` features, and the input it expects."""
+
+    module: torch.nn.Module
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    description: str
+
+    def transform_cfg(self) -> dict:
+        """The `data`-section form that `core.transforms.build_transform` takes."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def _weights_stamp(path: str | None) -> dict | None:
+    # A changed local weights file must invalidate cached features even under the same name.
+    if not path or not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def encoder_key(cfg: Mapping) -> str:
+    """A short hash of everything that changes the features: the config and any local weights file."""
+    stamp = {
+        "cfg": dict(cfg),
+        "weights": _weights_stamp(cfg.get("weights")),
+        "pretrained_file": _weights_stamp(cfg.get("pretrained") if isinstance(cfg.get("pretrained"), str) else None),
+    }
+    blob = json.dumps(stamp, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class _ClipImageTower(torch.nn.Module):
+    """open_clip's visual tower; returns the projected image embedding."""
+
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+
+def _build_timm(cfg: Mapping) -> Encoder:
+    name = cfg.get("name")
+    if not name:
+        raise EncoderError("timm encoder: `name` is required (a timm model name)")
+    try:
+        model = create_backbone(
+            name,
+            pretrained=bool(cfg.get("pretrained", False)),
+            weights=cfg.get("weights"),
+            allow_mismatch=bool(cfg.get("allow_mismatch", False)),
+        )
+    except (RuntimeError, CheckpointError) as err:
+        raise EncoderError(f"timm encoder {name!r}: {err}") from None
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = int(cfg.get("image_size") or pcfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(cfg.get("mean") or pcfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or pcfg.get("std") or IMAGENET_STD)
+    source = cfg.get("weights") or ("hub" if cfg.get("pretrained") else "random weights")
+    return Encoder(model, size, mean, std, f"timm {name} ({source}) at {size}px")
+
+
+def _build_open_clip(cfg: Mapping) -> Encoder:
+    import open_clip  # heavy; only this encoder kind needs it
+    from open_clip.model import CLIP
+
+    if cfg.get("model_cfg"):
+        model = CLIP(**dict(cfg["model_cfg"]))
+        if cfg.get("weights"):
+            try:
+                open_clip.load_checkpoint(model, str(cfg["weights"]), strict=True, weights_only=True)
+            except (OSError, RuntimeError, KeyError) as err:
+                raise EncoderError(f"open_clip weights {cfg['weights']}: {err}") from None
+        name, source = "inline config", cfg.get("weights") or "random weights"
+        preprocess = {}
+    else:
+        name = cfg.get("name")
+        if not name:
+            raise EncoderError("open_clip encoder: give `name` (e.g. ViT-B-32) or an inline `model_cfg`")
+        pretrained = cfg.get("weights") or cfg.get("pretrained") or None
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+        try:
+            model = open_clip.create_model(
+                name,
+                pretrained=pretrained,
+                # The OpenAI weights were trained with QuickGELU; building without it degrades them silently.
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                weights_only=True,
+            )
+        except Exception as err:  # noqa: BLE001 - downloads fail as HTTP, OS and hub errors
+            raise EncoderError(
+                f"open_clip {name!r} with pretrained={pretrained!r}: {type(err).__name__}: {err}; "
+                "give a local checkpoint file as split.encoder.weights=<path>"
+            ) from None
+        source = pretrained or "random weights"
+        preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
+    visual_size = model.visual.image_size
+    size = int(cfg.get("image_size") or preprocess.get("size", visual_size)[-1])
+    mean = tuple(cfg.get("mean") or preprocess.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(cfg.get("std") or preprocess.get("std") or open_clip.OPENAI_DATASET_STD)
+    return Encoder(_ClipImageTower(model.visual), size, mean, std, f"open_clip {name} ({source}) at {size}px")
+
+
+def build_encoder(cfg: Mapping) -> Encoder:
+    """Build the encoder described by `cfg` (see the module docstring), in eval mode."""
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise EncoderError(f"encoder kind must be one of {list(KINDS)}, got {kind!r}")
+    encoder = _build_timm(cfg) if kind == "timm" else _build_open_clip(cfg)
+    encoder.module.eval()
+    log.info("encoder: %s", encoder.description)
+    return encoder
