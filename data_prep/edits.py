@@ -436,9 +436,9 @@ def replace_background(
     landmarks: np.ndarray,
     background: np.ndarray,
     rng: np.random.Generator,
-    forehead: tuple[float, float] = (0.3, 0.6),
-    margin: tuple[float, float] = (0.15, 0.4),
-    feather_sigma: tuple[float, float] = (0.05, 0.15),
+    forehead: tuple[float, float] = (0.25, 0.5),
+    margin: tuple[float, float] = (0.05, 0.25),
+    feather_sigma: tuple[float, float] = (0.03, 0.08),
     harmonize_p: float = 0.5,
 ) -> EditResult:
     """Keep the face (and a margin around it) and put `background` everywhere else.
