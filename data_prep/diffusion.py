@@ -23,6 +23,7 @@ the original back everywhere outside the dilated region mask, so only the region
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,8 @@ def run_img2img(
     """Each image re-generated at its strength, returned at its own original size.
 
     diffusers takes one strength per call, so images are grouped by strength within the batch.
+    It denoises int(steps * strength) steps; `steps` is raised where that would be 0, which
+    diffusers cannot run.
     """
     _check_batch(len(images), prompts=prompts, seeds=seeds, strengths=strengths)
     results: list[np.ndarray | None] = [None] * len(images)
@@ -279,7 +282,7 @@ def run_img2img(
             negative_prompt=[negative_prompt] * len(idx) if negative_prompt else None,
             image=_pil([images[i] for i in idx], size),
             strength=strength,
-            num_inference_steps=int(steps),
+            num_inference_steps=max(int(steps), math.ceil(1.0 / max(strength, 1e-3))),
             guidance_scale=float(guidance),
             generator=_generators([seeds[i] for i in idx]),
             output_type="np",

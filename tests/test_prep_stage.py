@@ -1,0 +1,248 @@
+"""The data stage end to end on a small demo sample: manifest, provenance, resume, workers, messages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from core.config import load_config
+from core.labels import read_labels
+from data_prep import __main__ as cli
+from data_prep import stage
+from data_prep.demo import build_demo
+
+EDIT_COUNTS = {"background": 3, "faceswap": 2, "swap": 4, "degrade": 3}
+SD_COUNTS = {"inpaint": 2, "img2img": 2, "txt2img": 2}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo(tmp_path_factory.mktemp("demo") / "d", seed=0, n_real=6, n_test=2, size=128, progress=False)
+
+
+def make_cfg(demo_dir: Path, out: Path, model: str | None = None, **prep: object) -> dict:
+    """The project's data config pointed at the small demo, with small counts."""
+    cfg = load_config(["configs/data.yaml"])
+    cfg["data"].update(train_labels=None, manifest=None, demo_dir=str(demo_dir))
+    cfg["prep"].update({"out": str(out), "workers": 1, "progress": False, "counts": dict(EDIT_COUNTS), **prep})
+    cfg["diffusion"].update(
+        model=model,
+        inpaint_model=None,
+        device="cpu",
+        local_files_only=True,
+        counts=dict(SD_COUNTS),
+        steps=2,
+        batch_size=2,
+        max_side=64,
+        txt2img_size=64,
+        crop_txt2img=False,
+    )
+    return cfg
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.jpg"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_cpu() -> Iterator[None]:
+    from tests.test_diffusion import fast_tiny_cpu
+
+    yield from fast_tiny_cpu()
+
+
+@pytest.fixture(scope="module")
+def prepared(
+    demo_dir: Path, tmp_path_factory: pytest.TempPathFactory, tiny_cpu: None
+) -> tuple[Path, dict, pd.DataFrame]:
+    from tests.test_diffusion import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("prep")
+    model = build_tiny_sd(root / "tiny_sd")
+    out = root / "prepared"
+    summary = stage.prepare(make_cfg(demo_dir, out, model=str(model)))
+    prov = pd.read_csv(out / "provenance.csv", dtype=str, keep_default_na=False)
+    # The model folder rides along in the summary's config record, for the rerun test.
+    summary["model"] = str(model)
+    return out, summary, prov
+
+
+def test_outputs_are_valid_label_files(prepared: tuple) -> None:
+    out, summary, prov = prepared
+    labels = read_labels(out / "train_labels.csv", out)  # every listed image exists under out
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(manifest.columns) == stage.MANIFEST_COLUMNS
+    assert labels.img_name.tolist() == manifest.img_name.tolist() == prov.img_name.tolist()
+    assert summary["images"] == len(manifest) == 12 + sum(EDIT_COUNTS.values()) + sum(SD_COUNTS.values())
+    assert (out / "DONE").is_file()
+    data = yaml.safe_load((out / "data.yaml").read_text())["data"]
+    assert Path(data["train_root"]) == out and Path(data["manifest"]) == out / "manifest.csv"
+
+
+def test_originals_are_hard_links_with_their_provenance(prepared: tuple, demo_dir: Path) -> None:
+    out, summary, prov = prepared
+    src = pd.read_csv(demo_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    orig = prov[prov.img_name.str.startswith("orig/")]
+    assert len(orig) == len(src) == 12
+    assert summary["originals_linked"]["linked"] == 12
+    for row, s in zip(orig.itertuples(), src.itertuples(), strict=True):
+        assert row.img_name == f"orig/{s.img_name}" and row.parent == f"orig/{s.parent}"
+        assert (row.target, row.method, row.region) == (s.target, s.method, s.region)
+        assert os.path.samefile(out / row.img_name, demo_dir / "train" / s.img_name)
+
+
+def test_every_kind_has_rows_with_the_right_label_region_and_parent(prepared: tuple) -> None:
+    out, summary, prov = prepared
+    by_name = prov.set_index("img_name")
+    reals = set(prov[(prov.method == "real")].img_name)
+    new = prov[~prov.img_name.str.startswith("orig/")]
+    counts = new.method.value_counts().to_dict()
+    assert counts == {f"edit:{k}": n for k, n in EDIT_COUNTS.items()} | {f"sd:{k}": n for k, n in SD_COUNTS.items()}
+    for row in new.itertuples():
+        assert (out / row.img_name).is_file()
+        assert row.seed.isdigit()
+        kind = row.method.split(":")[1]
+        if row.method == "sd:txt2img":
+            assert (row.target, row.region, row.parent, row.source) == ("1", "synthesis", row.img_name, "")
+            continue
+        source = by_name.loc[row.source]
+        # The parent of anything derived is the real the source came from.
+        assert row.parent == source.parent and row.parent in reals
+        if kind in ("background", "degrade"):
+            assert row.target == source.target  # label-keeping
+            want = stage.join_region(source.region, "background") if kind == "background" else source.region
+            assert row.region == want
+        else:
+            assert row.target == "1" and source.target == "0"
+            if kind == "faceswap":
+                assert row.region == "face"
+            elif kind in ("swap", "inpaint"):
+                assert row.region in ("eyes", "eyebrows", "nose", "mouth")
+            else:
+                assert row.region == "global"
+        if kind in ("faceswap", "swap"):
+            donor = by_name.loc[row.donor]
+            assert donor.target == "0" and donor.parent != row.parent
+    # Label-keeping edits touched reals and fakes alike.
+    for kind in ("edit:background", "edit:degrade"):
+        assert set(new[new.method == kind].target) == {"0", "1"}, kind
+    # Swaps take the face of the other photograph (another identity): recorded in the details.
+    details = [json.loads(d) for d in new[new.method == "sd:img2img"].details]
+    assert all(0.15 <= d["strength"] <= 0.35 and d["steps"] == 2 for d in details)
+
+
+def test_summary(prepared: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    out, summary, prov = prepared
+    assert summary["diffusion"] == "ran" and summary["failures"] == []
+    table = pd.DataFrame(summary["counts"])
+    new = table[table.origin == "new"].set_index("method")
+    assert new.loc["edit:faceswap", "fake"] == 2 and new.loc["edit:faceswap", "real"] == 0
+    assert int(table[["real", "fake"]].to_numpy().sum()) == summary["images"]
+    stage.print_summary(summary, table)
+    printed = capsys.readouterr().out
+    assert "edit:background" in printed and "no face:" in printed and "failures: 0" in printed
+
+
+def test_second_run_redoes_nothing(prepared: tuple, demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, summary, prov = prepared
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("models loaded although every image exists")
+
+    monkeypatch.setattr(stage.sd, "load_models", no_loading)
+    again = stage.prepare(make_cfg(demo_dir, out, model=summary["model"]))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")} == before
+    assert pd.read_csv(out / "provenance.csv", dtype=str, keep_default_na=False).equals(prov)
+    assert again["images"] == summary["images"]
+
+
+def test_workers_resume_and_seed(
+    prepared: tuple, demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ref_out = prepared[0]
+    want = {k: v for k, v in _digests(ref_out).items() if k.startswith("edit/")}
+    assert len(want) == sum(EDIT_COUNTS.values())
+
+    # Two worker processes give the same bytes as one, and no model gives one clear line.
+    out = tmp_path / "p2"
+    summary = stage.prepare(make_cfg(demo_dir, out, workers=2))
+    assert {k: v for k, v in _digests(out).items() if k.startswith("edit/")} == want
+    printed = capsys.readouterr().out
+    assert printed.count("no model configured") == 1
+    assert summary["diffusion"].startswith("skipped (no model configured")
+    assert not (out / "sd").exists()
+
+    # An interrupted step (outputs missing, no done marker, a torn log line) resumes to the same bytes.
+    victims = sorted((out / "edit" / "swap").glob("*.jpg"))[:2]
+    for v in victims:
+        v.unlink()
+    (out / "steps" / "edit_swap.done").unlink()
+    with open(out / "steps" / "edit_swap.jsonl", "a") as fh:
+        fh.write('{"name": "edit/swap/0000')
+    stage.prepare(make_cfg(demo_dir, out))
+    assert {k: v for k, v in _digests(out).items() if k.startswith("edit/")} == want
+
+    # Another seed rebuilds the edits, with no stale files left.
+    stage.prepare(make_cfg(demo_dir, out, seed=1))
+    other = {k: v for k, v in _digests(out).items() if k.startswith("edit/")}
+    assert set(other) == set(want) and all(other[k] != want[k] for k in want)
+
+
+def test_unloadable_model_is_one_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = make_cfg(demo_dir, tmp_path / "p", model=str(tmp_path / "missing_model"))
+    cfg["prep"]["counts"] = dict.fromkeys(EDIT_COUNTS, 0)
+    summary = stage.prepare(cfg)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "cannot load" in ln]
+    assert len(lines) == 1 and "missing_model" in lines[0]
+    assert summary["new"] == 0
+
+
+def test_read_originals_without_manifest(tmp_path: Path, demo_dir: Path) -> None:
+    labels = pd.read_csv(demo_dir / "train_labels.csv")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    paths = stage.resolve_data(
+        {
+            "data": {
+                "train_labels": str(tmp_path / "labels.csv"),
+                "train_root": str(demo_dir / "train"),
+                "test_list": str(demo_dir / "test_list.csv"),
+                "test_root": str(demo_dir / "test"),
+            }
+        }
+    )
+    table = stage.read_originals(paths)
+    assert set(table[table.target == 1].method) == {"original"}
+    assert set(table[table.target == 0].method) == {"real"}
+    assert (table.parent == table.img_name).all() and (table.region == "").all()
+    assert table.img_name.str.startswith("orig/").all()
+
+
+def test_refuses_a_foreign_folder(tmp_path: Path, demo_dir: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(stage.PrepError, match="refusing"):
+        stage.prepare(make_cfg(demo_dir, tmp_path))
+    assert (tmp_path / "precious.txt").read_text() == "keep"
+
+
+def test_cli_reports_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--config", "configs/data.yaml", "prep.counts.swap=-1"]) == 2
+    assert "counts.swap" in capsys.readouterr().err
+    assert cli.main(["--config", "configs/data.yaml", "prep.swap_regions=[ears]"]) == 2
+    assert "unknown regions" in capsys.readouterr().err
+
+
+def test_job_seeds_are_independent() -> None:
+    assert stage.job_seed(0, "edit:swap", 3) == stage.job_seed(0, "edit:swap", 3)
+    seeds = {stage.job_seed(0, m, k) for m in ("edit:swap", "edit:faceswap") for k in range(50)}
+    assert len(seeds) == 100
+    assert stage.join_region("mouth", "background") == "mouth+background"
+    assert stage.join_region("", "background") == "background"
+    assert stage.join_region("mouth+background", "background") == "mouth+background"
