@@ -302,6 +302,10 @@ class Steps:
 
     def appender(self, step: str) -> Callable[[Result], None]:
         path = self._file(step, "jsonl")
+        # A run killed mid-line leaves a torn last line; end it, so the next record parses.
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as fh:
+                fh.write("\n")
 
         def append(res: Result) -> None:
             with open(path, "a") as fh:
@@ -695,13 +699,24 @@ def plan_diffusion(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict
     return plans
 
 
-def _sd_batches(jobs: list[Job], images: dict[str, np.ndarray], d: dict, batch_size: int) -> list[list[Job]]:
+def _image_size(path: str) -> tuple[int, int]:
+    """(h, w) from the file header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise ImageDecodeError(f"{path}: {err}") from None
+    return h, w
+
+
+def _sd_batches(jobs: list[Job], sizes: dict[str, tuple[int, int]], d: dict, batch_size: int) -> list[list[Job]]:
     """Batches of jobs that share a working size (one tensor shape per pipeline call)."""
     groups: dict[tuple[int, int], list[Job]] = {}
     for job in jobs:
         if job.source:
-            h, w = images[job.name].shape[:2]
-            key = sd.working_size(h, w, int(d["max_side"]))
+            key = sd.working_size(*sizes[job.name], int(d["max_side"]))
         else:
             key = (int(d["txt2img_size"]), int(d["txt2img_size"]))
         groups.setdefault(key, []).append(job)
@@ -711,60 +726,73 @@ def _sd_batches(jobs: list[Job], images: dict[str, np.ndarray], d: dict, batch_s
 def run_diffusion_jobs(
     kind: str, jobs: list[Job], models: sd.DiffusionModels, d: dict, out: Path, progress: bool
 ) -> Iterable[Result]:
-    """Generate, composite (inpainting), crop (txt2img) and write each job's image, batch by batch."""
+    """Generate, composite (inpainting), crop (txt2img) and write each job's image, batch by batch.
+
+    Source images are decoded one batch at a time, so memory does not grow with the job count.
+    """
     pipe = getattr(models, kind)
     analyzer = FaceAnalyzer(embed=False) if kind == "txt2img" and d["crop_txt2img"] else None
-    images: dict[str, np.ndarray] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     ready: list[Job] = []
     for job in jobs:
-        if not job.source:
-            ready.append(job)
-            continue
         try:
-            images[job.name] = decode_image(job.source_path)
+            if job.source:
+                sizes[job.name] = _image_size(job.source_path)
             ready.append(job)
         except ImageDecodeError as err:
             yield Result(job.name, False, str(err))
     common = {"steps": int(d["steps"]), "guidance": float(d["guidance"]), "negative_prompt": d.get("negative_prompt")}
+    details = {"model": models.sources.get(kind, ""), "steps": common["steps"], "guidance": common["guidance"]}
     bar = tqdm(total=len(ready), desc=f"sd:{kind}", unit="img", disable=not progress)
-    for batch in _sd_batches(ready, images, d, max(1, int(d["batch_size"]))):
-        seeds = [j.seed for j in batch]
-        prompts = [j.args["prompt"] for j in batch]
-        details = {"model": models.sources.get(kind, ""), "steps": common["steps"], "guidance": common["guidance"]}
-        masks: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch in _sd_batches(ready, sizes, d, max(1, int(d["batch_size"]))):
+        images: dict[str, np.ndarray] = {}
+        masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        run: list[Job] = []
+        for job in batch:
+            try:
+                if job.source:
+                    images[job.name] = decode_image(job.source_path)
+                if kind == "inpaint":
+                    lm, region = job.args["landmarks"], job.region
+                    masks[job.name] = sd.inpaint_masks(lm, region, images[job.name].shape, float(d["inpaint_dilate"]))
+                    if not masks[job.name][0].any():
+                        # Compositing would give back the real image, labelled fake.
+                        raise ValueError(f"the landmarks give an empty {region} mask")
+                run.append(job)
+            except (ImageDecodeError, ValueError) as err:
+                bar.update(1)
+                yield Result(job.name, False, str(err))
+        if not run:
+            continue
+        seeds = [j.seed for j in run]
+        prompts = [j.args["prompt"] for j in run]
+        srcs = [images[j.name] for j in run] if kind != "txt2img" else []
         if kind == "inpaint":
-            srcs = [images[j.name] for j in batch]
             size = sd.working_size(*srcs[0].shape[:2], int(d["max_side"]))
-            masks = [
-                sd.inpaint_masks(j.args["landmarks"], j.region, img.shape, float(d["inpaint_dilate"]))
-                for j, img in zip(batch, srcs, strict=True)
-            ]
-            outs = sd.run_inpaint(pipe, srcs, [g for _, g in masks], prompts, seeds, size, **common)
+            grown = [masks[j.name][1] for j in run]
+            outs = sd.run_inpaint(pipe, srcs, grown, prompts, seeds, size, **common)
         elif kind == "img2img":
-            srcs = [images[j.name] for j in batch]
             size = sd.working_size(*srcs[0].shape[:2], int(d["max_side"]))
-            strengths = [j.args["strength"] for j in batch]
+            strengths = [j.args["strength"] for j in run]
             outs = sd.run_img2img(pipe, srcs, prompts, seeds, strengths, size, **common)
         else:
             side = int(d["txt2img_size"])
             outs = sd.run_txt2img(pipe, prompts, seeds, (side, side), **common)
-        for i, (job, rgb) in enumerate(zip(batch, outs, strict=True)):
+        for job, rgb in zip(run, outs, strict=True):
+            bar.update(1)
             info = {**details, "prompt": job.args["prompt"], "quality": job.quality}
             if kind == "inpaint":
-                hard, grown = masks[i]
-                rgb, _ = sd.composite(images[job.name], rgb, hard, grown)
+                rgb, _ = sd.composite(images[job.name], rgb, *masks[job.name])
             elif kind == "img2img":
                 info["strength"] = job.args["strength"]
             elif analyzer is not None:
                 face = analyzer.primary(rgb)
                 if face is None:
-                    bar.update(1)
                     yield Result(job.name, False, "no face found in the generated image")
                     continue
                 rgb = align_crop(rgb, face, side, float(d["crop_margin"]))
                 info["cropped"] = True
             write_jpeg(out / job.name, rgb, job.quality)
-            bar.update(1)
             yield Result(job.name, True, details=info)
     bar.close()
 
@@ -938,12 +966,9 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
     steps = Steps(out)
     table_hash = _table_hash(table)
 
-    mode = str(p["link"])
-    if not steps.begin("orig", _fingerprint("orig", table_hash, {"link": mode}), None):
-        counts = link_originals(table, out, mode, progress)
-        log.info("originals: %s under %s", counts, out / ORIG_DIR)
-        steps.finish("orig", counts)
-    link_counts = json.loads((steps.dir / "orig.done").read_text())
+    # Every run checks every original (a stat each), so a link removed by hand comes back.
+    link_counts = link_originals(table, out, str(p["link"]), progress)
+    log.info("originals: %s under %s", link_counts, out / ORIG_DIR)
 
     pool = Workers(int(p["workers"] if workers is None else workers))
     try:

@@ -189,6 +189,10 @@ def test_workers_resume_and_seed(
         fh.write('{"name": "edit/swap/0000')
     stage.prepare(make_cfg(demo_dir, out))
     assert {k: v for k, v in _digests(out).items() if k.startswith("edit/")} == want
+    logged = stage.Steps(out).results("edit:swap")
+    for v in victims:
+        res = logged[str(v.relative_to(out))]
+        assert res.ok and res.details["blend"] in ("alpha", "poisson")
 
     # Another seed rebuilds the edits, with no stale files left.
     stage.prepare(make_cfg(demo_dir, out, seed=1))
