@@ -62,8 +62,12 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
+    dim: int | None = None,
 ) -> np.ndarray:
-    """L2-normalised `model(images)` for every path, float32 (N, D); NaN rows for undecodable files."""
+    """L2-normalised `model(images)` for every path, float32 (N, D); NaN rows for undecodable files.
+
+    When no file decodes, the result is all NaN if the width `dim` is known, else FeatureError.
+    """
     report = on_error or log.warning
     model = model.to(device).eval()
     loader = make_loader(ImageDataset(paths, transform=transform), batch_size, num_workers)
@@ -84,7 +88,9 @@ def extract_features(
             out = np.full((len(paths), feats.shape[1]), np.nan, dtype=np.float32)
         out[batch["index"].numpy()] = feats
     if out is None:
-        raise FeatureError(f"none of the {len(paths)} images could be decoded")
+        if dim is None:
+            raise FeatureError(f"none of the {len(paths)} images could be decoded")
+        out = np.full((len(paths), dim), np.nan, dtype=np.float32)
     return out
 
 
@@ -161,6 +167,7 @@ def cached_features(
         num_workers=num_workers,
         progress=progress,
         on_error=failed.append,
+        dim=cached[1].shape[1] if cached is not None and (row_of >= 0).any() else None,
     )
     for message in failed:
         log.warning("features: skipped %s", message)

@@ -2,7 +2,7 @@
 
 An encoder config (`split.encoder` / `split.demo_encoder` in configs/data.yaml) is one of
 
-  {kind: timm, name: convnext_base.fb_in22k, pretrained: true, weights: null, image_size: null}
+  {kind: timm, name: convnext_base.fb_in22k, pretrained: true, weights: null, image_size: null, seed: 0}
   {kind: open_clip, name: ViT-L-14, pretrained: openai}           # a tag, or a local checkpoint file
   {kind: open_clip, model_cfg: {embed_dim: .., vision_cfg: {..}, text_cfg: {..}}, weights: null}
 
@@ -146,7 +146,12 @@ def build_encoder(cfg: Mapping) -> Encoder:
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise EncoderError(f"encoder kind must be one of {list(KINDS)}, got {kind!r}")
-    encoder = _build_timm(cfg) if kind == "timm" else _build_open_clip(cfg)
+    # Weights not loaded from a file are drawn from torch's generator: seed it (without
+    # touching the caller's stream), so a random-weight encoder gives the same clusters on
+    # every machine and every run, not only while its features are cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        encoder = _build_timm(cfg) if kind == "timm" else _build_open_clip(cfg)
     encoder.module.eval()
     log.info("encoder: %s", encoder.description)
     return encoder

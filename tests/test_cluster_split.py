@@ -1,0 +1,336 @@
+"""The hard validation split: features, their cache, k-means, cluster-held-out folds, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+import cv_split
+from core.clustering import kmeans, sweep
+from core.features import cached_features, load_cache
+from core.folds import FoldError, cluster_folds, group_clusters, pack_clusters
+from models.encoders import EncoderError, build_encoder, encoder_key
+
+TINY_TIMM = {"kind": "timm", "name": "test_efficientnet.r160_in1k", "pretrained": False, "image_size": 32}
+TINY_CLIP = {
+    "kind": "open_clip",
+    "model_cfg": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    },
+}
+TINTS = [(200, 60, 60), (60, 200, 60), (60, 60, 200)]
+
+
+def tinted_image(rng: np.random.Generator, tint: tuple[int, int, int], fake: bool, size: int = 32) -> np.ndarray:
+    """A noisy image of one colour domain; fakes carry a small bright square."""
+    img = np.clip(np.array(tint) + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    if fake:
+        y, x = rng.integers(0, size - 8, size=2)
+        img[y : y + 8, x : x + 8] = 255
+    return img
+
+
+def build_domains(root: Path, parents_per_domain: int = 6, seed: int = 0) -> dict:
+    """Three colour domains; every real parent has one or two fakes derived from it."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    rows = []
+    for d, tint in enumerate(TINTS):
+        for i in range(parents_per_domain):
+            real = f"d{d}_r{i}.png"
+            Image.fromarray(tinted_image(rng, tint, False)).save(root / "train" / real)
+            rows.append((real, 0, "real", real, ""))
+            for j in range(1 + i % 2):
+                fake = f"d{d}_r{i}_f{j}.png"
+                Image.fromarray(tinted_image(rng, tint, True)).save(root / "train" / fake)
+                rows.append((fake, 1, f"patch{d}", real, "face"))
+    manifest = pd.DataFrame(rows, columns=["img_name", "target", "method", "parent", "region"])
+    manifest.to_csv(root / "manifest.csv", index=False)
+    manifest[["img_name", "target"]].to_csv(root / "train_labels.csv", index=False)
+    Image.fromarray(tinted_image(rng, TINTS[0], False)).save(root / "test" / "t0.png")
+    pd.DataFrame({"img_name": ["t0.png"]}).to_csv(root / "test_list.csv", index=False)
+    return {
+        "train_labels": str(root / "train_labels.csv"),
+        "train_root": str(root / "train"),
+        "test_list": str(root / "test_list.csv"),
+        "test_root": str(root / "test"),
+        "test_labels": None,
+        "manifest": str(root / "manifest.csv"),
+    }
+
+
+@pytest.fixture
+def cluster_project(tmp_path: Path) -> dict:
+    data = build_domains(tmp_path / "data")
+    outputs = tmp_path / "outputs"
+    cfg = {
+        "data": {**data, "demo_dir": str(tmp_path / "unused")},
+        "paths": {"outputs": str(outputs), "folds": str(outputs / "folds.csv")},
+        "split": {
+            "mode": "clusters",
+            "n_folds": 3,
+            "seed": 0,
+            "k": 3,
+            "encoder": TINY_TIMM,
+            "batch_size": 8,
+            "num_workers": 0,
+            "device": "cpu",
+            "kmeans": {"n_init": 2, "max_iter": 50, "tol": 1e-4},
+            "tsne_max": 0,
+            "progress": False,
+        },
+    }
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return {"cfg": path, "outputs": outputs, "folds": outputs / "folds.csv", "manifest": Path(data["manifest"])}
+
+
+def run_split(project: dict, *extra: str) -> int:
+    return cv_split.main(["--config", str(project["cfg"]), "--force", *extra])
+
+
+def test_cluster_folds_from_the_cli_are_deterministic_whole_and_reported(cluster_project, monkeypatch):
+    p = cluster_project
+    assert run_split(p) == 0
+    first = p["folds"].read_bytes()
+    folds = pd.read_csv(p["folds"])
+    assert list(folds.columns) == ["img_name", "target", "cluster", "fold"]
+    merged = folds.merge(pd.read_csv(p["manifest"]), on=["img_name", "target"])
+    assert len(merged) == len(folds) == 3 * 6 + 3 * 9
+    # a parent and all its fakes share one cluster and one fold
+    assert (merged.groupby("parent")["cluster"].nunique() == 1).all()
+    assert (merged.groupby("parent")["fold"].nunique() == 1).all()
+    # every cluster is held out in exactly one fold; K == n_folds, so fold i is cluster i
+    assert (folds.groupby("cluster")["fold"].nunique() == 1).all()
+    assert sorted(folds["cluster"].unique()) == [0, 1, 2]
+    assert (folds["cluster"] == folds["fold"]).all()
+    assert (folds.groupby("fold")["target"].nunique() == 2).all()
+    # the colour domains are what a random-weight encoder picks up
+    domain = folds["img_name"].str[:2]
+    assert adjusted_rand_score(domain, folds["cluster"]) > 0.9
+
+    out = p["outputs"]
+    report = json.loads((out / "folds_report.json").read_text())
+    assert report["mode"] == "clusters"
+    assert sum(f["n"] for f in report["folds"].values()) == len(folds)
+    assert sum(f["methods"].get("real", 0) for f in report["folds"].values()) == 18
+    assert "| cluster | images |" in (out / "folds_report.md").read_text()
+    assert (out / "folds_clusters.png").read_bytes()[:4] == b"\x89PNG"
+
+    # second run: same bytes, and the encoder is never built (every feature comes from the cache)
+    calls = []
+    monkeypatch.setattr(cv_split, "build_encoder", lambda cfg: calls.append(cfg) or build_encoder(cfg))
+    assert run_split(p) == 0
+    assert calls == []
+    assert p["folds"].read_bytes() == first
+
+    # a fresh outputs folder (no cache: the seeded random encoder is rebuilt) gives the same folds
+    fresh = p["outputs"].parent / "fresh"
+    assert run_split(p, f"paths.outputs={fresh}", "--out", str(fresh / "folds.csv")) == 0
+    assert (fresh / "folds.csv").read_bytes() == first
+    assert len(calls) == 1
+
+    # a different encoder invalidates the cache and is built once
+    monkeypatch.setattr(cv_split, "build_encoder", lambda cfg: calls.append(cfg) or build_encoder(cfg))
+    assert run_split(p, "split.encoder.image_size=48") == 0
+    assert len(calls) == 2
+
+
+def test_more_clusters_than_folds_packs_whole_clusters(cluster_project):
+    assert run_split(cluster_project, "split.k=6", "split.n_folds=2") == 0
+    folds = pd.read_csv(cluster_project["folds"])
+    assert folds["cluster"].nunique() >= 2
+    assert (folds.groupby("cluster")["fold"].nunique() == 1).all()
+    assert sorted(folds["fold"].unique()) == [0, 1]
+
+
+def test_sweep_reports_every_k(cluster_project, capsys):
+    assert cv_split.main(["--config", str(cluster_project["cfg"]), "--sweep", "2", "4"]) == 0
+    result = json.loads((cluster_project["outputs"] / "kmeans_sweep.json").read_text())
+    assert [r["k"] for r in result["rows"]] == [2, 3, 4]
+    assert all(-1 <= r["silhouette"] <= 1 and r["inertia"] > 0 for r in result["rows"])
+    inertia = [r["inertia"] for r in result["rows"]]
+    assert inertia == sorted(inertia, reverse=True)  # more clusters never fit worse here
+    assert "| k | inertia | silhouette |" in capsys.readouterr().out
+    assert not cluster_project["folds"].exists()  # a sweep writes no folds
+
+
+def test_a_fold_with_one_class_is_a_one_line_error(cluster_project, monkeypatch, capsys):
+    # Clusters that follow the label: fakes in cluster 0, reals in 1 and 2 (parents ignored via
+    # a manifest-free config, so nothing regroups them).
+    cfg = yaml.safe_load(cluster_project["cfg"].read_text())
+    cfg["data"]["manifest"] = None
+    cluster_project["cfg"].write_text(yaml.safe_dump(cfg))
+
+    def by_label(cfg, feats):
+        table = pd.read_csv(cfg["data"]["train_labels"])
+        return np.where(table["target"] == 1, 0, 1 + np.arange(len(table)) % 2)
+
+    monkeypatch.setattr(cv_split, "cluster_labels", by_label)
+    assert run_split(cluster_project) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1  # one line, no traceback
+    err = errors[0]
+    assert err.startswith("error: fold 0 (cluster(s) [0]) holds only fake images")
+    assert "smaller split.n_folds" in err
+    assert not cluster_project["folds"].exists()
+
+
+def test_stratified_mode_still_available(cluster_project):
+    assert run_split(cluster_project, "--mode", "stratified") == 0
+    folds = pd.read_csv(cluster_project["folds"])
+    assert (folds["cluster"] == -1).all()
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    assert (cluster_project["outputs"] / "folds_report.md").is_file()
+    assert not (cluster_project["outputs"] / "folds_clusters.png").exists()
+
+
+# --- library pieces -------------------------------------------------------------------------
+
+
+def test_parent_groups_move_whole_to_their_majority_cluster():
+    df = pd.DataFrame(
+        {
+            "img_name": ["p", "p1", "p2", "p3", "q", "q1", "r", "r1", "s"],
+            "parent": ["p", "p", "p", "p", "q", "q", "r", "r", "s"],
+        }
+    )
+    clusters = np.array([0, 1, 1, 1, 2, 0, 1, -1, -1])
+    grouped = group_clusters(df, clusters)
+    assert grouped.tolist() == [1, 1, 1, 1, 2, 2, 1, 1, -1]  # majority; tie -> parent's own; no vote -> -1
+
+
+def test_cluster_folds_hold_out_each_cluster_once_and_balance_sizes():
+    rng = np.random.default_rng(0)
+    n = 600
+    df = pd.DataFrame({"img_name": [f"i{i}" for i in range(n)], "target": rng.integers(0, 2, n)})
+    df["parent"] = df["img_name"]
+    clusters = rng.choice(7, size=n, p=[0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05])
+    cluster, fold = cluster_folds(df, clusters, n_folds=3)
+    held = pd.DataFrame({"cluster": cluster, "fold": fold})
+    assert (held.groupby("cluster")["fold"].nunique() == 1).all()
+    assert sorted(np.unique(cluster)) == list(range(7))
+    sizes = np.bincount(fold)
+    assert sizes.max() / sizes.min() < 1.35
+    # clusters are renumbered by size: 0 is the largest
+    counts = np.bincount(cluster)
+    assert (np.diff(counts) <= 0).all()
+    # K == n_folds: fold i is cluster i
+    cluster, fold = cluster_folds(df, clusters, n_folds=7)
+    assert (cluster == fold).all()
+    with pytest.raises(FoldError, match="only 7 non-empty cluster"):
+        cluster_folds(df, clusters, n_folds=8)
+
+
+def test_pack_clusters_breaks_size_ties_by_label_balance():
+    sizes = pd.DataFrame({"cluster": [0, 1, 2, 3], "n": [10, 10, 5, 5], "fake": [10, 0, 5, 0]})
+    packed = pack_clusters(sizes, 2)
+    # after 0 -> fold 0 and 1 -> fold 1, the all-fake 2 must join the all-real fold 1 ... and 3 the other
+    assert packed[0] != packed[1]
+    assert packed[2] == packed[1] and packed[3] == packed[0]
+
+
+def test_kmeans_is_deterministic_finds_blobs_and_the_sampled_path_agrees():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 32))
+    truth = np.repeat(np.arange(4), [120, 90, 60, 30])
+    x = (centres[truth] + 0.2 * rng.normal(size=(300, 32))).astype(np.float32)
+    a = kmeans(x, 4, seed=3, n_init=2)
+    b = kmeans(x, 4, seed=3, n_init=2)
+    assert np.array_equal(a.labels, b.labels)
+    assert adjusted_rand_score(truth, a.labels) == 1.0
+    assert a.sizes == [120, 90, 60, 30]  # numbered by decreasing size
+    # torch_kmeans sees 20 points per cluster only; k-means++ needs its restarts on so few
+    sampled = kmeans(x, 4, seed=3, n_init=4, fit_memory=1)
+    assert sampled.fit_size == 80
+    assert adjusted_rand_score(truth, sampled.labels) == 1.0
+    chunked = kmeans(x, 4, seed=3, n_init=2, chunk_size=7)
+    assert np.array_equal(chunked.labels, a.labels)
+    rows = sweep(x, [3, 4], seed=0, silhouette_sample=100)
+    assert rows[1]["silhouette"] > rows[0]["silhouette"]
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans(np.full((10, 2), np.nan, dtype=np.float32), 2)
+
+
+# --- features and their cache ---------------------------------------------------------------
+
+
+class CountingEncoder(torch.nn.Module):
+    """Mean colour per channel plus a constant: records how many images it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
+        return torch.cat([images.mean(dim=(2, 3)), torch.ones(len(images), 1)], dim=1)
+
+
+def test_feature_cache_recomputes_only_what_changed(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"{i}.png" for i in range(6)]
+    for i, name in enumerate(names):
+        Image.fromarray(tinted_image(rng, TINTS[i % 3], False)).save(tmp_path / name)
+    paths = [str(tmp_path / n) for n in names]
+    cache = tmp_path / "cache"
+    built = []
+
+    def factory():
+        built.append(CountingEncoder())
+        return built[-1], lambda img, seed: torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)
+
+    def run(key="enc-a"):
+        return cached_features(names, paths, cache, key, factory, torch.device("cpu"), batch_size=4, progress=False)
+
+    feats, stats = run()
+    assert (stats.computed, stats.reused, len(built)) == (6, 0, 1)
+    assert feats.shape == (6, 4) and np.allclose(np.linalg.norm(feats, axis=1), 1)
+    again, stats = run()
+    assert (stats.computed, stats.reused, len(built)) == (0, 6, 1)  # no encoder built at all
+    assert np.array_equal(again, feats)
+
+    Image.fromarray(tinted_image(rng, TINTS[2], True)).save(paths[0])  # a changed file
+    (tmp_path / names[3]).write_bytes(b"not an image")  # a broken one
+    changed, stats = run()
+    assert (stats.computed, stats.reused, built[-1].seen) == (2, 4, 1)
+    assert len(stats.failed) == 1 and names[3] in stats.failed[0]
+    assert np.isnan(changed[3]).all() and not np.allclose(changed[0], feats[0])
+    assert np.array_equal(changed[[1, 2, 4, 5]], feats[[1, 2, 4, 5]])
+    _, stats = run()
+    assert stats.computed == 1  # the failed image is retried, not trusted
+
+    _, stats = run(key="enc-b")  # another encoder: everything again
+    assert stats.computed == 6
+    index, _ = load_cache(cache)
+    assert set(index["encoder"]) == {"enc-b"}
+
+
+def test_encoders_build_offline_and_key_their_config(tmp_path):
+    clip = build_encoder(TINY_CLIP)
+    assert clip.image_size == 32
+    assert clip.module(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    timm_enc = build_encoder(TINY_TIMM)
+    assert timm_enc.module(torch.randn(2, 3, 32, 32)).ndim == 2
+    assert timm_enc.transform_cfg()["image_size"] == 32
+    assert encoder_key(TINY_TIMM) != encoder_key({**TINY_TIMM, "image_size": 48})
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    key = encoder_key({**TINY_TIMM, "weights": str(weights)})
+    weights.write_bytes(b"xy")  # same path, new content: features must be recomputed
+    assert encoder_key({**TINY_TIMM, "weights": str(weights)}) != key
+    with pytest.raises(EncoderError, match="kind must be one of"):
+        build_encoder({"kind": "dinov9"})
+    with pytest.raises(EncoderError, match="no such weights file"):
+        build_encoder({**TINY_TIMM, "weights": str(tmp_path / "missing.safetensors")})
