@@ -201,12 +201,17 @@ def test_workers_resume_and_seed(
 
 
 def test_unloadable_model_is_one_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = make_cfg(demo_dir, tmp_path / "p", model=str(tmp_path / "missing_model"))
+    cfg = make_cfg(demo_dir, tmp_path / "p", model=str(tmp_path / "missing_model"), link="copy")
     cfg["prep"]["counts"] = dict.fromkeys(EDIT_COUNTS, 0)
     summary = stage.prepare(cfg)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "cannot load" in ln]
     assert len(lines) == 1 and "missing_model" in lines[0]
     assert summary["new"] == 0
+    # link: copy gives independent files with the same bytes.
+    assert summary["originals_linked"]["copied"] == 12
+    first = tmp_path / "p" / "orig" / sorted(p.name for p in (demo_dir / "train").iterdir())[0]
+    assert not os.path.samefile(first, demo_dir / "train" / first.name)
+    assert first.read_bytes() == (demo_dir / "train" / first.name).read_bytes()
 
 
 def test_read_originals_without_manifest(tmp_path: Path, demo_dir: Path) -> None:
