@@ -59,6 +59,14 @@ __all__ = [
 ]
 
 EDIT_KINDS = ("background", "faceswap", "swap", "degrade")
+# Landmarks each region is built from (dlib's 68-point indices).
+_REGION_POINTS = {
+    "eyes": range(36, 48),
+    "eyebrows": range(17, 27),
+    "nose": range(27, 36),
+    "mouth": range(48, 68),
+    "face": range(0, 68),
+}
 SWAP_REGIONS = ("eyes", "eyebrows", "nose", "mouth")
 MASK_REGIONS = (*SWAP_REGIONS, "face")
 DEGRADE_OPS = ("jpeg", "resize", "blur", "noise")
@@ -280,6 +288,15 @@ def seamless_clone(src: np.ndarray, tgt: np.ndarray, mask: np.ndarray) -> np.nda
 # --------------------------------------------------------------------------- swaps
 
 
+def _check_donor_inside(src: np.ndarray, points: np.ndarray, what: str) -> None:
+    """Refuse a donor whose pasted part runs off its image: the warp would paste mirrored border."""
+    h, w = src.shape[:2]
+    slack = 0.02 * max(h, w)
+    lo, hi = points.min(0), points.max(0)
+    if lo[0] < -slack or lo[1] < -slack or hi[0] > w - 1 + slack or hi[1] > h - 1 + slack:
+        raise EditError(f"the donor's {what} runs off its image")
+
+
 def face_swap(
     tgt: np.ndarray,
     tgt_lm: np.ndarray,
@@ -299,6 +316,7 @@ def face_swap(
     """
     t_lm = _check(tgt, tgt_lm, "target")
     s_lm = _check(src, src_lm, "source")
+    _check_donor_inside(src, s_lm, "face")
     h, w = tgt.shape[:2]
     hard = region_mask(t_lm, "face", (h, w))
     if not hard.any():
@@ -341,6 +359,7 @@ def region_swap(
         raise EditError(f"unknown swap region {region!r}; expected one of {SWAP_REGIONS}")
     t_lm = _check(tgt, tgt_lm, "target")
     s_lm = _check(src, src_lm, "source")
+    _check_donor_inside(src, s_lm[list(_REGION_POINTS[region])], region)
     h, w = tgt.shape[:2]
     hard = region_mask(t_lm, region, (h, w))
     if not hard.any():

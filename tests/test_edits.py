@@ -147,5 +147,10 @@ def test_bad_inputs_are_refused(views: tuple) -> None:
         edits.face_swap(a.rgb, a.landmarks[:10], b.rgb, b.landmarks, np.random.default_rng(0))
     with pytest.raises(edits.EditError, match="uint8"):
         edits.degrade(a.rgb.astype(np.float32), np.random.default_rng(0))
+    # A donor face cut off by its image border would paste mirrored border pixels.
+    cut = np.ascontiguousarray(b.rgb[:, : int(b.landmarks[:, 0].max()) - 10])
+    with pytest.raises(edits.EditError, match="runs off"):
+        edits.face_swap(a.rgb, a.landmarks, cut, b.landmarks, np.random.default_rng(0))
+    edits.region_swap(a.rgb, a.landmarks, cut, b.landmarks, "nose", np.random.default_rng(0))  # the nose is inside
     with pytest.raises(edits.EditError, match="does not match"):
         edits.replace_background(a.rgb, a.landmarks, b.rgb[:10], np.random.default_rng(0))
