@@ -23,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="worker processes (default: prep.workers)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prep.counts.swap=100")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before or after the options.
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config([args.config], args.overrides)
         prepare(cfg, force=args.force, progress=False if args.no_progress else None, workers=args.workers)
