@@ -6,8 +6,8 @@
   python cv_split.py --sweep 4 12             # inertia and silhouette for K = 4..12, no folds written
   python cv_split.py split.k=8 split.n_folds=4 --force   # overrides as key=value
 
-Cluster mode embeds every train image with split.encoder (split.demo_encoder on the demo
-sample), caches the features under <outputs>/features/, clusters them with k-means
+Cluster mode embeds every train image with split.encoder (keys under split.demo replace
+those of split on the demo sample), caches the features under <outputs>/features/, clusters them with k-means
 (K = split.k), moves each parent group whole into its majority cluster, and holds out
 whole clusters as folds (K == n_folds: fold i is cluster i).
 
@@ -74,19 +74,28 @@ def report_paths(folds_csv: Path) -> dict[str, Path]:
     }
 
 
-def encoder_cfg(cfg: dict, data: DataPaths) -> dict:
-    """`split.demo_encoder` on the demo sample (when given), else `split.encoder`."""
-    split = cfg["split"]
-    chosen = split.get("demo_encoder") if data.is_demo and split.get("demo_encoder") else split.get("encoder")
+def resolve_split(cfg: dict, data: DataPaths) -> dict:
+    """The config with the keys of `split.demo` replacing those of `split` on the demo sample
+    (whole values: a demo encoder shares nothing with the real one), `split.demo` dropped."""
+    split = dict(cfg["split"])
+    demo = split.pop("demo", None) or {}
+    if not isinstance(demo, dict):
+        raise ConfigError("split.demo must be a mapping of split keys")
+    return {**cfg, "split": {**split, **demo} if data.is_demo else split}
+
+
+def encoder_cfg(cfg: dict) -> dict:
+    """`split.encoder` of a resolved config (see `resolve_split`)."""
+    chosen = cfg["split"].get("encoder")
     if not chosen:
         raise ConfigError("split.encoder is not set; cluster mode needs an encoder config")
     return dict(chosen)
 
 
-def image_features(cfg: dict, df: pd.DataFrame, data: DataPaths) -> np.ndarray:
+def image_features(cfg: dict, df: pd.DataFrame) -> np.ndarray:
     """L2-normalised embedding per train image (NaN rows for undecodable files), cached."""
     split = cfg["split"]
-    enc_cfg = encoder_cfg(cfg, data)
+    enc_cfg = encoder_cfg(cfg)
 
     def build():
         encoder = build_encoder(enc_cfg)
@@ -139,7 +148,7 @@ def cluster_labels(cfg: dict, feats: np.ndarray) -> np.ndarray:
     return labels
 
 
-def build_folds(cfg: dict, df: pd.DataFrame, mode: str, data: DataPaths) -> tuple[pd.DataFrame, np.ndarray | None]:
+def build_folds(cfg: dict, df: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The train table with `cluster` and `fold` columns, and the features (cluster mode only)."""
     split = cfg["split"]
     n_folds = int(split["n_folds"])
@@ -149,7 +158,7 @@ def build_folds(cfg: dict, df: pd.DataFrame, mode: str, data: DataPaths) -> tupl
         df["cluster"] = -1
         feats = None
     elif mode == "clusters":
-        feats = image_features(cfg, df, data)
+        feats = image_features(cfg, df)
         df["kmeans_cluster"] = cluster_labels(cfg, feats)
         df["cluster"], df["fold"] = cluster_folds(df, df["kmeans_cluster"].to_numpy(), n_folds)
     else:
@@ -191,10 +200,10 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(cfg: dict, df: pd.DataFrame, data: DataPaths, k_min: int, k_max: int) -> Path:
+def run_sweep(cfg: dict, df: pd.DataFrame, k_min: int, k_max: int) -> Path:
     if not 2 <= k_min <= k_max:
         raise ConfigError(f"--sweep needs 2 <= KMIN <= KMAX, got {k_min} {k_max}")
-    feats = image_features(cfg, df, data)
+    feats = image_features(cfg, df)
     ok = np.isfinite(feats).all(axis=1)
     rows = sweep(
         feats[ok],
@@ -204,7 +213,7 @@ def run_sweep(cfg: dict, df: pd.DataFrame, data: DataPaths, k_min: int, k_max: i
         **kmeans_options(cfg),
     )
     out = Path(cfg["paths"]["outputs"]) / "kmeans_sweep.json"
-    write_json({"n_images": int(ok.sum()), "encoder": encoder_cfg(cfg, data), "rows": rows}, out)
+    write_json({"n_images": int(ok.sum()), "encoder": encoder_cfg(cfg), "rows": rows}, out)
     print(sweep_table(rows))
     return out
 
@@ -224,21 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config([args.config], args.overrides)
+        data = resolve_data(cfg)
+        cfg = resolve_split(cfg, data)
         out = Path(args.out or cfg["paths"]["folds"])
         mode = args.mode or cfg["split"]["mode"]
         if args.sweep is None and out.exists() and not args.force:
             warn_if_config_changed(cfg, out)
             log.info("%s exists; skipping (use --force to rebuild)", out)
             return 0
-        data = resolve_data(cfg)
         df = read_train_table(data)
         log.info(
             "read %d train images (%d fake) in %d parent groups", len(df), df["target"].sum(), df["parent"].nunique()
         )
         if args.sweep is not None:
-            log.info("wrote %s", run_sweep(cfg, df, data, *args.sweep))
+            log.info("wrote %s", run_sweep(cfg, df, *args.sweep))
             return 0
-        df, feats = build_folds(cfg, df, mode, data)
+        df, feats = build_folds(cfg, df, mode)
         cfg["split"]["mode"] = mode
         write_csv(df[FOLD_COLUMNS], out)
         save_config(cfg, out.with_suffix(".config.yaml"))

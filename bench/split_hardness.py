@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     data_cfg = load_config([args.data_config])
     data = resolve_data(data_cfg)
+    data_cfg = cv_split.resolve_split(data_cfg, data)
     table = read_train_table(data)
     seed = int(data_cfg["split"]["seed"])
     result: dict = {
@@ -95,17 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         feats = None
         for mode in MODES:
             out = Path(tmp) / mode
-            cfg = load_config([args.data_config, args.member], args.overrides)
+            cfg = cv_split.resolve_split(load_config([args.data_config, args.member], args.overrides), data)
             cfg["paths"] = {"outputs": str(out), "folds": str(out / "folds.csv")}
             cfg.pop("experts", None)  # the same backbone on every fold, in both modes
             cfg["train"].update(epochs=args.epochs, progress=False)
             cfg["data"]["image_size"] = args.image_size
-            folds_df, mode_feats = cv_split.build_folds(cfg, table, mode, data)
+            folds_df, mode_feats = cv_split.build_folds(cfg, table, mode)
             write_csv(folds_df[["img_name", "target", "cluster", "fold"]], cfg["paths"]["folds"])
             if mode_feats is not None:
                 feats = mode_feats
             elif feats is None:
-                feats = cv_split.image_features(cfg, table, data)  # the probe needs them in every mode
+                feats = cv_split.image_features(cfg, table)  # the probe needs them in every mode
             rows = []
             for fold in sorted(folds_df["fold"].unique()):
                 t0 = time.perf_counter()

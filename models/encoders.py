@@ -1,6 +1,6 @@
 """Image encoders for the unlabelled clustering behind the hard validation split.
 
-An encoder config (`split.encoder` / `split.demo_encoder` in configs/data.yaml) is one of
+An encoder config (`split.encoder`, `split.demo.encoder` in configs/data.yaml) is one of
 
   {kind: timm, name: convnext_base.fb_in22k, pretrained: true, weights: null, image_size: null, seed: 0}
   {kind: open_clip, name: ViT-L-14, pretrained: openai}           # a tag, or a local checkpoint file

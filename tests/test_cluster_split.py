@@ -15,6 +15,8 @@ from sklearn.metrics import adjusted_rand_score
 
 import cv_split
 from core.clustering import kmeans, sweep
+from core.config import load_config
+from core.datasource import resolve_data
 from core.features import cached_features, load_cache
 from core.folds import FoldError, cluster_folds, group_clusters, pack_clusters
 from models.encoders import EncoderError, build_encoder, encoder_key
@@ -334,3 +336,16 @@ def test_encoders_build_offline_and_key_their_config(tmp_path):
         build_encoder({"kind": "dinov9"})
     with pytest.raises(EncoderError, match="no such weights file"):
         build_encoder({**TINY_TIMM, "weights": str(tmp_path / "missing.safetensors")})
+
+
+def test_shipped_config_resolves_per_profile():
+    cfg = load_config(["configs/data.yaml"])
+    demo = cv_split.resolve_split(cfg, resolve_data(cfg))  # no competition data configured: the demo
+    assert resolve_data(cfg).is_demo
+    assert (demo["split"]["mode"], demo["split"]["n_folds"], demo["split"]["k"]) == ("clusters", 5, 5)
+    assert demo["split"]["encoder"]["kind"] == "timm" and "demo" not in demo["split"]
+    real_cfg = load_config(["configs/data.yaml"], ["data.train_labels=x.csv", "data.train_root=r"])
+    real_cfg["data"].update(test_list="t.csv", test_root="t")
+    real = cv_split.resolve_split(real_cfg, resolve_data(real_cfg))
+    assert (real["split"]["n_folds"], real["split"]["k"]) == (7, 7)  # seven experts, split i = cluster i
+    assert real["split"]["encoder"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
