@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Full reproduction: prepare -> split -> train (every fold of every member) -> ensemble.
+# prepare: the data stage (faces, edits, diffusion fakes; python -m data_prep).
 # With no competition data in configs/data.yaml it runs on the demo sample, on a CPU.
 # Each stage skips work whose outputs exist; --force redoes everything.
 #
@@ -17,17 +18,19 @@ for arg in "$@"; do
 done
 bash setup_env.sh
 PY=.venv/bin/python
-# Keep the two cores for torch: BLAS threads inside loader workers only fight them.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 stage() { printf '\n== %s ==\n' "$1"; }
 
 stage "prepare"
-if $PY -c "import sys, yaml; sys.exit(0 if yaml.safe_load(open('configs/data.yaml'))['data'].get('train_labels') else 1)"; then
-  echo "competition data configured in configs/data.yaml: using it as it is"
-else
-  echo "no competition data configured: building the demo sample"
+setting() { $PY -c "import yaml; print(yaml.safe_load(open('configs/data.yaml'))['data'].get('$1') or '')"; }
+if [ -n "$(setting use_prepared)" ]; then
+  # faces -> image edits -> Stable Diffusion fakes (skipped without a model) -> manifest;
+  # builds the demo sample first when no competition data is configured
+  $PY -m data_prep --config configs/data.yaml "${FORCE[@]}"
+elif [ -z "$(setting train_labels)" ]; then
   $PY -m data_prep.demo --out data/demo "${FORCE[@]}"
+else
+  echo "training on the labels in configs/data.yaml as they are (data.use_prepared is off)"
 fi
 
 stage "split"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +21,29 @@ class DataPaths:
     is_demo: bool
 
 
-def resolve_data(cfg: dict) -> DataPaths:
-    """Read the config's `data` section; with no `train_labels` it points at the demo sample."""
-    d = cfg["data"]
+class PreparedDataMissing(LabelError):
+    """`data.use_prepared` is on but the data stage has not finished."""
 
+
+def resolve_data(cfg: dict, *, prepared: bool = True) -> DataPaths:
+    """Read the config's `data` section; with no `train_labels` it points at the demo sample.
+
+    With `data.use_prepared: true` the training set is the data stage's output under
+    `prep.out` (originals plus edits and diffusion fakes, with provenance); the test list
+    stays the original one. `prepared=False` gives the data stage its own input.
+    """
+    original = _resolve_original(cfg["data"])
+    if not (prepared and cfg["data"].get("use_prepared")):
+        return original
+    out = Path(cfg["prep"]["out"])
+    if not (out / "DONE").is_file():
+        raise PreparedDataMissing(
+            f"{out}: the data stage has not finished; run `python -m data_prep` or set data.use_prepared=false"
+        )
+    return replace(original, train_labels=out / "train_labels.csv", train_root=out, manifest=out / "manifest.csv")
+
+
+def _resolve_original(d: dict) -> DataPaths:
     def opt(key: str) -> Path | None:
         return Path(d[key]) if d.get(key) else None
 

@@ -948,7 +948,7 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
     out = Path(p["out"])
     start = time.perf_counter()
 
-    paths = resolve_data(cfg)
+    paths = resolve_data(cfg, prepared=False)
     if paths.is_demo and not paths.train_labels.is_file():
         from data_prep.demo import build_demo
 
