@@ -340,12 +340,13 @@ def test_encoders_build_offline_and_key_their_config(tmp_path):
 
 def test_shipped_config_resolves_per_profile():
     cfg = load_config(["configs/data.yaml"])
-    demo = cv_split.resolve_split(cfg, resolve_data(cfg))  # no competition data configured: the demo
-    assert resolve_data(cfg).is_demo
+    original = resolve_data(cfg, prepared=False)  # the data stage's output need not exist here
+    demo = cv_split.resolve_split(cfg, original)  # no competition data configured: the demo
+    assert original.is_demo
     assert (demo["split"]["mode"], demo["split"]["n_folds"], demo["split"]["k"]) == ("clusters", 5, 5)
     assert demo["split"]["encoder"]["kind"] == "timm" and "demo" not in demo["split"]
     real_cfg = load_config(["configs/data.yaml"], ["data.train_labels=x.csv", "data.train_root=r"])
     real_cfg["data"].update(test_list="t.csv", test_root="t")
-    real = cv_split.resolve_split(real_cfg, resolve_data(real_cfg))
+    real = cv_split.resolve_split(real_cfg, resolve_data(real_cfg, prepared=False))
     assert (real["split"]["n_folds"], real["split"]["k"]) == (7, 7)  # seven experts, split i = cluster i
     assert real["split"]["encoder"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
