@@ -2,7 +2,8 @@
 
     python -m bench.split_hardness                          # demo sample, mff_demo, 2 epochs at 64 px
     python -m bench.split_hardness --epochs 6 --image-size 128 --out hardness.json
-    python -m bench.split_hardness train.lr=1e-3            # member overrides as key=value
+    python -m bench.split_hardness train.lr=1e-3            # data or member overrides as key=value
+    python -m bench.split_hardness data.use_prepared=false  # the demo sample itself, not the data stage's output
 
 Both splits are built from the same images with the data config's split settings
 (cv_split's code); then the same member is trained on every fold of each by
@@ -15,6 +16,7 @@ apart from how far the small network got. Prints JSON, then a markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="training epochs per fold (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="member input size (default: %(default)s)")
     p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="member config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the data and member configs")
     return p.parse_intermixed_args(argv)
 
 
@@ -77,11 +79,11 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    data_cfg = load_config([args.data_config])
-    data = resolve_data(data_cfg)
-    data_cfg = cv_split.resolve_split(data_cfg, data)
+    base = load_config([args.data_config, args.member], args.overrides)
+    data = resolve_data(base)
+    base = cv_split.resolve_split(base, data)
     table = read_train_table(data)
-    seed = int(data_cfg["split"]["seed"])
+    seed = int(base["split"]["seed"])
     result: dict = {
         "data": "demo sample" if data.is_demo else str(data.train_labels),
         "n_images": len(table),
@@ -89,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "image_size": args.image_size,
         "overrides": args.overrides,
-        "split": {k: data_cfg["split"][k] for k in ("n_folds", "k", "seed") if k in data_cfg["split"]},
+        "split": {k: base["split"][k] for k in ("n_folds", "k", "seed") if k in base["split"]},
         "modes": {},
     }
     with tempfile.TemporaryDirectory(prefix="split_hardness_") as tmp:
         feats = None
         for mode in MODES:
             out = Path(tmp) / mode
-            cfg = cv_split.resolve_split(load_config([args.data_config, args.member], args.overrides), data)
+            cfg = copy.deepcopy(base)
             cfg["paths"] = {"outputs": str(out), "folds": str(out / "folds.csv")}
             cfg.pop("experts", None)  # the same backbone on every fold, in both modes
             cfg["train"].update(epochs=args.epochs, progress=False)
