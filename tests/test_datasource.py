@@ -4,8 +4,10 @@ from core.datasource import PreparedDataMissing, resolve_data
 
 
 def cfg(tmp_path, use_prepared):
-    return {"data": {"train_labels": None, "demo_dir": str(tmp_path / "demo"), "use_prepared": use_prepared},
-            "prep": {"out": str(tmp_path / "prepared")}}
+    return {
+        "data": {"train_labels": None, "demo_dir": str(tmp_path / "demo"), "use_prepared": use_prepared},
+        "prep": {"out": str(tmp_path / "prepared")},
+    }
 
 
 def test_demo_without_prepared(tmp_path):
@@ -15,7 +17,9 @@ def test_demo_without_prepared(tmp_path):
 
 def test_prepared_data_is_used_once_the_stage_finished(tmp_path):
     c = cfg(tmp_path, True)
-    with pytest.raises(PreparedDataMissing, match="prepared: the data stage has not finished; run `python -m data_prep`"):
+    with pytest.raises(
+        PreparedDataMissing, match="prepared: the data stage has not finished; run `python -m data_prep`"
+    ):
         resolve_data(c)
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "DONE").write_text("{}")
