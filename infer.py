@@ -39,9 +39,10 @@ from models.zoo import Ensemble, find_trained, load_trained
 
 NO_MODEL = 3
 
-# Measured with bench/infer_throughput.py (README): on a CPU, small batches in
-# channels_last beat large ones; on a GPU, large batches.
-DEVICE_DEFAULTS = {"cpu": {"batch_size": 4, "workers": 1}, "cuda": {"batch_size": 64, "workers": 8}}
+# Measured with bench/infer_throughput.py (README): on a 2-core CPU, batch 2 in
+# channels_last decoded in the main process was fastest (a decode worker takes a core
+# from the forward pass); on a GPU, large batches with decode workers.
+DEVICE_DEFAULTS = {"cpu": {"batch_size": 2, "workers": 0}, "cuda": {"batch_size": 64, "workers": 8}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outputs", default="outputs", help="where train.py wrote the members (default: %(default)s)")
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="default: 4 on CPU, 64 on GPU (measured, see README)")
-    p.add_argument("--workers", type=int, help="decoding processes (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--batch-size", type=int, help="default: 2 on CPU, 64 on GPU (measured, see README)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: 0 on CPU, 8 on GPU)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
     return p.parse_args(argv)

@@ -1,0 +1,627 @@
+"""Inference throughput: the released one-image-at-a-time loop against infer.py's batched path.
+
+  python -m bench.infer_throughput                   # EfficientNet-B4 expert at 512 px
+  python -m bench.infer_throughput --out infer.json  # also write the JSON to a file
+  python -m bench.infer_throughput --quick           # tiny model at 128 px: a smoke test
+
+Prints one JSON object. The photographs are JPEGs made in a temporary folder from the
+photographs that scikit-image and matplotlib ship (nothing is downloaded), at 512 to 1024 px,
+the competition's sizes. The model is a real expert architecture with random weights.
+
+What is measured, every contender on the same photographs:
+- `naive`: the released inference reproduced: one image at a time, decoded with PIL,
+  normalised at full size, then resized, forward at batch 1 in NCHW fp32, softmax.
+- `infer_path`: `infer.Scorer.score_files` at infer.py's defaults for the device.
+- `loader_*` (the sweep): `core.predict.predict_loader` over a fresh loader, as score_files
+  runs it, for batch size x memory format x decode workers.
+- `pure_forward_*`: the model alone on decoded, resized, normalised tensors already on the
+  device, for batch size x memory format.
+- `*_model_channels_last`: infer's setting with the weights converted to channels_last too
+  (infer.py converts only the input).
+
+The machine is shared and noisy, so all contenders run in one process, in rounds of
+alternating order (forward, then reversed), and each headline ratio is the median of the
+per-round ratios of contenders measured back to back. Peak memory is measured separately,
+one configuration per fresh process (see `setup.memory_method` in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+import infer
+from core.dataset import ImageDataset, make_loader
+from core.device import autocast, pick_device
+from core.imaging import decode_image
+from core.predict import fake_probability, predict_loader
+from core.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from models import build_model
+from models.zoo import Ensemble, TrainedModel
+
+SPEEDUP_TARGET = {"cpu": 1.5, "cuda": 10.0}
+END_TO_END_TARGET = 0.85
+PHOTO_SIDES = (512, 768, 1024)
+JPEG_QUALITY = 95
+DEFAULT_IMAGES = {"cpu": 8, "cuda": 256}
+PRELOAD = ["torch", "timm", "albumentations", "cv2", "PIL.Image", "infer", "models", "core.predict"]
+
+MEMORY_METHOD = (
+    "Each sweep configuration runs in its own process, forked from a multiprocessing forkserver "
+    "that has only imported the libraries (no model, no tensors, no torch threads started). "
+    "peak_rss_mb is that process's getrusage(RUSAGE_SELF).ru_maxrss: libraries, model, "
+    "activations and batches, as a fresh `python infer.py` would hold them. "
+    "model_rss_mb is the same counter right after the model was built and moved to the device. "
+    "workers_peak_rss_mb is getrusage(RUSAGE_CHILDREN).ru_maxrss: the largest decode worker, "
+    "read after the loader joined it; a worker is a fork and shares most pages with its parent, "
+    "so the two are not to be added. On CUDA, cuda_peak_mb is torch.cuda.max_memory_allocated."
+)
+TIMING_METHOD = (
+    "Wall clock (time.perf_counter) around scoring the whole image list, after a warm-up on "
+    "one batch; for infer's path and the sweep this includes building the loader and starting "
+    "its workers, as every `python infer.py` call does. Headline numbers: one process, "
+    "rounds in alternating order, medians over rounds; ratios are medians of per-round ratios."
+)
+NAIVE_RECIPE = (
+    "PIL decode -> float32 /255 -> (x - ImageNet mean) / std at full size -> cv2.resize to "
+    "size x size (bilinear) -> batch of 1, NCHW, fp32 (no autocast) -> softmax, under torch.no_grad()"
+)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def source_photos() -> dict[str, np.ndarray]:
+    """Real photographs shipped inside installed packages, as RGB uint8 arrays."""
+    import matplotlib.cbook
+    import skimage.data
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as img:
+        hopper = np.asarray(img.convert("RGB"))
+    return {"astronaut": skimage.data.astronaut(), "grace_hopper": hopper}
+
+
+def make_photos(folder: Path, count: int, sides: Sequence[int] = PHOTO_SIDES) -> list[Path]:
+    """`count` JPEG files cycling through every source photograph at every longer side."""
+    variants = []
+    for name, array in source_photos().items():
+        img = Image.fromarray(array)
+        for side in sides:
+            scale = side / max(img.size)
+            size = (round(img.width * scale), round(img.height * scale))
+            variants.append((f"{name}_{side}", img.resize(size, Image.LANCZOS)))
+    paths = []
+    for i in range(count):
+        name, img = variants[i % len(variants)]
+        path = folder / f"{i:04d}_{name}.jpg"
+        img.save(path, quality=JPEG_QUALITY)
+        paths.append(path)
+    return paths
+
+
+def photo_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "opencv": cv2.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident set size in MiB (Linux reports KiB)."""
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_expert(arch: str, device: torch.device) -> torch.nn.Module:
+    model = build_model({"name": "mff_expert", "backbone": arch, "pretrained": False})
+    return model.to(device).eval()
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def naive_scores(model: torch.nn.Module, paths: Sequence[Path], size: int, device: torch.device) -> list[float]:
+    """The released competition inference: one image at a time, normalised before resizing."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    scores = []
+    with torch.no_grad():
+        for path in paths:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            image = (image - mean) / std
+            image = cv2.resize(image, (size, size))
+            x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).unsqueeze(0).to(device)
+            logits = model(x)["logits"]
+            scores.append(float(torch.softmax(logits, dim=1)[0, 1].item()))
+    return scores
+
+
+def preprocessed(paths: Sequence[Path], size: int) -> list[torch.Tensor]:
+    transform = build_transform({"image_size": size}, train=False)
+    return [transform(decode_image(p), 0) for p in paths]
+
+
+def make_batches(
+    tensors: Sequence[torch.Tensor], batch_size: int, channels_last: bool, device: torch.device
+) -> list[torch.Tensor]:
+    fmt = memory_format(channels_last)
+    return [
+        torch.stack(list(tensors[i : i + batch_size])).to(device).contiguous(memory_format=fmt)
+        for i in range(0, len(tensors), batch_size)
+    ]
+
+
+def covering(batches: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The leading batches that hold the first `count` images."""
+    return batches[: -(-count // len(batches[0]))]
+
+
+@torch.inference_mode()
+def pure_forward_seconds(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: torch.device) -> float:
+    """The model alone (with infer's autocast and softmax) on batches already on the device."""
+    sync(device)
+    start = time.perf_counter()
+    for x in batches:
+        with autocast(device):
+            fake_probability(model(x))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def loader_seconds(
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    workers: int,
+    channels_last: bool,
+    device: torch.device,
+) -> float:
+    """What Scorer.score_files does for one group: a fresh loader, then predict_loader."""
+    transform = build_transform({"image_size": size}, train=False)
+    start = time.perf_counter()
+    loader = make_loader(ImageDataset([str(p) for p in paths], transform=transform), batch_size, workers)
+    probs = predict_loader([model], loader, device, channels_last=channels_last, progress=False)
+    seconds = time.perf_counter() - start
+    if np.isnan(probs).any():
+        raise RuntimeError("predict_loader left images unscored")
+    return seconds
+
+
+def set_threads(threads: int | None) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def _child(task: Callable[[dict], dict], spec: dict, conn: Connection) -> None:
+    mp.set_start_method(spec["start_method"], force=True)
+    try:
+        conn.send({"ok": task(spec)})
+    except Exception as err:  # noqa: BLE001 - any failure goes back to the parent as text
+        conn.send({"error": f"{type(err).__name__}: {err}"})
+    finally:
+        conn.close()
+
+
+def run_isolated(ctx: mp.context.BaseContext, task: Callable[[dict], dict], spec: dict) -> dict:
+    """Run `task(spec)` in a fresh process from the forkserver and return its result."""
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(task, spec, send))
+    proc.start()
+    send.close()
+    try:
+        reply = recv.recv()
+    except EOFError:
+        reply = {"error": "the process died without a result"}
+    proc.join()
+    if "error" in reply:
+        raise RuntimeError(f"{task.__name__} {spec.get('label', '')}: {reply['error']} (exit code {proc.exitcode})")
+    return reply["ok"]
+
+
+def memory_task(spec: dict) -> dict:
+    """Peak memory of one configuration, alone in a fresh process, scoring one batch."""
+    threads = set_threads(spec["threads"])
+    device = pick_device(spec["device"])
+    model = build_expert(spec["arch"], device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model_rss = maxrss_mb()
+    paths = [Path(p) for p in spec["paths"]]
+    if spec["naive"]:
+        naive_scores(model, paths, spec["size"], device)
+    else:
+        bs, workers, cl = spec["batch_size"], spec["workers"], spec["channels_last"]
+        loader_seconds(model, paths, spec["size"], bs, workers, cl, device)
+    result = {
+        "peak_rss_mb": maxrss_mb(),
+        "model_rss_mb": model_rss,
+        "workers_peak_rss_mb": maxrss_mb(resource.RUSAGE_CHILDREN) if spec.get("workers") else None,
+        "torch_threads": threads,
+    }
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
+
+
+def infer_namespace(device: str) -> argparse.Namespace:
+    """The namespace `infer.parse_args` gives for `python infer.py <image> --device <device>`."""
+    return infer.parse_args(["image.jpg", "--device", device])
+
+
+def make_scorer(model: torch.nn.Module, arch: str, size: int, device: str) -> infer.Scorer:
+    cfg = {
+        "name": "mff_expert",
+        "model": {"name": "mff_expert", "backbone": arch, "pretrained": False},
+        "data": {"image_size": size},
+    }
+    ensemble = Ensemble([TrainedModel("mff_expert", Path("."), cfg, model)])
+    problems: list[str] = []
+    return infer.Scorer(ensemble, infer_namespace(device), problems.append)
+
+
+def score_quietly(scorer: infer.Scorer, paths: list[Path]) -> np.ndarray:
+    """`score_files` without its progress bar on stderr; a file it could not score is an error."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        probs = scorer.score_files(paths)
+    if np.isnan(probs).any():
+        raise RuntimeError("infer.Scorer left images unscored")
+    return probs
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its reaped children (loader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def fmt_name(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "nchw"
+
+
+def loader_name(bs: int, channels_last: bool, workers: int) -> str:
+    return f"loader_bs{bs}_{fmt_name(channels_last)}_w{workers}"
+
+
+def pure_name(bs: int, channels_last: bool) -> str:
+    return f"pure_forward_bs{bs}_{fmt_name(channels_last)}"
+
+
+def throughput_task(spec: dict) -> dict:
+    """Every contender in one process, in rounds of alternating order, so that each round
+    compares them under the same machine load."""
+    threads = set_threads(spec["threads"])
+    device = pick_device(spec["device"])
+    paths = [Path(p) for p in spec["paths"]]
+    size, arch = spec["size"], spec["arch"]
+    model = build_expert(arch, device)
+    scorer = make_scorer(model, arch, size, spec["device"])
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    scorer_cl = make_scorer(model_cl, arch, size, spec["device"])
+
+    # Per-image preprocessing costs, measured serially in this process.
+    costs = {}
+    start = time.perf_counter()
+    decoded = [decode_image(p) for p in paths]
+    costs["decode_ms"] = (time.perf_counter() - start) / len(paths) * 1e3
+    transform = build_transform({"image_size": size}, train=False)
+    start = time.perf_counter()
+    tensors = [transform(image, 0) for image in decoded]
+    costs["resize_then_normalise_ms"] = (time.perf_counter() - start) / len(paths) * 1e3
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    start = time.perf_counter()
+    for image in decoded:
+        cv2.resize((image.astype(np.float32) / 255.0 - mean) / std, (size, size))
+    costs["naive_normalise_then_resize_ms"] = (time.perf_counter() - start) / len(paths) * 1e3
+    del decoded
+
+    # The headline contenders first, so that each round measures them back to back.
+    contenders: dict[str, Callable[[list[Path]], object]] = {
+        "naive": lambda ps: naive_scores(model, ps, size, device),
+        "infer_path": lambda ps: score_quietly(scorer, ps),
+    }
+    settings = [(bs, cl) for bs in spec["batch_sizes"] for cl in (False, True)]
+    for bs, cl in settings:
+        batches = make_batches(tensors, bs, cl, device)
+        contenders[pure_name(bs, cl)] = lambda ps, b=batches: pure_forward_seconds(model, covering(b, len(ps)), device)
+    # Not what infer.py does today: the weights converted to channels_last as well.
+    cl_batches = make_batches(tensors, scorer.batch_size, True, device)
+    contenders["pure_forward_model_channels_last"] = lambda ps: pure_forward_seconds(
+        model_cl, covering(cl_batches, len(ps)), device
+    )
+    contenders["infer_path_model_channels_last"] = lambda ps: score_quietly(scorer_cl, ps)
+    for bs, cl in settings:
+        for w in spec["workers"]:
+            contenders[loader_name(bs, cl, w)] = lambda ps, bs=bs, cl=cl, w=w: loader_seconds(
+                model, ps, size, bs, w, cl, device
+            )
+
+    # Warm-up: every contender once on one batch (kernel selection, oneDNN primitives, page cache).
+    for name, fn in contenders.items():
+        bs = scorer.batch_size if name.startswith(("infer", "pure_forward_model")) else 1
+        match = re.search(r"_bs(\d+)_", name)
+        fn(paths[: int(match.group(1)) if match else bs])
+
+    names = list(contenders)
+    ips: dict[str, list[float]] = {name: [] for name in names}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(spec["rounds"]):
+        for name in names if r % 2 == 0 else reversed(names):
+            cpu0 = cpu_seconds()
+            sync(device)
+            start = time.perf_counter()
+            contenders[name](paths)
+            sync(device)
+            seconds = time.perf_counter() - start
+            ips[name].append(len(paths) / seconds)
+            cpu_ms[name].append((cpu_seconds() - cpu0) / len(paths) * 1e3)
+    return {
+        "torch_threads": threads,
+        "ips": ips,
+        "cpu_ms_per_image": cpu_ms,
+        "infer_setting": {
+            "batch_size": scorer.batch_size,
+            "channels_last": scorer.channels_last,
+            "workers": scorer.workers,
+        },
+        "costs_ms_per_image": {k: round(v, 2) for k, v in costs.items()},
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median(values: Sequence[float]) -> float:
+    return round(float(statistics.median(values)), 3)
+
+
+def ratio_per_round(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    return [round(a / b, 3) for a, b in zip(num, den, strict=True)]
+
+
+def summarise(measured: dict, device: torch.device) -> dict[str, Any]:
+    ips = measured["ips"]
+    pure_names = [n for n in ips if n.startswith("pure_forward_bs")]
+    best_pure = max(pure_names, key=lambda n: statistics.median(ips[n]))
+    speedups = ratio_per_round(ips["infer_path"], ips["naive"])
+    overlaps = ratio_per_round(ips["infer_path"], ips[best_pure])
+    speedup, overlap = median(speedups), median(overlaps)
+    target = SPEEDUP_TARGET["cuda" if device.type == "cuda" else "cpu"]
+    setting = measured["infer_setting"]
+    return {
+        "naive_ips": median(ips["naive"]),
+        "infer_path_ips": median(ips["infer_path"]),
+        "best_pure_forward_ips": median(ips[best_pure]),
+        "best_pure_forward_setting": best_pure.removeprefix("pure_forward_"),
+        "pure_forward_at_infer_setting_ips": median(ips[pure_name(setting["batch_size"], setting["channels_last"])]),
+        "speedup_vs_naive": speedup,
+        "speedup_vs_naive_target": target,
+        "speedup_vs_naive_target_met": bool(speedup >= target),
+        "end_to_end_vs_pure_forward": overlap,
+        "end_to_end_vs_pure_forward_target": END_TO_END_TARGET,
+        "end_to_end_vs_pure_forward_target_met": bool(overlap >= END_TO_END_TARGET),
+        "ratios_of_best_rounds": {
+            "speedup_vs_naive": round(max(ips["infer_path"]) / max(ips["naive"]), 3),
+            "end_to_end_vs_pure_forward": round(max(ips["infer_path"]) / max(ips[best_pure]), 3),
+        },
+        "per_round": {"speedup_vs_naive": speedups, "end_to_end_vs_pure_forward": overlaps},
+        "contenders": {
+            name: {
+                "ips_median": median(values),
+                "ips_best": round(max(values), 3),
+                "ips_per_round": [round(v, 3) for v in values],
+                "cpu_ms_per_image_median": round(statistics.median(measured["cpu_ms_per_image"][name]), 1),
+            }
+            for name, values in ips.items()
+        },
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, help=f"photographs per contender per round (default: {DEFAULT_IMAGES})")
+    p.add_argument("--size", type=int, help="model input side in px (default: 512; --quick: 128)")
+    p.add_argument(
+        "--arch", help="timm backbone of the expert (default: tf_efficientnet_b4; --quick: test_efficientnet)"
+    )
+    p.add_argument("--rounds", type=int, help="rounds of alternating order (default: 3; --quick: 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in every measuring process (default: torch's)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="sweep batch sizes (default: 1 2 4 8 and infer's)")
+    p.add_argument("--workers", type=int, nargs="+", help="sweep decode workers (default: 0 1 and infer's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak memory processes")
+    p.add_argument("--quick", action="store_true", help="tiny model at 128 px, 4 images: a smoke test")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.arch = args.arch or ("test_efficientnet" if quick else "tf_efficientnet_b4")
+    args.size = args.size or (128 if quick else 512)
+    args.rounds = args.rounds or (2 if quick else 3)
+    for name in ("images", "size", "rounds", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if any(b < 1 for b in args.batch_sizes or []) or any(w < 0 for w in args.workers or []):
+        p.error("batch sizes must be at least 1 and worker counts at least 0")
+    return args
+
+
+def sweep_table(measured: dict, memory: dict[str, dict], batch_sizes: list[int], workers: list[int]) -> list[dict]:
+    ips, cpu = measured["ips"], measured["cpu_ms_per_image"]
+    rows = []
+    for bs in batch_sizes:
+        for cl in (False, True):
+            for w in workers:
+                name = loader_name(bs, cl, w)
+                rows.append(
+                    {
+                        "batch_size": bs,
+                        "memory_format": fmt_name(cl),
+                        "workers": w,
+                        "ips": median(ips[name]),
+                        "ips_best": round(max(ips[name]), 3),
+                        "cpu_ms_per_image": round(statistics.median(cpu[name]), 1),
+                        "pure_forward_ips": median(ips[pure_name(bs, cl)]),
+                        **memory.get(name, {}),
+                    }
+                )
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    began = time.perf_counter()
+    device = pick_device(args.device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    defaults = infer.DEVICE_DEFAULTS[kind]
+    images = args.images or (4 if args.quick else DEFAULT_IMAGES[kind])
+    batch_sizes = sorted({*(args.batch_sizes or [1, 2, 4, 8]), defaults["batch_size"]})
+    worker_counts = sorted(set(args.workers or [0, 1, defaults["workers"]]))
+
+    # Loader workers inside the measuring processes start the way they do under
+    # `python infer.py` on this platform, not the way the measuring processes themselves do.
+    start_method = mp.get_start_method()
+    ctx = mp.get_context("forkserver")
+    # The forkserver imports the libraries once; every measuring process is a fork of it
+    # with nothing else in memory.
+    ctx.set_forkserver_preload(PRELOAD)
+    base = {
+        "device": args.device,
+        "arch": args.arch,
+        "size": args.size,
+        "threads": args.threads,
+        "start_method": start_method,
+    }
+
+    with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
+        # Enough files for one batch of the largest batch size in the memory runs.
+        paths = make_photos(Path(tmp), max(images, max(batch_sizes)))
+        image_sizes = sorted({photo_size(p) for p in paths[:images]})
+        memory: dict[str, dict] = {}
+        if not args.no_memory:
+            memory["naive"] = run_isolated(
+                ctx, memory_task, {**base, "naive": True, "paths": [str(p) for p in paths[:2]], "label": "naive"}
+            )
+            for bs in batch_sizes:
+                for cl in (False, True):
+                    for w in worker_counts:
+                        name = loader_name(bs, cl, w)
+                        spec = {**base, "naive": False, "batch_size": bs, "channels_last": cl, "workers": w}
+                        spec.update(paths=[str(p) for p in paths[:bs]], label=name)
+                        memory[name] = run_isolated(ctx, memory_task, spec)
+        spec = {**base, "paths": [str(p) for p in paths[:images]], "rounds": args.rounds}
+        spec.update(batch_sizes=batch_sizes, workers=worker_counts)
+        measured = run_isolated(ctx, throughput_task, spec)
+
+    result: dict[str, Any] = {"benchmark": "infer_throughput"}
+    result.update(summarise(measured, device))
+    setting = measured["infer_setting"]
+    sweep = sweep_table(measured, memory, batch_sizes, worker_counts)
+    best = max(sweep, key=lambda r: r["ips"])
+    ranked = sorted(sweep, key=lambda r: -r["ips"])
+    default_name = loader_name(setting["batch_size"], setting["channels_last"], setting["workers"])
+    default_row = next(
+        r
+        for r in sweep
+        if loader_name(r["batch_size"], r["memory_format"] == "channels_last", r["workers"]) == default_name
+    )
+    best_name = loader_name(best["batch_size"], best["memory_format"] == "channels_last", best["workers"])
+    wins = sum(a > b for a, b in zip(measured["ips"][best_name], measured["ips"][default_name], strict=True))
+    result["sweep_best"] = {k: best[k] for k in ("batch_size", "memory_format", "workers", "ips")}
+    result["infer_defaults"] = {**setting, "autocast": "bf16" if kind == "cuda" else "none (fp32)"}
+    result["infer_defaults_are_best"] = best is default_row
+    result["infer_defaults_rank"] = ranked.index(default_row) + 1
+    result["infer_defaults_vs_best"] = round(default_row["ips"] / best["ips"], 3)
+    result["best_beats_defaults_in_rounds"] = f"{wins}/{args.rounds}"
+    result["costs_ms_per_image"] = measured["costs_ms_per_image"]
+    if "naive" in memory:
+        result["naive_memory"] = memory["naive"]
+    result["sweep"] = sweep
+    info = machine_info(device)
+    info["torch_threads"] = measured["torch_threads"]
+    result["machine"] = info
+    result["setup"] = {
+        "arch": args.arch,
+        "model": "mff_expert (random weights)",
+        "input_size": args.size,
+        "images_per_contender_per_round": images,
+        "image_sizes_wh": [list(s) for s in image_sizes],
+        "image_sources": sorted(source_photos()),
+        "jpeg_quality": JPEG_QUALITY,
+        "rounds": args.rounds,
+        "naive_recipe": NAIVE_RECIPE,
+        "memory_method": MEMORY_METHOD if memory else "skipped (--no-memory)",
+        "timing_method": TIMING_METHOD,
+    }
+    result["elapsed_s"] = round(time.perf_counter() - began, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
