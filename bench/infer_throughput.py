@@ -19,10 +19,12 @@ What is measured, every contender on the same photographs:
 - `*_model_channels_last`: infer's setting with the weights converted to channels_last too
   (infer.py converts only the input).
 
-The machine is shared and noisy, so all contenders run in one process, in rounds of
-alternating order (forward, then reversed), and each headline ratio is the median of the
-per-round ratios of contenders measured back to back. Peak memory is measured separately,
-one configuration per fresh process (see `setup.memory_method` in the output).
+The machine may be shared and noisy, so all contenders run in one process, in rounds of
+alternating order (forward, then reversed); each run records how much CPU time other
+processes took meanwhile, runs they disturbed are set aside and redone in extra rounds, and
+the headline figures come from the undisturbed runs (see `setup.timing_method` in the
+output). Peak memory is measured separately, one configuration per fresh process (see
+`setup.memory_method`).
 """
 
 from __future__ import annotations
@@ -79,10 +81,15 @@ MEMORY_METHOD = (
     "so the two are not to be added. On CUDA, cuda_peak_mb is torch.cuda.max_memory_allocated."
 )
 TIMING_METHOD = (
-    "Wall clock (time.perf_counter) around scoring the whole image list, after a warm-up on "
-    "one batch; for infer's path and the sweep this includes building the loader and starting "
-    "its workers, as every `python infer.py` call does. Headline numbers: one process, "
-    "rounds in alternating order, medians over rounds; ratios are medians of per-round ratios."
+    "Wall clock (time.perf_counter) around scoring the image list, after a warm-up on one batch; "
+    "for infer's path and the loader sweep this includes building the loader and starting its "
+    "workers, as every `python infer.py` call does. All contenders run in one process, in rounds "
+    "of alternating order. During each run, other processes' share of the machine's CPU time is "
+    "read from /proc/stat (machine busy time minus this process's and its workers' CPU time); "
+    "a run above the threshold is disturbed. Each contender's images/s is the median of its "
+    "undisturbed runs (of all runs where none was undisturbed); contenders short of undisturbed "
+    "runs run again in extra rounds. Headline ratios are ratios of those medians; per-round "
+    "ratios of back-to-back runs are listed beside them."
 )
 NAIVE_RECIPE = (
     "PIL decode -> float32 /255 -> (x - ImageNet mean) / std at full size -> cv2.resize to "
@@ -399,23 +406,23 @@ def throughput_task(spec: dict) -> dict:
         match = re.search(r"_bs(\d+)_", name)
         fn(paths[: int(match.group(1)) if match else bs])
 
+    # Rounds in alternating order. After `rounds` rounds, a contender whose runs were mostly
+    # disturbed by other processes runs again, up to `max_rounds` rounds and `max_minutes`.
+    began = time.perf_counter()
     names = list(contenders)
-    ips: dict[str, list[float]] = {name: [] for name in names}
-    cpu_ms: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(spec["rounds"]):
-        for name in names if r % 2 == 0 else reversed(names):
-            cpu0 = cpu_seconds()
-            sync(device)
-            start = time.perf_counter()
-            contenders[name](paths)
-            sync(device)
-            seconds = time.perf_counter() - start
-            ips[name].append(len(paths) / seconds)
-            cpu_ms[name].append((cpu_seconds() - cpu0) / len(paths) * 1e3)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(max(spec["rounds"], spec["max_rounds"])):
+        todo = [n for n in names if r < spec["rounds"] or sum(x["clean"] for x in runs[n]) < spec["rounds"]]
+        if not todo or (r >= spec["rounds"] and time.perf_counter() - began > spec["max_minutes"] * 60):
+            break
+        for name in todo if r % 2 == 0 else reversed(todo):
+            run = measure(contenders[name], paths, device)
+            run["round"] = r
+            run["clean"] = run["others_cpu_share"] is None or run["others_cpu_share"] <= spec["clean_threshold"]
+            runs[name].append(run)
     return {
         "torch_threads": threads,
-        "ips": ips,
-        "cpu_ms_per_image": cpu_ms,
+        "runs": runs,
         "infer_setting": {
             "batch_size": scorer.batch_size,
             "channels_last": scorer.channels_last,
@@ -425,6 +432,34 @@ def throughput_task(spec: dict) -> dict:
     }
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU time all processes on the machine have used (Linux /proc/stat; steal counts as
+    busy: another machine took the CPU); None where there is no /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(fn: Callable[[list[Path]], object], paths: list[Path], device: torch.device) -> dict:
+    """Wall time of `fn(paths)`, this process's CPU time, and the share of the machine's CPU
+    time that other processes used meanwhile (the disturbance)."""
+    busy0, own0 = machine_busy_seconds(), cpu_seconds()
+    sync(device)
+    start = time.perf_counter()
+    fn(paths)
+    sync(device)
+    wall = time.perf_counter() - start
+    own = cpu_seconds() - own0
+    busy1 = machine_busy_seconds()
+    others = None
+    if busy0 is not None and busy1 is not None:
+        others = round(max(0.0, busy1 - busy0 - own) / (wall * (os.cpu_count() or 1)), 3)
+    return {"ips": len(paths) / wall, "cpu_ms_per_image": own / len(paths) * 1e3, "others_cpu_share": others}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -432,45 +467,58 @@ def median(values: Sequence[float]) -> float:
     return round(float(statistics.median(values)), 3)
 
 
-def ratio_per_round(num: Sequence[float], den: Sequence[float]) -> list[float]:
-    return [round(a / b, 3) for a, b in zip(num, den, strict=True)]
+def chosen(runs: list[dict]) -> list[dict]:
+    """The undisturbed runs, or every run where none was undisturbed."""
+    return [r for r in runs if r["clean"]] or runs
+
+
+def contender_summary(runs: list[dict]) -> dict[str, Any]:
+    use = chosen(runs)
+    return {
+        "ips": median([r["ips"] for r in use]),
+        "undisturbed_runs": sum(r["clean"] for r in runs),
+        "runs": len(runs),
+        "cpu_ms_per_image": round(statistics.median([r["cpu_ms_per_image"] for r in use]), 1),
+        "ips_runs": [round(r["ips"], 3) for r in runs],
+        "others_cpu_share_runs": [r["others_cpu_share"] for r in runs],
+    }
+
+
+def ratio_per_round(num: list[dict], den: list[dict]) -> list[float]:
+    """num/den in the rounds that ran both, back to back."""
+    by_round = {r["round"]: r["ips"] for r in den}
+    return [round(r["ips"] / by_round[r["round"]], 3) for r in num if r["round"] in by_round]
 
 
 def summarise(measured: dict, device: torch.device) -> dict[str, Any]:
-    ips = measured["ips"]
+    runs = measured["runs"]
+    table = {name: contender_summary(r) for name, r in runs.items()}
+    ips = {name: s["ips"] for name, s in table.items()}
     pure_names = [n for n in ips if n.startswith("pure_forward_bs")]
-    best_pure = max(pure_names, key=lambda n: statistics.median(ips[n]))
-    speedups = ratio_per_round(ips["infer_path"], ips["naive"])
-    overlaps = ratio_per_round(ips["infer_path"], ips[best_pure])
-    speedup, overlap = median(speedups), median(overlaps)
+    best_pure = max(pure_names, key=lambda n: ips[n])
+    speedup = round(ips["infer_path"] / ips["naive"], 3)
+    overlap = round(ips["infer_path"] / ips[best_pure], 3)
     target = SPEEDUP_TARGET["cuda" if device.type == "cuda" else "cpu"]
     setting = measured["infer_setting"]
+    headline = ("naive", "infer_path", best_pure)
     return {
-        "naive_ips": median(ips["naive"]),
-        "infer_path_ips": median(ips["infer_path"]),
-        "best_pure_forward_ips": median(ips[best_pure]),
+        "naive_ips": ips["naive"],
+        "infer_path_ips": ips["infer_path"],
+        "best_pure_forward_ips": ips[best_pure],
         "best_pure_forward_setting": best_pure.removeprefix("pure_forward_"),
-        "pure_forward_at_infer_setting_ips": median(ips[pure_name(setting["batch_size"], setting["channels_last"])]),
+        "pure_forward_at_infer_setting_ips": ips[pure_name(setting["batch_size"], setting["channels_last"])],
         "speedup_vs_naive": speedup,
         "speedup_vs_naive_target": target,
         "speedup_vs_naive_target_met": bool(speedup >= target),
         "end_to_end_vs_pure_forward": overlap,
         "end_to_end_vs_pure_forward_target": END_TO_END_TARGET,
         "end_to_end_vs_pure_forward_target_met": bool(overlap >= END_TO_END_TARGET),
-        "ratios_of_best_rounds": {
-            "speedup_vs_naive": round(max(ips["infer_path"]) / max(ips["naive"]), 3),
-            "end_to_end_vs_pure_forward": round(max(ips["infer_path"]) / max(ips[best_pure]), 3),
+        "headline_from_undisturbed_runs": all(table[n]["undisturbed_runs"] > 0 for n in headline),
+        "per_round_ratios": {
+            "speedup_vs_naive": ratio_per_round(runs["infer_path"], runs["naive"]),
+            "end_to_end_vs_pure_forward": ratio_per_round(runs["infer_path"], runs[best_pure]),
         },
-        "per_round": {"speedup_vs_naive": speedups, "end_to_end_vs_pure_forward": overlaps},
-        "contenders": {
-            name: {
-                "ips_median": median(values),
-                "ips_best": round(max(values), 3),
-                "ips_per_round": [round(v, 3) for v in values],
-                "cpu_ms_per_image_median": round(statistics.median(measured["cpu_ms_per_image"][name]), 1),
-            }
-            for name, values in ips.items()
-        },
+        "contenders": table,
     }
 
 
@@ -481,7 +529,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--arch", help="timm backbone of the expert (default: tf_efficientnet_b4; --quick: test_efficientnet)"
     )
-    p.add_argument("--rounds", type=int, help="rounds of alternating order (default: 3; --quick: 2)")
+    p.add_argument("--rounds", type=int, help="rounds every contender runs, order alternating (default: 2)")
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        help="rounds, at most, for a contender until it has --rounds undisturbed runs (default: 3 x --rounds; "
+        "--quick: --rounds)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=30.0,
+        help="no further extra round after this many minutes of measuring (default: %(default)s)",
+    )
+    p.add_argument(
+        "--disturbed-above",
+        type=float,
+        default=0.1,
+        help="a run is disturbed when other processes used more than this share of the machine's CPU time "
+        "(default: %(default)s)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every measuring process (default: torch's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="sweep batch sizes (default: 1 2 4 8 and infer's)")
@@ -493,8 +560,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     args.arch = args.arch or ("test_efficientnet" if quick else "tf_efficientnet_b4")
     args.size = args.size or (128 if quick else 512)
-    args.rounds = args.rounds or (2 if quick else 3)
-    for name in ("images", "size", "rounds", "threads"):
+    args.rounds = args.rounds or 2
+    args.max_rounds = args.max_rounds or (args.rounds if quick else 3 * args.rounds)
+    for name in ("images", "size", "rounds", "max_rounds", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -504,7 +572,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep_table(measured: dict, memory: dict[str, dict], batch_sizes: list[int], workers: list[int]) -> list[dict]:
-    ips, cpu = measured["ips"], measured["cpu_ms_per_image"]
+    table = {name: contender_summary(runs) for name, runs in measured["runs"].items()}
     rows = []
     for bs in batch_sizes:
         for cl in (False, True):
@@ -515,10 +583,11 @@ def sweep_table(measured: dict, memory: dict[str, dict], batch_sizes: list[int],
                         "batch_size": bs,
                         "memory_format": fmt_name(cl),
                         "workers": w,
-                        "ips": median(ips[name]),
-                        "ips_best": round(max(ips[name]), 3),
-                        "cpu_ms_per_image": round(statistics.median(cpu[name]), 1),
-                        "pure_forward_ips": median(ips[pure_name(bs, cl)]),
+                        "ips": table[name]["ips"],
+                        "undisturbed_runs": table[name]["undisturbed_runs"],
+                        "runs": table[name]["runs"],
+                        "cpu_ms_per_image": table[name]["cpu_ms_per_image"],
+                        "pure_forward_ips": table[pure_name(bs, cl)]["ips"],
                         **memory.get(name, {}),
                     }
                 )
@@ -565,8 +634,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         spec = {**base, "naive": False, "batch_size": bs, "channels_last": cl, "workers": w}
                         spec.update(paths=[str(p) for p in paths[:bs]], label=name)
                         memory[name] = run_isolated(ctx, memory_task, spec)
-        spec = {**base, "paths": [str(p) for p in paths[:images]], "rounds": args.rounds}
-        spec.update(batch_sizes=batch_sizes, workers=worker_counts)
+        spec = {**base, "paths": [str(p) for p in paths[:images]], "batch_sizes": batch_sizes}
+        spec.update(workers=worker_counts, rounds=args.rounds, max_rounds=args.max_rounds)
+        spec.update(max_minutes=args.max_minutes, clean_threshold=args.disturbed_above)
         measured = run_isolated(ctx, throughput_task, spec)
 
     result: dict[str, Any] = {"benchmark": "infer_throughput"}
@@ -582,13 +652,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if loader_name(r["batch_size"], r["memory_format"] == "channels_last", r["workers"]) == default_name
     )
     best_name = loader_name(best["batch_size"], best["memory_format"] == "channels_last", best["workers"])
-    wins = sum(a > b for a, b in zip(measured["ips"][best_name], measured["ips"][default_name], strict=True))
+    per_round = ratio_per_round(measured["runs"][best_name], measured["runs"][default_name])
     result["sweep_best"] = {k: best[k] for k in ("batch_size", "memory_format", "workers", "ips")}
     result["infer_defaults"] = {**setting, "autocast": "bf16" if kind == "cuda" else "none (fp32)"}
     result["infer_defaults_are_best"] = best is default_row
     result["infer_defaults_rank"] = ranked.index(default_row) + 1
     result["infer_defaults_vs_best"] = round(default_row["ips"] / best["ips"], 3)
-    result["best_beats_defaults_in_rounds"] = f"{wins}/{args.rounds}"
+    result["best_vs_defaults_per_round"] = per_round
     result["costs_ms_per_image"] = measured["costs_ms_per_image"]
     if "naive" in memory:
         result["naive_memory"] = memory["naive"]
@@ -605,6 +675,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "image_sources": sorted(source_photos()),
         "jpeg_quality": JPEG_QUALITY,
         "rounds": args.rounds,
+        "max_rounds": args.max_rounds,
+        "disturbed_above_others_cpu_share": args.disturbed_above,
         "naive_recipe": NAIVE_RECIPE,
         "memory_method": MEMORY_METHOD if memory else "skipped (--no-memory)",
         "timing_method": TIMING_METHOD,

@@ -76,16 +76,25 @@ def loss_overrides(cfg: dict, setting: str) -> list[str]:
     return out
 
 
+def _has_key(cfg: dict, dotted: str) -> bool:
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def make_split(work: Path, data_config: str, overrides: Sequence[str]) -> Path:
-    """A stratified split in `work`; the overrides of data-config keys (data.*, split.*, ...)
-    apply to it as they do to training."""
-    sections = set(read_yaml(data_config))
+    """A stratified split in `work`; the overrides of keys the data config has (e.g.
+    data.use_prepared) apply to it as they do to training."""
+    data_cfg = read_yaml(data_config)
     folds = work / "folds.csv"
     argv = [
         "--config",
         data_config,
         "--force",
-        *[o for o in overrides if o.lstrip("+").split(".", 1)[0] in sections],
+        *[o for o in overrides if _has_key(data_cfg, o.split("=", 1)[0].lstrip("+"))],
         "split.mode=stratified",
         f"paths.outputs={work}",
         f"paths.folds={folds}",

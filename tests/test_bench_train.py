@@ -18,8 +18,8 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("images", ["photos", "data"])
-def test_train_throughput_tiny(tiny_project, capsys, images):
+@pytest.mark.parametrize(("images", "kl"), [("photos", 1.0), ("data", 0.0)])
+def test_train_throughput_tiny(tiny_project, capsys, images, kl):
     argv = [
         "--data-config",
         str(tiny_project["data_cfg"]),
@@ -41,6 +41,7 @@ def test_train_throughput_tiny(tiny_project, capsys, images):
         "3",
         "data.image_size=32",
         "train.num_workers=0",
+        f"loss.kl={kl}",
     ]
     assert train_throughput.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
@@ -49,8 +50,8 @@ def test_train_throughput_tiny(tiny_project, capsys, images):
     step, loader = out["step"], out["loader"]
     assert out["device"] == "cpu" and out["batch_size"] == 4 and out["image_size"] == 32
     assert step["steps"] == 2 and step["images_per_s"] > 0 and step["seconds_per_step"] > 0
-    # the demo member has a KL weight: the noisy copy doubles the forward batch
-    assert step["loss"]["kl"] > 0 and step["forward_images_per_step"] == 8
+    # with a KL weight the noisy copy doubles the forward batch
+    assert step["loss"]["kl"] == kl and step["forward_images_per_step"] == (8 if kl else 4)
     assert step["last_loss"] == step["last_loss"]  # not NaN
     assert loader["images_per_s"] > 0 and loader["batches"] == 3 and loader["num_workers"] == 0
     assert loader["image_shape"] == [3, 32, 32]  # the training transforms resized every file
