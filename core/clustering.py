@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from torch_kmeans import KMeans
 
-from core.io import atomic_path
+from core.report import pyplot, save_figure
 
 # torch_kmeans peaks at about four tensors of restarts x N x K x D floats (measured); one spare.
 _TORCH_KMEANS_COPIES = 5
@@ -206,10 +206,6 @@ def plot_projection(
 
     Rows without features (NaN) are left out; above `max_points` a fixed random subset is drawn.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -221,8 +217,8 @@ def plot_projection(
     if len(x) <= tsne_max:
         perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
         views.append(("t-SNE", TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)))
-    fig, axes = plt.subplots(len(views), 2, figsize=(10, 4.6 * len(views)), squeeze=False)
-    cmap = plt.get_cmap("tab20" if c.max(initial=0) >= 10 else "tab10")
+    fig, axes = pyplot().subplots(len(views), 2, figsize=(10, 4.6 * len(views)), squeeze=False)
+    cmap = pyplot().get_cmap("tab20" if c.max(initial=0) >= 10 else "tab10")
     for row, (name, xy) in zip(axes, views, strict=True):
         for k in np.unique(c):
             sel = c == k
@@ -236,9 +232,4 @@ def plot_projection(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.legend(fontsize=7, markerscale=1.5, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)

@@ -24,13 +24,29 @@ def versions() -> dict[str, str]:
     return out
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Training loss and validation AUC per epoch, as a PNG."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (servers have no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on servers
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path, title: str = "") -> Path:
+    """Title, lay out and write `fig` as a PNG atomically, then free it."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    pyplot().close(fig)
+    return Path(path)
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Training loss and validation AUC per epoch, as a PNG."""
+    plt = pyplot()
     df = pd.DataFrame(history)
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(df["epoch"], df["train_loss"], marker="o")
@@ -39,9 +55,4 @@ def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path
     ax_auc.plot(df["epoch"], df["tpr@fpr1e-3"], marker="s", label="TPR@FPR=1e-3")
     ax_auc.set(xlabel="epoch", ylim=(0, 1.02), title="validation (EMA weights)")
     ax_auc.legend(loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)

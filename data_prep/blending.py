@@ -399,15 +399,21 @@ def sbi_mask(
     if not eroded.any():
         # A face smaller than the kernel would vanish; keep its unblurred hull instead.
         eroded = (mask > 0.5).astype(np.float32)
-    out = cv2.GaussianBlur(eroded, (k2, k2), 0)
-    # A weight under 1/512 moves a uint8 pixel by under half a level, which rounding undoes;
-    # zeroing such weights makes the mask's support exactly the pixels that can change.
-    peak = float(out.max())
+    return _peak_normalised(cv2.GaussianBlur(eroded, (k2, k2), 0))
+
+
+def _peak_normalised(mask: np.ndarray) -> np.ndarray:
+    """`mask` scaled to a peak of 1, weights under 1/512 zeroed (all zeros if it is empty).
+
+    A weight under 1/512 moves a uint8 pixel by under half a level, which rounding undoes;
+    zeroing such weights makes the mask's support exactly the pixels that can change.
+    """
+    peak = float(mask.max())
     if peak <= 0:
-        return np.zeros((h, w), np.float32)
-    out /= peak
-    out[out < 1.0 / 512] = 0.0
-    return out
+        return np.zeros(mask.shape, np.float32)
+    mask = mask / peak
+    mask[mask < 1.0 / 512] = 0.0
+    return mask
 
 
 def _random_affine(h: int, w: int, centre: np.ndarray, rng: np.random.Generator, cfg: SBIConfig) -> np.ndarray:
@@ -510,12 +516,7 @@ def region_mask(
     sigma = blur * unit
     if sigma > 0:
         mask = cv2.GaussianBlur(mask, (_odd(6 * sigma), _odd(6 * sigma)), sigma)
-    peak = float(mask.max())
-    if peak <= 0:
-        return np.zeros((h, w), np.float32)
-    mask /= peak
-    mask[mask < 1.0 / 512] = 0.0
-    return mask
+    return _peak_normalised(mask)
 
 
 def align_source(
