@@ -470,6 +470,22 @@ def _new_job(method: str, k: int, seed: int, quality: tuple[int, int], **fields_
     return Job(method=method, index=k, name=f"{folder}/{kind}/{k:06d}.jpg", seed=s, quality=q, **fields_)
 
 
+def _sd_edit_job(method: str, k: int, seed: int, quality: tuple[int, int], src: Any, region: str, args: dict) -> Job:
+    """A diffusion fake made from the real `src` (a row of the reals table): it joins src's parent group."""
+    return _new_job(
+        method,
+        k,
+        seed,
+        quality,
+        target=1,
+        parent=src.parent,
+        region=region,
+        source=src.img_name,
+        source_path=src.path,
+        args=args,
+    )
+
+
 def _background_files(folder: str | None) -> list[str]:
     if not folder:
         return []
@@ -652,20 +668,8 @@ def plan_diffusion(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict
                 zip(_balanced(rng, len(reals_face), n), _balanced(rng, len(regions), n), strict=True)
             ):
                 src, region = reals_face.iloc[int(i)], regions[int(r)]
-                jobs.append(
-                    _new_job(
-                        method,
-                        k,
-                        seed,
-                        quality,
-                        target=1,
-                        parent=src.parent,
-                        region=region,
-                        source=src.img_name,
-                        source_path=src.path,
-                        args={"landmarks": faces[src.src_name].landmarks, "prompt": prompts["inpaint"][region]},
-                    )
-                )
+                args = {"landmarks": faces[src.src_name].landmarks, "prompt": prompts["inpaint"][region]}
+                jobs.append(_sd_edit_job(method, k, seed, quality, src, region, args))
         elif kind == "img2img":
             lo, hi = d["img2img_strength"]
             for k, i in enumerate(_balanced(rng, len(reals), n)):
@@ -673,20 +677,8 @@ def plan_diffusion(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict
                 prompt = prompts["img2img"][int(rng.integers(len(prompts["img2img"])))]
                 # Two decimals: diffusers takes one strength per call, so batches group by it.
                 strength = round(float(rng.uniform(lo, hi)), 2)
-                jobs.append(
-                    _new_job(
-                        method,
-                        k,
-                        seed,
-                        quality,
-                        target=1,
-                        parent=src.parent,
-                        region="global",
-                        source=src.img_name,
-                        source_path=src.path,
-                        args={"prompt": prompt, "strength": strength},
-                    )
-                )
+                args = {"prompt": prompt, "strength": strength}
+                jobs.append(_sd_edit_job(method, k, seed, quality, src, "global", args))
         else:
             for k in range(n):
                 prompt = prompts["txt2img"][int(rng.integers(len(prompts["txt2img"])))]
