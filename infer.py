@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import models  # noqa: F401  (registers the members)
 from core.checkpoint import CheckpointError
@@ -35,14 +36,16 @@ from core.imaging import ImageDecodeError, decode_image, is_image, is_video, sam
 from core.io import write_csv
 from core.predict import predict_arrays, predict_loader
 from core.transforms import build_transform
+from models.fusion import fold_batchnorm
 from models.zoo import Ensemble, find_trained, load_trained
 
 NO_MODEL = 3
 
-# Measured with bench/infer_throughput.py (README): on a 2-core CPU, batch 2 in
-# channels_last decoded in the main process was fastest (a decode worker takes a core
-# from the forward pass); on a GPU, large batches with decode workers.
-DEVICE_DEFAULTS = {"cpu": {"batch_size": 2, "workers": 0}, "cuda": {"batch_size": 64, "workers": 8}}
+# Measured with bench/infer_throughput.py (README): on a 2-core CPU one image at a time in
+# channels_last, decoded in the main process, was fastest (larger batches ran slower per
+# image, and a decode worker takes a core from the forward pass); on a GPU, large batches
+# with decode workers.
+DEVICE_DEFAULTS = {"cpu": {"batch_size": 1, "workers": 0}, "cuda": {"batch_size": 64, "workers": 8}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outputs", default="outputs", help="where train.py wrote the members (default: %(default)s)")
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="default: 2 on CPU, 64 on GPU (measured, see README)")
+    p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see README)")
     p.add_argument("--workers", type=int, help="decoding processes (default: 0 on CPU, 8 on GPU)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
@@ -95,6 +98,16 @@ def face_crops(frame: np.ndarray, analyzer, size: int = 512) -> list[np.ndarray]
     return [align_crop(frame, face, size) for face in analyzer.detect(frame)]
 
 
+def prepare_network(model: torch.nn.Module, size: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The network as scored: on the device, eval mode, BatchNorm folded into the convolutions
+    (same outputs, checked on a random image of the input size), weights in the input's
+    memory format. May return a new module; drop the old one."""
+    model = model.to(device).eval()
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    model = fold_batchnorm(model, example)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 class Scorer:
     def __init__(self, ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]):
         self.ensemble = ensemble
@@ -107,14 +120,15 @@ class Scorer:
         self.crop_faces = args.crop_faces
         self.report = report
         self._analyzer = None
-        self.groups = [
-            (
-                build_transform(ensemble.trained[idx[0]].config["data"], train=False),
-                [ensemble.trained[i].model.to(self.device) for i in idx],
-                idx,
-            )
-            for idx in ensemble.groups().values()
-        ]
+        self.groups = []
+        for idx in ensemble.groups().values():
+            data_cfg = ensemble.trained[idx[0]].config["data"]
+            size = int(data_cfg["image_size"])
+            for i in idx:  # replaced, not copied: one network per model in memory
+                trained = ensemble.trained[i]
+                trained.model = prepare_network(trained.model, size, self.device, self.channels_last)
+            networks = [ensemble.trained[i].model for i in idx]
+            self.groups.append((build_transform(data_cfg, train=False), networks, idx))
 
     @property
     def analyzer(self):

@@ -14,10 +14,13 @@ What is measured, every contender on the same photographs:
 - `infer_path`: `infer.Scorer.score_files` at infer.py's defaults for the device.
 - `loader_*` (the sweep): `core.predict.predict_loader` over a fresh loader, as score_files
   runs it, for batch size x memory format x decode workers.
-- `pure_forward_*`: the model alone on decoded, resized, normalised tensors already on the
+- `pure_forward_*`: the network alone on decoded, resized, normalised tensors already on the
   device, for batch size x memory format.
-- `*_model_channels_last`: infer's setting with the weights converted to channels_last too
-  (infer.py converts only the input).
+- `pure_forward_unfolded`: the same at infer's setting without `infer.prepare_network`'s
+  BatchNorm folding and weight memory format: what that preparation gains.
+
+The sweep and the pure forward passes use the network as infer.py scores with it
+(`infer.prepare_network`); the naive loop uses it as the released code did.
 
 The machine may be shared and noisy, so all contenders run in one process, in rounds of
 alternating order (forward, then reversed); each run records how much CPU time other
@@ -296,7 +299,9 @@ def memory_task(spec: dict) -> dict:
         naive_scores(model, paths, spec["size"], device)
     else:
         bs, workers, cl = spec["batch_size"], spec["workers"], spec["channels_last"]
-        loader_seconds(model, paths, spec["size"], bs, workers, cl, device)
+        network = infer.prepare_network(model, spec["size"], device, cl)
+        del model  # prepare_network returns a copy: hold one network, as infer.py does
+        loader_seconds(network, paths, spec["size"], bs, workers, cl, device)
     result = {
         "peak_rss_mb": maxrss_mb(),
         "model_rss_mb": model_rss,
@@ -359,9 +364,8 @@ def throughput_task(spec: dict) -> dict:
     paths = [Path(p) for p in spec["paths"]]
     size, arch = spec["size"], spec["arch"]
     model = build_expert(arch, device)
-    scorer = make_scorer(model, arch, size, spec["device"])
-    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    scorer_cl = make_scorer(model_cl, arch, size, spec["device"])
+    scorer = make_scorer(copy.deepcopy(model), arch, size, spec["device"])
+    network = {cl: infer.prepare_network(copy.deepcopy(model), size, device, cl) for cl in (False, True)}
 
     # Per-image preprocessing costs, measured serially in this process.
     costs = {}
@@ -387,22 +391,22 @@ def throughput_task(spec: dict) -> dict:
     settings = [(bs, cl) for bs in spec["batch_sizes"] for cl in (False, True)]
     for bs, cl in settings:
         batches = make_batches(tensors, bs, cl, device)
-        contenders[pure_name(bs, cl)] = lambda ps, b=batches: pure_forward_seconds(model, covering(b, len(ps)), device)
-    # Not what infer.py does today: the weights converted to channels_last as well.
-    cl_batches = make_batches(tensors, scorer.batch_size, True, device)
-    contenders["pure_forward_model_channels_last"] = lambda ps: pure_forward_seconds(
-        model_cl, covering(cl_batches, len(ps)), device
+        contenders[pure_name(bs, cl)] = lambda ps, b=batches, net=network[cl]: pure_forward_seconds(
+            net, covering(b, len(ps)), device
+        )
+    infer_batches = make_batches(tensors, scorer.batch_size, scorer.channels_last, device)
+    contenders["pure_forward_unfolded"] = lambda ps: pure_forward_seconds(
+        model, covering(infer_batches, len(ps)), device
     )
-    contenders["infer_path_model_channels_last"] = lambda ps: score_quietly(scorer_cl, ps)
     for bs, cl in settings:
         for w in spec["workers"]:
             contenders[loader_name(bs, cl, w)] = lambda ps, bs=bs, cl=cl, w=w: loader_seconds(
-                model, ps, size, bs, w, cl, device
+                network[cl], ps, size, bs, w, cl, device
             )
 
     # Warm-up: every contender once on one batch (kernel selection, oneDNN primitives, page cache).
     for name, fn in contenders.items():
-        bs = scorer.batch_size if name.startswith(("infer", "pure_forward_model")) else 1
+        bs = scorer.batch_size if name in ("infer_path", "pure_forward_unfolded") else 1
         match = re.search(r"_bs(\d+)_", name)
         fn(paths[: int(match.group(1)) if match else bs])
 
@@ -500,13 +504,15 @@ def summarise(measured: dict, device: torch.device) -> dict[str, Any]:
     overlap = round(ips["infer_path"] / ips[best_pure], 3)
     target = SPEEDUP_TARGET["cuda" if device.type == "cuda" else "cpu"]
     setting = measured["infer_setting"]
+    at_setting = pure_name(setting["batch_size"], setting["channels_last"])
     headline = ("naive", "infer_path", best_pure)
     return {
         "naive_ips": ips["naive"],
         "infer_path_ips": ips["infer_path"],
         "best_pure_forward_ips": ips[best_pure],
         "best_pure_forward_setting": best_pure.removeprefix("pure_forward_"),
-        "pure_forward_at_infer_setting_ips": ips[pure_name(setting["batch_size"], setting["channels_last"])],
+        "pure_forward_at_infer_setting_ips": ips[at_setting],
+        "prepared_vs_unfolded_forward": round(ips[at_setting] / ips["pure_forward_unfolded"], 3),
         "speedup_vs_naive": speedup,
         "speedup_vs_naive_target": target,
         "speedup_vs_naive_target_met": bool(speedup >= target),
