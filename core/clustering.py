@@ -217,8 +217,9 @@ def plot_projection(
     if len(x) <= tsne_max:
         perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
         views.append(("t-SNE", TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)))
-    fig, axes = pyplot().subplots(len(views), 2, figsize=(10, 4.6 * len(views)), squeeze=False)
-    cmap = pyplot().get_cmap("tab20" if c.max(initial=0) >= 10 else "tab10")
+    plt = pyplot()
+    fig, axes = plt.subplots(len(views), 2, figsize=(10, 4.6 * len(views)), squeeze=False)
+    cmap = plt.get_cmap("tab20" if c.max(initial=0) >= 10 else "tab10")
     for row, (name, xy) in zip(axes, views, strict=True):
         for k in np.unique(c):
             sel = c == k

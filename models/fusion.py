@@ -38,22 +38,22 @@ def _norm_replacement(bn: nn.Module) -> nn.Module | None:
     return None
 
 
-def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv name, norm name) where, in one traced forward, the norm's input was exactly the
-    conv's output tensor. A conv whose output also feeds something else is caught by the
-    output check in `fold_batchnorm`."""
+def _trace(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], list[torch.Tensor]]:
+    """One forward of `model` on `example`: its outputs, and the (conv name, norm name) pairs
+    where the norm's input was the output tensor of the convolution that ran just before it.
+    Only the latest conv output is held, so the trace costs no more memory than a forward
+    pass. A conv whose output also feeds something else is caught by the output check in
+    `fold_batchnorm`."""
     names = {m: n for n, m in model.named_modules()}
-    conv_of: dict[int, nn.Module] = {}
-    keep: list[torch.Tensor] = []  # keeps outputs alive so that their ids stay unique
+    latest: list = [None, None]  # (conv, its output)
     pairs: list[tuple[str, str]] = []
 
     def after_conv(module, _inputs, output):
-        conv_of[id(output)] = module
-        keep.append(output)
+        latest[:] = [module, output]
 
     def before_norm(module, inputs):
-        conv = conv_of.get(id(inputs[0]))
-        if conv is not None and _norm_replacement(module) is not None and module.track_running_stats:
+        conv, output = latest
+        if inputs[0] is output and _norm_replacement(module) is not None and module.track_running_stats:
             pairs.append((names[conv], names[module]))
 
     hooks = []
@@ -64,12 +64,12 @@ def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str,
             hooks.append(module.register_forward_pre_hook(before_norm))
     try:
         with torch.inference_mode():
-            model(example)
+            outputs = _flat_outputs(model(example))
     finally:
         for hook in hooks:
             hook.remove()
     convs = [c for c, _ in pairs]
-    return [(c, n) for c, n in pairs if convs.count(c) == 1]
+    return [(c, n) for c, n in pairs if convs.count(c) == 1], outputs
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -102,7 +102,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
     the outputs differ (logged: the network uses a conv output elsewhere too)."""
     if model.training:
         raise ValueError("fold_batchnorm needs an eval-mode model (training uses batch statistics)")
-    pairs = _conv_norm_pairs(model, example)
+    pairs, before = _trace(model, example)
     if not pairs:
         return model
     folded = copy.deepcopy(model)
@@ -113,7 +113,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
         parent_name, _, attr = bn_name.rpartition(".")
         setattr(modules[parent_name] if parent_name else folded, attr, _norm_replacement(bn))
     with torch.inference_mode():
-        before, after = _flat_outputs(model(example)), _flat_outputs(folded(example))
+        after = _flat_outputs(folded(example))
     same = len(before) == len(after) and all(
         torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol) for a, b in zip(before, after, strict=True)
     )
