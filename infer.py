@@ -12,6 +12,10 @@ Folders are searched recursively for images and videos. A video is scored from
 frame's score is the highest face score and the video's the mean over frames. Still images
 are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
 
+On a CPU the networks run in ONNX Runtime (exported once per checkpoint and cached beside its
+weights as model.onnx; each export is checked against PyTorch before use); on a GPU in PyTorch
+with bf16 autocast. --runtime torch scores a CPU in PyTorch too.
+
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
 """
@@ -37,15 +41,20 @@ from core.io import write_csv
 from core.predict import predict_arrays, predict_loader
 from core.transforms import build_transform
 from models.fusion import fold_batchnorm
+from models.onnx_export import onnx_network
 from models.zoo import Ensemble, find_trained, load_trained
 
 NO_MODEL = 3
 
-# Measured with bench/infer_throughput.py (README): on a 2-core CPU one image at a time in
-# channels_last, decoded in the main process, was fastest (larger batches ran slower per
-# image, and a decode worker takes a core from the forward pass); on a GPU, large batches
-# with decode workers.
-DEVICE_DEFAULTS = {"cpu": {"batch_size": 1, "workers": 0}, "cuda": {"batch_size": 64, "workers": 8}}
+# Measured with bench/infer_throughput.py (README): on a 2-core CPU, ONNX Runtime one image at
+# a time, decoded in the main process, was fastest (larger batches ran slower per image, and a
+# decode worker takes a core from the forward pass); on a GPU, PyTorch with large batches and
+# decode workers.
+DEVICE_DEFAULTS = {
+    "cpu": {"batch_size": 1, "workers": 0, "runtime": "onnx"},
+    "cuda": {"batch_size": 64, "workers": 8, "runtime": "torch"},
+}
+RUNTIMES = ("auto", "onnx", "torch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see README)")
     p.add_argument("--workers", type=int, help="decoding processes (default: 0 on CPU, 8 on GPU)")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the networks: onnx (ONNX Runtime, CPU only) or torch (default: onnx on CPU, torch on GPU)",
+    )
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
     return p.parse_args(argv)
@@ -98,14 +113,30 @@ def face_crops(frame: np.ndarray, analyzer, size: int = 512) -> list[np.ndarray]
     return [align_crop(frame, face, size) for face in analyzer.detect(frame)]
 
 
-def prepare_network(model: torch.nn.Module, size: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """The network as scored: on the device, eval mode, BatchNorm folded into the convolutions
-    (same outputs, checked on a random image of the input size), weights in the input's
-    memory format. May return a new module; drop the old one."""
+def prepare_network(
+    model: torch.nn.Module, size: int, device: torch.device, runtime: str, weights: Path | None = None
+) -> torch.nn.Module:
+    """The network as scored, in eval mode. `onnx` (CPU): exported to ONNX Runtime, the export
+    cached beside `weights`. `torch`: BatchNorm folded into the convolutions and weights in
+    channels_last. Either rewrite is checked to give `model`'s outputs on a random image of the
+    input size; where the ONNX export fails that check, the `torch` preparation is used (logged).
+    May return a new module; drop the old one."""
     model = model.to(device).eval()
+    if runtime == "onnx":
+        network = onnx_network(model, size, weights)
+        if network is not model:
+            return network
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    model = fold_batchnorm(model, example)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return fold_batchnorm(model, example).to(memory_format=torch.channels_last)
+
+
+def pick_runtime(requested: str, device: torch.device) -> str:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if requested == "auto":
+        return DEVICE_DEFAULTS[kind]["runtime"]
+    if requested == "onnx" and kind != "cpu":
+        raise ValueError(f"--runtime onnx runs on the CPU only, not on {device}")
+    return requested
 
 
 class Scorer:
@@ -115,7 +146,10 @@ class Scorer:
         defaults = DEVICE_DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
         self.batch_size = args.batch_size or defaults["batch_size"]
         self.workers = defaults["workers"] if args.workers is None else args.workers
-        self.channels_last = True  # faster for these convnets on CPU and GPU alike (README)
+        self.runtime = pick_runtime(args.runtime, self.device)
+        # PyTorch runs these convnets faster in channels_last on CPU and GPU alike (README);
+        # ONNX Runtime takes NCHW.
+        self.channels_last = self.runtime == "torch"
         self.frames = args.frames
         self.crop_faces = args.crop_faces
         self.report = report
@@ -126,7 +160,7 @@ class Scorer:
             size = int(data_cfg["image_size"])
             for i in idx:  # replaced, not copied: one network per model in memory
                 trained = ensemble.trained[i]
-                trained.model = prepare_network(trained.model, size, self.device, self.channels_last)
+                trained.model = prepare_network(trained.model, size, self.device, self.runtime, trained.weights)
             networks = [ensemble.trained[i].model for i in idx]
             self.groups.append((build_transform(data_cfg, train=False), networks, idx))
 
@@ -204,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(message)
         print(f"skipped: {message}", file=sys.stderr)
 
+    try:  # bad --device / --runtime: fail before loading any model
+        pick_runtime(args.runtime, pick_device(args.device))
+    except (RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         ensemble = load_ensemble(args)
     except FileNotFoundError as err:

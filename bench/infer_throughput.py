@@ -13,14 +13,18 @@ What is measured, every contender on the same photographs:
   normalised at full size, then resized, forward at batch 1 in NCHW fp32, softmax.
 - `infer_path`: `infer.Scorer.score_files` at infer.py's defaults for the device.
 - `loader_*` (the sweep): `core.predict.predict_loader` over a fresh loader, as score_files
-  runs it, for batch size x memory format x decode workers.
+  runs it, for batch size x network x decode workers.
 - `pure_forward_*`: the network alone on decoded, resized, normalised tensors already on the
-  device, for batch size x memory format.
-- `pure_forward_unfolded`: the same at infer's setting without `infer.prepare_network`'s
-  BatchNorm folding and weight memory format: what that preparation gains.
+  device, for batch size x network.
+- `pure_forward_eager`: the PyTorch network as built, at infer's batch size in NCHW: what
+  `infer.prepare_network` gains.
 
-The sweep and the pure forward passes use the network as infer.py scores with it
-(`infer.prepare_network`); the naive loop uses it as the released code did.
+The networks are the expert as `infer.prepare_network` readies it: `onnx` (exported to ONNX
+Runtime; CPU only), `channels_last` (PyTorch, BatchNorm folded, weights in channels_last) and
+`nchw` (the same folded network in NCHW). The naive loop uses the expert as the released code
+did. The expert's random weights are saved once, and the ONNX export is made and timed once,
+in a process of its own (`onnx_export` in the output); the measuring processes load that export
+from its cache, as a second `python infer.py` run does.
 
 The machine may be shared and noisy, so all contenders run in one process, in rounds of
 alternating order (forward, then reversed); each run records how much CPU time other
@@ -58,12 +62,14 @@ import torch
 from PIL import Image
 
 import infer
+from core.checkpoint import load_weights, save_weights
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast, pick_device
 from core.imaging import decode_image
 from core.predict import fake_probability, predict_loader
 from core.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from models import build_model
+from models.onnx_export import OnnxNetwork
 from models.zoo import Ensemble, TrainedModel
 
 SPEEDUP_TARGET = {"cpu": 1.5, "cuda": 10.0}
@@ -71,7 +77,8 @@ END_TO_END_TARGET = 0.85
 PHOTO_SIDES = (512, 768, 1024)
 JPEG_QUALITY = 95
 DEFAULT_IMAGES = {"cpu": 8, "cuda": 256}
-PRELOAD = ["torch", "timm", "albumentations", "cv2", "PIL.Image", "infer", "models", "core.predict"]
+NETWORKS = {"cpu": ("onnx", "channels_last", "nchw"), "cuda": ("channels_last", "nchw")}
+PRELOAD = ["torch", "timm", "albumentations", "cv2", "PIL.Image", "onnxruntime", "infer", "models", "core.predict"]
 
 MEMORY_METHOD = (
     "Each sweep configuration runs in its own process, forked from a multiprocessing forkserver "
@@ -79,6 +86,8 @@ MEMORY_METHOD = (
     "peak_rss_mb is that process's getrusage(RUSAGE_SELF).ru_maxrss: libraries, model, "
     "activations and batches, as a fresh `python infer.py` would hold them. "
     "model_rss_mb is the same counter right after the model was built and moved to the device. "
+    "For the onnx network the export is already cached, so the peak is that of scoring; the "
+    "export's own peak is onnx_export.peak_rss_mb. "
     "workers_peak_rss_mb is getrusage(RUSAGE_CHILDREN).ru_maxrss: the largest decode worker, "
     "read after the loader joined it; a worker is a fork and shares most pages with its parent, "
     "so the two are not to be added. On CUDA, cuda_peak_mb is torch.cuda.max_memory_allocated."
@@ -173,13 +182,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_expert(arch: str, device: torch.device) -> torch.nn.Module:
+def build_expert(arch: str, device: torch.device, weights: str | None = None) -> torch.nn.Module:
+    """The expert with random weights, or with those saved in `weights` by `export_task`."""
     model = build_model({"name": "mff_expert", "backbone": arch, "pretrained": False})
+    if weights:
+        model.load_state_dict(load_weights(weights), strict=True)
     return model.to(device).eval()
 
 
-def memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
+def input_format(network: str) -> torch.memory_format:
+    return torch.channels_last if network == "channels_last" else torch.contiguous_format
+
+
+def prepared(model: torch.nn.Module, network: str, size: int, device: torch.device, weights: str) -> torch.nn.Module:
+    """`model` as `infer.prepare_network` readies it for the named network."""
+    if network == "onnx":
+        net = infer.prepare_network(model, size, device, "onnx", Path(weights))
+        if not isinstance(net, OnnxNetwork):
+            raise RuntimeError("the ONNX export failed or disagreed with PyTorch (see the log above)")
+        return net
+    net = infer.prepare_network(model, size, device, "torch")
+    return net if network == "channels_last" else net.to(memory_format=torch.contiguous_format)
 
 
 def naive_scores(model: torch.nn.Module, paths: Sequence[Path], size: int, device: torch.device) -> list[float]:
@@ -205,9 +228,9 @@ def preprocessed(paths: Sequence[Path], size: int) -> list[torch.Tensor]:
 
 
 def make_batches(
-    tensors: Sequence[torch.Tensor], batch_size: int, channels_last: bool, device: torch.device
+    tensors: Sequence[torch.Tensor], batch_size: int, network: str, device: torch.device
 ) -> list[torch.Tensor]:
-    fmt = memory_format(channels_last)
+    fmt = input_format(network)
     return [
         torch.stack(list(tensors[i : i + batch_size])).to(device).contiguous(memory_format=fmt)
         for i in range(0, len(tensors), batch_size)
@@ -237,13 +260,14 @@ def loader_seconds(
     size: int,
     batch_size: int,
     workers: int,
-    channels_last: bool,
+    network: str,
     device: torch.device,
 ) -> float:
     """What Scorer.score_files does for one group: a fresh loader, then predict_loader."""
     transform = build_transform({"image_size": size}, train=False)
     start = time.perf_counter()
     loader = make_loader(ImageDataset([str(p) for p in paths], transform=transform), batch_size, workers)
+    channels_last = network == "channels_last"
     probs = predict_loader([model], loader, device, channels_last=channels_last, progress=False)
     seconds = time.perf_counter() - start
     if np.isnan(probs).any():
@@ -286,11 +310,34 @@ def run_isolated(ctx: mp.context.BaseContext, task: Callable[[dict], dict], spec
     return reply["ok"]
 
 
+def export_task(spec: dict) -> dict:
+    """Save the expert's random weights for every other process; export it to ONNX once (time
+    and peak memory of a first `python infer.py` run), then load it from the cache."""
+    threads = set_threads(spec["threads"])
+    device = pick_device(spec["device"])
+    model = build_expert(spec["arch"], device)
+    save_weights(model.state_dict(), spec["weights"])
+    if "onnx" not in spec["networks"]:
+        return {}
+    timings = []
+    for _ in range(2):  # the first run exports and writes the cache, the second reads it
+        start = time.perf_counter()
+        prepared(model, "onnx", spec["size"], device, spec["weights"])
+        timings.append(round(time.perf_counter() - start, 2))
+    return {
+        "first_load_s": timings[0],
+        "cached_load_s": timings[1],
+        "peak_rss_mb": maxrss_mb(),
+        "file_mb": round(Path(spec["weights"]).with_suffix(".onnx").stat().st_size / 2**20, 1),
+        "torch_threads": threads,
+    }
+
+
 def memory_task(spec: dict) -> dict:
     """Peak memory of one configuration, alone in a fresh process, scoring one batch."""
     threads = set_threads(spec["threads"])
     device = pick_device(spec["device"])
-    model = build_expert(spec["arch"], device)
+    model = build_expert(spec["arch"], device, spec["weights"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model_rss = maxrss_mb()
@@ -298,10 +345,10 @@ def memory_task(spec: dict) -> dict:
     if spec["naive"]:
         naive_scores(model, paths, spec["size"], device)
     else:
-        bs, workers, cl = spec["batch_size"], spec["workers"], spec["channels_last"]
-        network = infer.prepare_network(model, spec["size"], device, cl)
-        del model  # prepare_network returns a copy: hold one network, as infer.py does
-        loader_seconds(network, paths, spec["size"], bs, workers, cl, device)
+        bs, workers, name = spec["batch_size"], spec["workers"], spec["network"]
+        network = prepared(model, name, spec["size"], device, spec["weights"])
+        del model  # prepare_network returns a new module: hold one network, as infer.py does
+        loader_seconds(network, paths, spec["size"], bs, workers, name, device)
     result = {
         "peak_rss_mb": maxrss_mb(),
         "model_rss_mb": model_rss,
@@ -318,13 +365,13 @@ def infer_namespace(device: str) -> argparse.Namespace:
     return infer.parse_args(["image.jpg", "--device", device])
 
 
-def make_scorer(model: torch.nn.Module, arch: str, size: int, device: str) -> infer.Scorer:
+def make_scorer(model: torch.nn.Module, arch: str, size: int, device: str, weights: str) -> infer.Scorer:
     cfg = {
         "name": "mff_expert",
         "model": {"name": "mff_expert", "backbone": arch, "pretrained": False},
         "data": {"image_size": size},
     }
-    ensemble = Ensemble([TrainedModel("mff_expert", Path("."), cfg, model)])
+    ensemble = Ensemble([TrainedModel("mff_expert", Path(weights), cfg, model)])
     problems: list[str] = []
     return infer.Scorer(ensemble, infer_namespace(device), problems.append)
 
@@ -344,16 +391,16 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def fmt_name(channels_last: bool) -> str:
-    return "channels_last" if channels_last else "nchw"
+def loader_name(bs: int, network: str, workers: int) -> str:
+    return f"loader_bs{bs}_{network}_w{workers}"
 
 
-def loader_name(bs: int, channels_last: bool, workers: int) -> str:
-    return f"loader_bs{bs}_{fmt_name(channels_last)}_w{workers}"
+def pure_name(bs: int, network: str) -> str:
+    return f"pure_forward_bs{bs}_{network}"
 
 
-def pure_name(bs: int, channels_last: bool) -> str:
-    return f"pure_forward_bs{bs}_{fmt_name(channels_last)}"
+def scorer_network(scorer: infer.Scorer) -> str:
+    return "onnx" if scorer.runtime == "onnx" else "channels_last"
 
 
 def throughput_task(spec: dict) -> dict:
@@ -362,10 +409,10 @@ def throughput_task(spec: dict) -> dict:
     threads = set_threads(spec["threads"])
     device = pick_device(spec["device"])
     paths = [Path(p) for p in spec["paths"]]
-    size, arch = spec["size"], spec["arch"]
-    model = build_expert(arch, device)
-    scorer = make_scorer(copy.deepcopy(model), arch, size, spec["device"])
-    network = {cl: infer.prepare_network(copy.deepcopy(model), size, device, cl) for cl in (False, True)}
+    size, arch, weights = spec["size"], spec["arch"], spec["weights"]
+    model = build_expert(arch, device, weights)
+    scorer = make_scorer(copy.deepcopy(model), arch, size, spec["device"], weights)
+    network = {n: prepared(copy.deepcopy(model), n, size, device, weights) for n in spec["networks"]}
 
     # Per-image preprocessing costs, measured serially in this process.
     costs = {}
@@ -388,25 +435,23 @@ def throughput_task(spec: dict) -> dict:
         "naive": lambda ps: naive_scores(model, ps, size, device),
         "infer_path": lambda ps: score_quietly(scorer, ps),
     }
-    settings = [(bs, cl) for bs in spec["batch_sizes"] for cl in (False, True)]
-    for bs, cl in settings:
-        batches = make_batches(tensors, bs, cl, device)
-        contenders[pure_name(bs, cl)] = lambda ps, b=batches, net=network[cl]: pure_forward_seconds(
+    settings = [(bs, n) for bs in spec["batch_sizes"] for n in spec["networks"]]
+    for bs, n in settings:
+        batches = make_batches(tensors, bs, n, device)
+        contenders[pure_name(bs, n)] = lambda ps, b=batches, net=network[n]: pure_forward_seconds(
             net, covering(b, len(ps)), device
         )
-    infer_batches = make_batches(tensors, scorer.batch_size, scorer.channels_last, device)
-    contenders["pure_forward_unfolded"] = lambda ps: pure_forward_seconds(
-        model, covering(infer_batches, len(ps)), device
-    )
-    for bs, cl in settings:
+    eager_batches = make_batches(tensors, scorer.batch_size, "nchw", device)
+    contenders["pure_forward_eager"] = lambda ps: pure_forward_seconds(model, covering(eager_batches, len(ps)), device)
+    for bs, n in settings:
         for w in spec["workers"]:
-            contenders[loader_name(bs, cl, w)] = lambda ps, bs=bs, cl=cl, w=w: loader_seconds(
-                network[cl], ps, size, bs, w, cl, device
+            contenders[loader_name(bs, n, w)] = lambda ps, bs=bs, n=n, w=w: loader_seconds(
+                network[n], ps, size, bs, w, n, device
             )
 
     # Warm-up: every contender once on one batch (kernel selection, oneDNN primitives, page cache).
     for name, fn in contenders.items():
-        bs = scorer.batch_size if name in ("infer_path", "pure_forward_unfolded") else 1
+        bs = scorer.batch_size if name in ("infer_path", "pure_forward_eager") else 1
         match = re.search(r"_bs(\d+)_", name)
         fn(paths[: int(match.group(1)) if match else bs])
 
@@ -429,7 +474,7 @@ def throughput_task(spec: dict) -> dict:
         "runs": runs,
         "infer_setting": {
             "batch_size": scorer.batch_size,
-            "channels_last": scorer.channels_last,
+            "network": scorer_network(scorer),
             "workers": scorer.workers,
         },
         "costs_ms_per_image": {k: round(v, 2) for k, v in costs.items()},
@@ -504,7 +549,7 @@ def summarise(measured: dict, device: torch.device) -> dict[str, Any]:
     overlap = round(ips["infer_path"] / ips[best_pure], 3)
     target = SPEEDUP_TARGET["cuda" if device.type == "cuda" else "cpu"]
     setting = measured["infer_setting"]
-    at_setting = pure_name(setting["batch_size"], setting["channels_last"])
+    at_setting = pure_name(setting["batch_size"], setting["network"])
     headline = ("naive", "infer_path", best_pure)
     return {
         "naive_ips": ips["naive"],
@@ -512,7 +557,7 @@ def summarise(measured: dict, device: torch.device) -> dict[str, Any]:
         "best_pure_forward_ips": ips[best_pure],
         "best_pure_forward_setting": best_pure.removeprefix("pure_forward_"),
         "pure_forward_at_infer_setting_ips": ips[at_setting],
-        "prepared_vs_unfolded_forward": round(ips[at_setting] / ips["pure_forward_unfolded"], 3),
+        "prepared_vs_eager_forward": round(ips[at_setting] / ips["pure_forward_eager"], 3),
         "speedup_vs_naive": speedup,
         "speedup_vs_naive_target": target,
         "speedup_vs_naive_target_met": bool(speedup >= target),
@@ -577,23 +622,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sweep_table(measured: dict, memory: dict[str, dict], batch_sizes: list[int], workers: list[int]) -> list[dict]:
+def sweep_table(
+    measured: dict, memory: dict[str, dict], batch_sizes: list[int], networks: Sequence[str], workers: list[int]
+) -> list[dict]:
     table = {name: contender_summary(runs) for name, runs in measured["runs"].items()}
     rows = []
     for bs in batch_sizes:
-        for cl in (False, True):
+        for n in networks:
             for w in workers:
-                name = loader_name(bs, cl, w)
+                name = loader_name(bs, n, w)
                 rows.append(
                     {
                         "batch_size": bs,
-                        "memory_format": fmt_name(cl),
+                        "network": n,
                         "workers": w,
                         "ips": table[name]["ips"],
                         "undisturbed_runs": table[name]["undisturbed_runs"],
                         "runs": table[name]["runs"],
                         "cpu_ms_per_image": table[name]["cpu_ms_per_image"],
-                        "pure_forward_ips": table[pure_name(bs, cl)]["ips"],
+                        "pure_forward_ips": table[pure_name(bs, n)]["ips"],
                         **memory.get(name, {}),
                     }
                 )
@@ -608,6 +655,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = args.images or (4 if args.quick else DEFAULT_IMAGES[kind])
     batch_sizes = sorted({*(args.batch_sizes or [1, 2, 4, 8]), defaults["batch_size"]})
     worker_counts = sorted(set(args.workers or [0, 1, defaults["workers"]]))
+    networks = NETWORKS[kind]
 
     # Loader workers inside the measuring processes start the way they do under
     # `python infer.py` on this platform, not the way the measuring processes themselves do.
@@ -628,16 +676,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Enough files for one batch of the largest batch size in the memory runs.
         paths = make_photos(Path(tmp), max(images, max(batch_sizes)))
         image_sizes = sorted({photo_size(p) for p in paths[:images]})
+        base.update(weights=str(Path(tmp) / "expert" / "model.safetensors"), networks=networks)
+        onnx_export = run_isolated(ctx, export_task, {**base, "label": "export"})
         memory: dict[str, dict] = {}
         if not args.no_memory:
             memory["naive"] = run_isolated(
                 ctx, memory_task, {**base, "naive": True, "paths": [str(p) for p in paths[:2]], "label": "naive"}
             )
             for bs in batch_sizes:
-                for cl in (False, True):
+                for n in networks:
                     for w in worker_counts:
-                        name = loader_name(bs, cl, w)
-                        spec = {**base, "naive": False, "batch_size": bs, "channels_last": cl, "workers": w}
+                        name = loader_name(bs, n, w)
+                        spec = {**base, "naive": False, "batch_size": bs, "network": n, "workers": w}
                         spec.update(paths=[str(p) for p in paths[:bs]], label=name)
                         memory[name] = run_isolated(ctx, memory_task, spec)
         spec = {**base, "paths": [str(p) for p in paths[:images]], "batch_sizes": batch_sizes}
@@ -648,24 +698,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "infer_throughput"}
     result.update(summarise(measured, device))
     setting = measured["infer_setting"]
-    sweep = sweep_table(measured, memory, batch_sizes, worker_counts)
+    sweep = sweep_table(measured, memory, batch_sizes, networks, worker_counts)
     best = max(sweep, key=lambda r: r["ips"])
     ranked = sorted(sweep, key=lambda r: -r["ips"])
-    default_name = loader_name(setting["batch_size"], setting["channels_last"], setting["workers"])
-    default_row = next(
-        r
-        for r in sweep
-        if loader_name(r["batch_size"], r["memory_format"] == "channels_last", r["workers"]) == default_name
-    )
-    best_name = loader_name(best["batch_size"], best["memory_format"] == "channels_last", best["workers"])
+    default_name = loader_name(setting["batch_size"], setting["network"], setting["workers"])
+    default_row = next(r for r in sweep if loader_name(r["batch_size"], r["network"], r["workers"]) == default_name)
+    best_name = loader_name(best["batch_size"], best["network"], best["workers"])
     per_round = ratio_per_round(measured["runs"][best_name], measured["runs"][default_name])
-    result["sweep_best"] = {k: best[k] for k in ("batch_size", "memory_format", "workers", "ips")}
+    result["sweep_best"] = {k: best[k] for k in ("batch_size", "network", "workers", "ips")}
     result["infer_defaults"] = {**setting, "autocast": "bf16" if kind == "cuda" else "none (fp32)"}
     result["infer_defaults_are_best"] = best is default_row
     result["infer_defaults_rank"] = ranked.index(default_row) + 1
     result["infer_defaults_vs_best"] = round(default_row["ips"] / best["ips"], 3)
     result["best_vs_defaults_per_round"] = per_round
     result["costs_ms_per_image"] = measured["costs_ms_per_image"]
+    if onnx_export:
+        result["onnx_export"] = onnx_export
     if "naive" in memory:
         result["naive_memory"] = memory["naive"]
     result["sweep"] = sweep

@@ -64,7 +64,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str
             hooks.append(module.register_forward_pre_hook(before_norm))
     try:
         with torch.inference_mode():
-            outputs = _flat_outputs(model(example))
+            outputs = flat_outputs(model(example))
     finally:
         for hook in hooks:
             hook.remove()
@@ -86,14 +86,23 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
 
 
-def _flat_outputs(output) -> list[torch.Tensor]:
+def flat_outputs(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, dict):
-        return [t for v in output.values() for t in _flat_outputs(v)]
+        return [t for v in output.values() for t in flat_outputs(v)]
     if isinstance(output, list | tuple):
-        return [t for v in output for t in _flat_outputs(v)]
+        return [t for v in output for t in flat_outputs(v)]
     return []
+
+
+def outputs_match(
+    before: list[torch.Tensor], after: list[torch.Tensor], *, rtol: float = 1e-3, atol: float = 1e-4
+) -> bool:
+    """Same number of outputs, each equal within float tolerance (an inference rewrite's check)."""
+    return len(before) == len(after) and all(
+        torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol) for a, b in zip(before, after, strict=True)
+    )
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-3, atol: float = 1e-4) -> nn.Module:
@@ -113,11 +122,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
         parent_name, _, attr = bn_name.rpartition(".")
         setattr(modules[parent_name] if parent_name else folded, attr, _norm_replacement(bn))
     with torch.inference_mode():
-        after = _flat_outputs(folded(example))
-    same = len(before) == len(after) and all(
-        torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol) for a, b in zip(before, after, strict=True)
-    )
-    if not same:
+        after = flat_outputs(folded(example))
+    if not outputs_match(before, after, rtol=rtol, atol=atol):
         name = type(model).__name__
         log.warning("BatchNorm folding changed the outputs of %s; scoring with the unfolded network", name)
         return model

@@ -17,7 +17,7 @@ from models.registry import build_model
 @dataclass
 class TrainedModel:
     member: str
-    fold_dir: Path
+    weights: Path
     config: dict
     model: torch.nn.Module
 
@@ -40,7 +40,7 @@ def load_trained(weights: str | Path) -> TrainedModel:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{weights}: does not fit {cfg['model']['name']} ({first})") from None
-    return TrainedModel(cfg["name"], weights.parent, cfg, model.eval())
+    return TrainedModel(cfg["name"], weights, cfg, model.eval())
 
 
 def find_trained(outputs: str | Path, members: list[str] | None = None) -> list[Path]:

@@ -45,9 +45,12 @@ def test_quick_mode_prints_complete_json(tmp_path: Path) -> None:
     # The sweep covers the requested grid plus infer.py's own CPU setting.
     batch_sizes, workers = {1, 4, cpu["batch_size"]}, {0, 1, cpu["workers"]}
     sweep = result["sweep"]
-    assert {(r["batch_size"], r["memory_format"], r["workers"]) for r in sweep} == {
-        (b, f, w) for b in batch_sizes for f in ("nchw", "channels_last") for w in workers
+    assert {(r["batch_size"], r["network"], r["workers"]) for r in sweep} == {
+        (b, n, w) for b in batch_sizes for n in ("onnx", "channels_last", "nchw") for w in workers
     }
+    assert result["infer_defaults"]["network"] == "onnx"
+    export = result["onnx_export"]
+    assert export["first_load_s"] > export["cached_load_s"] > 0 and export["file_mb"] > 0
     for row in sweep:
         assert row["ips"] > 0 and row["pure_forward_ips"] > 0
         assert row["peak_rss_mb"] >= row["model_rss_mb"] > 0

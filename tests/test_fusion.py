@@ -77,7 +77,7 @@ def test_prepare_network_is_what_infer_scores_with():
     x = torch.randn(2, 3, 48, 48)
     with torch.inference_mode():
         expected = model(x)
-    net = prepare_network(model, 48, torch.device("cpu"), channels_last=True)
+    net = prepare_network(model, 48, torch.device("cpu"), "torch")
     assert not net.training and _norms(net) == 0
     assert net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
