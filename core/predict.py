@@ -1,8 +1,11 @@
-"""Batched scoring of image files: decoding overlapped with compute in loader workers."""
+"""Batched scoring of image files: decoding overlapped with compute (in loader workers, or
+in a read-ahead thread where there are none)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +58,52 @@ def _forward(models: Sequence[torch.nn.Module], images: torch.Tensor, device: to
     return p.float().cpu().numpy()
 
 
+def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
+    """The items of `items`, fetched by a background thread up to `depth` ahead of the caller.
+
+    With no loader workers, this overlaps decoding the next images with the forward pass
+    (PIL, OpenCV and ONNX Runtime release the GIL) without a worker process taking a core
+    from the network: measured 1.04x the pure forward pass against 0.95x without it for
+    B4 at 512 px on 2 cores (README, Benchmarks). An error in the thread is raised here;
+    leaving the loop early stops the thread after the item it is fetching.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand_over(("item", item)):
+                    return
+        except Exception as err:  # noqa: BLE001 (re-raised in the caller's thread)
+            hand_over(("error", err))
+            return
+        hand_over(("done", None))
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 @torch.inference_mode()
 def predict_loader(
     models: Sequence[torch.nn.Module],
@@ -75,7 +124,8 @@ def predict_loader(
     for model in models:
         model.eval()
     probs = np.full((len(loader.dataset), len(models)), np.nan, dtype=np.float64)
-    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+    batches = read_ahead(loader) if loader.num_workers == 0 else loader
+    for batch in tqdm(batches, desc="predict", total=len(loader), disable=not progress, leave=False):
         for message in batch["errors"]:
             report(message)
         if "image" not in batch:
