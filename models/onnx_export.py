@@ -126,7 +126,7 @@ def onnx_network(model: nn.Module, size: int, weights: Path | None = None) -> nn
     """`model` (eval mode, on the CPU) as an `OnnxNetwork` for `size` x `size` inputs, exported
     or read from the cache beside `weights`; `model` itself if the export fails or its outputs
     differ from PyTorch's on a random image (logged)."""
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = model(example)
     keys = list(reference) if isinstance(reference, dict) else None
