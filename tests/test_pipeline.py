@@ -69,6 +69,15 @@ def test_infer_without_model_says_how_to_get_one(tmp_path, capsys):
     assert "run_all.sh" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+def test_infer_rejects_an_unusable_device_before_loading_models(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert infer.main([str(img), "--outputs", str(tmp_path / "none"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert infer.main([str(img), "--outputs", str(tmp_path / "none"), "--runtime", "torch", "--device", "cpu"]) == 3
+
+
 def test_infer_refuses_pickle_weights(tmp_path, capsys):
     weights = tmp_path / "model.pt"
     torch.save({"w": torch.ones(1)}, weights)
