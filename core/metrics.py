@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+
+# scikit-learn is imported where a metric is computed, not here: importing it takes about a
+# second, which every `python infer.py` call (it reaches this module through the blending
+# code) would pay without computing a metric.
 
 TIE_BREAK_FPR = 1e-3
 
@@ -13,6 +16,8 @@ def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
     target = np.asarray(target)
     if len(np.unique(target)) < 2:
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(target, score))
 
 
@@ -21,6 +26,8 @@ def tpr_at_fpr(target: np.ndarray, score: np.ndarray, max_fpr: float = TIE_BREAK
     target = np.asarray(target)
     if len(np.unique(target)) < 2:
         return float("nan")
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(target, score)
     return float(tpr[fpr <= max_fpr].max())
 
