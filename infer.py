@@ -14,7 +14,7 @@ are scored as they are (competition images are face crops), or face-cropped with
 
 On a CPU the networks run in ONNX Runtime (exported once per checkpoint and cached beside its
 weights as model.onnx; each export is checked against PyTorch before use); on a GPU in PyTorch
-with bf16 autocast. --runtime torch scores a CPU in PyTorch too.
+with bf16 autocast. --runtime torch uses PyTorch on the CPU as well.
 
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
