@@ -122,11 +122,11 @@ def prepare_network(
     input size; where the ONNX export fails that check, the `torch` preparation is used (logged).
     May return a new module; drop the old one."""
     model = model.to(device).eval()
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     if runtime == "onnx":
-        network = onnx_network(model, size, weights)
+        network = onnx_network(model, example, weights)
         if network is not model:
             return network
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     return fold_batchnorm(model, example).to(memory_format=torch.channels_last)
 
 

@@ -122,11 +122,11 @@ def _store(cache: Path, model_bytes: bytes) -> None:
         log.warning("%s: cannot cache the export (%s); it is redone at each load", cache, err.strerror)
 
 
-def onnx_network(model: nn.Module, size: int, weights: Path | None = None) -> nn.Module:
-    """`model` (eval mode, on the CPU) as an `OnnxNetwork` for `size` x `size` inputs, exported
-    or read from the cache beside `weights`; `model` itself if the export fails or its outputs
-    differ from PyTorch's on a random image (logged)."""
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+def onnx_network(model: nn.Module, example: torch.Tensor, weights: Path | None = None) -> nn.Module:
+    """`model` (eval mode, on the CPU) as an `OnnxNetwork` for inputs of `example`'s image size,
+    exported or read from the cache beside `weights`; `model` itself if the export fails or its
+    outputs differ from PyTorch's on `example` (logged)."""
+    size = example.shape[-1]
     with torch.inference_mode():
         reference = model(example)
     keys = list(reference) if isinstance(reference, dict) else None

@@ -19,6 +19,10 @@ from models.onnx_export import OnnxNetwork, onnx_network
 SIZE = 40
 
 
+def _example(size: int = SIZE) -> torch.Tensor:
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def expert() -> nn.Module:
     torch.manual_seed(0)
@@ -44,7 +48,7 @@ def _exports(monkeypatch) -> list[int]:
 
 
 def test_exported_expert_gives_the_same_outputs_at_any_batch_size(expert, weights):
-    network = onnx_network(expert, SIZE, weights)
+    network = onnx_network(expert, _example(), weights)
     assert isinstance(network, OnnxNetwork)
     for batch in (1, 3):
         x = torch.randn(batch, 3, SIZE, SIZE)
@@ -57,17 +61,17 @@ def test_exported_expert_gives_the_same_outputs_at_any_batch_size(expert, weight
 
 def test_the_export_is_cached_beside_the_weights_and_redone_when_they_change(expert, weights, monkeypatch):
     exports = _exports(monkeypatch)
-    onnx_network(expert, SIZE, weights)
+    onnx_network(expert, _example(), weights)
     cache = weights.with_suffix(".onnx")
     assert cache.is_file() and len(exports) == 1
-    onnx_network(expert, SIZE, weights)
+    onnx_network(expert, _example(), weights)
     assert len(exports) == 1  # read from the cache
-    onnx_network(expert, SIZE + 8, weights)
+    onnx_network(expert, _example(SIZE + 8), weights)
     assert len(exports) == 2  # another input size is another key
 
     changed = build_model({"name": "mff_expert", "backbone": "test_resnet.r160_in1k", "pretrained": False}).eval()
     save_weights(changed.state_dict(), weights)
-    network = onnx_network(changed, SIZE, weights)
+    network = onnx_network(changed, _example(), weights)
     assert len(exports) == 3
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode():
@@ -78,7 +82,7 @@ def test_the_export_is_cached_beside_the_weights_and_redone_when_they_change(exp
 def test_a_corrupt_cache_is_exported_again(expert, weights, capsys, monkeypatch):
     weights.with_suffix(".onnx").write_bytes(b"not an onnx model")
     exports = _exports(monkeypatch)
-    assert isinstance(onnx_network(expert, SIZE, weights), OnnxNetwork)
+    assert isinstance(onnx_network(expert, _example(), weights), OnnxNetwork)
     assert len(exports) == 1
     err = capsys.readouterr().err
     assert f"{weights.with_suffix('.onnx')}: unreadable cached export" in err
@@ -89,7 +93,7 @@ def test_an_unwritable_folder_still_scores_with_the_export(expert, weights, caps
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(onnx_export, "write_with", refuse)
-    assert isinstance(onnx_network(expert, SIZE, weights), OnnxNetwork)
+    assert isinstance(onnx_network(expert, _example(), weights), OnnxNetwork)
     assert "cannot cache the export" in capsys.readouterr().err
     assert not weights.with_suffix(".onnx").exists()
 
@@ -108,7 +112,7 @@ class _Noisy(nn.Module):
 
 def test_an_export_that_disagrees_with_pytorch_is_not_used(capsys):
     model = _Noisy().eval()
-    assert onnx_network(model, 16) is model
+    assert onnx_network(model, _example(16)) is model
     assert "gives different outputs" in capsys.readouterr().err
 
 
@@ -117,12 +121,12 @@ def test_an_export_that_fails_falls_back_to_pytorch(expert, capsys, monkeypatch)
         raise RuntimeError("no ONNX form for aten::made_up\nmore detail")
 
     monkeypatch.setattr(onnx_export, "export_onnx", fail)
-    assert onnx_network(expert, SIZE) is expert
+    assert onnx_network(expert, _example()) is expert
     assert "ONNX export of MFFExpert failed (no ONNX form for aten::made_up)" in capsys.readouterr().err
 
 
 def test_prepare_network_falls_back_to_the_folded_pytorch_network(expert, monkeypatch):
-    monkeypatch.setattr(infer, "onnx_network", lambda model, size, weights: model)
+    monkeypatch.setattr(infer, "onnx_network", lambda model, example, weights: model)
     network = infer.prepare_network(expert, SIZE, torch.device("cpu"), "onnx")
     assert not isinstance(network, OnnxNetwork)
     assert network.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
