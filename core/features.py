@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast
 from core.io import write_csv, write_with
 from core.log import get_logger
+from core.progress import progress_bar
 
 log = get_logger("features")
 
@@ -72,7 +72,7 @@ def extract_features(
     model = model.to(device).eval()
     loader = make_loader(ImageDataset(paths, transform=transform), batch_size, num_workers)
     out: np.ndarray | None = None
-    for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc="features", disable=not progress, leave=False):
         for message in batch["errors"]:
             report(message)
         if "image" not in batch:

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast
 from core.log import get_logger
+from core.progress import progress_bar
 
 log = get_logger("predict")
 
@@ -125,7 +125,7 @@ def predict_loader(
         model.eval()
     probs = np.full((len(loader.dataset), len(models)), np.nan, dtype=np.float64)
     batches = read_ahead(loader) if loader.num_workers == 0 else loader
-    for batch in tqdm(batches, desc="predict", total=len(loader), disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc="predict", total=len(loader), disable=not progress, leave=False):
         for message in batch["errors"]:
             report(message)
         if "image" not in batch:

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch_ema import ExponentialMovingAverage
-from tqdm import tqdm
 
 from core.checkpoint import WEIGHTS_FILE, load_state, save_state, save_weights
 from core.config import ConfigError
@@ -32,6 +31,7 @@ from core.io import write_csv
 from core.log import get_logger
 from core.metrics import score_report
 from core.predict import predict_loader
+from core.progress import progress_bar
 
 log = get_logger("train")
 
@@ -196,7 +196,7 @@ class Trainer:
         torch.manual_seed((s.seed * 100_003 + self.epoch) * 1009 + self.dist.rank)
         loader = make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler)
         losses: list[float] = []
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress, leave=False)
+        bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
             for message in batch["errors"]:

@@ -41,9 +41,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from core.io import write_csv, write_json, write_text
+from core.progress import progress_bar
 from data_prep.edits import encode_jpeg, face_swap, hull_mask, region_swap, to_uint8
 from data_prep.faces import FaceAnalyzer, flip_landmarks
 
@@ -263,7 +263,7 @@ def _build_split(
     jobs = [("real", i, ("real", "")) for i in range(n_real)] + [
         ("fake", int(p), FAKE_RECIPES[r]) for p, r in zip(parents, recipes, strict=True)
     ]
-    for k, (kind, idx, (method, region)) in enumerate(tqdm(jobs, desc=desc, unit="img", disable=not progress)):
+    for k, (kind, idx, (method, region)) in enumerate(progress_bar(jobs, desc=desc, unit="img", disable=not progress)):
         view = views[idx]
         if kind == "real":
             rgb, parent = view.rgb, names[k]

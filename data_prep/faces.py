@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from core.imaging import ImageDecodeError, decode_image
 from core.io import atomic_path
 from core.labels import LabelError, safe_join
+from core.progress import progress_bar
 
 log = logging.getLogger("ffdi.data_prep.faces")
 
@@ -313,7 +313,9 @@ class FaceAnalyzer:
         if len(names) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(names)} names")
         results = FaceResults()
-        for path, name in tqdm(list(zip(paths, names, strict=True)), desc="faces", unit="img", disable=not progress):
+        for path, name in progress_bar(
+            list(zip(paths, names, strict=True)), desc="faces", unit="img", disable=not progress
+        ):
             try:
                 cache_file = cache_path(cache_dir, name) if cache_dir is not None else None
                 face, cached = self.analyze_file(path, cache_file)

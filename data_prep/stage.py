@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from core.config import deep_merge, save_config
 from core.datasource import DataPaths, resolve_data
@@ -56,6 +55,7 @@ from core.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from core.io import atomic_path, write_csv, write_json, write_text
 from core.labels import LabelError, read_labels, safe_join
 from core.log import get_logger
+from core.progress import progress_bar
 from data_prep import diffusion as sd
 from data_prep import edits
 from data_prep.faces import Face, FaceAnalyzer, FaceModelError, align_crop, cache_path
@@ -327,7 +327,7 @@ class Workers:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, progress: bool) -> Iterable[Any]:
         """fn over items, in the pool when there are several workers; results in completion order."""
-        bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
+        bar = progress_bar(total=len(items), desc=desc, unit="img", disable=not progress)
         try:
             if self.n == 1 or len(items) <= 1:
                 for item in items:
@@ -360,7 +360,7 @@ def link_originals(table: pd.DataFrame, out: Path, mode: str, progress: bool) ->
     modification time (a copy); anything else is replaced.
     """
     counts = {"linked": 0, "copied": 0, "kept": 0}
-    for src, name in tqdm(
+    for src, name in progress_bar(
         list(zip(table["path"], table["img_name"], strict=True)), desc="originals", unit="img", disable=not progress
     ):
         src_p, dst = Path(src), safe_join(out, name)
@@ -735,7 +735,7 @@ def run_diffusion_jobs(
             yield Result(job.name, False, str(err))
     common = {"steps": int(d["steps"]), "guidance": float(d["guidance"]), "negative_prompt": d.get("negative_prompt")}
     details = {"model": models.sources.get(kind, ""), "steps": common["steps"], "guidance": common["guidance"]}
-    bar = tqdm(total=len(ready), desc=f"sd:{kind}", unit="img", disable=not progress)
+    bar = progress_bar(total=len(ready), desc=f"sd:{kind}", unit="img", disable=not progress)
     for batch in _sd_batches(ready, sizes, d, max(1, int(d["batch_size"]))):
         images: dict[str, np.ndarray] = {}
         masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
