@@ -12,7 +12,9 @@ from core.log import get_logger
 
 log = get_logger("backbones")
 
-# Keys of a classifier head: dropped because the member brings its own head.
+# Keys of a classifier head: dropped because the member brings its own head. Only keys the
+# headless model lacks are dropped: timm keeps some `head.` parts with `num_classes=0`
+# (ConvNeXtV2's final `head.norm`), and those must load.
 _HEAD_PREFIXES = ("classifier.", "head.fc.", "head.", "fc.", "last_linear.")
 # Wrappers that training scripts commonly add around a state dict.
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
@@ -28,12 +30,12 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_backbone_weights(model: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
     """Load a local pretrained file into `model`, logging what loaded.
 
-    Head keys are ignored. Any other missing or unexpected key, or a shape mismatch,
+    Classifier keys the headless model has no place for are ignored. Any other missing or unexpected key, or a shape mismatch,
     raises unless `strict=False`, in which case it is logged and skipped.
     """
     state = _strip_wrappers(load_weights(path, allow_pickle=True))
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(_HEAD_PREFIXES)}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]

@@ -52,3 +52,34 @@ def test_offline_hub_download_says_what_to_do(monkeypatch):
     monkeypatch.setattr(timm, "create_model", no_network)
     with pytest.raises(RuntimeError, match="model.weights=<path>"):
         models.build_model({"name": "mff_expert", "backbone": "tf_efficientnet_b4", "pretrained": True})
+
+
+def test_convnextv2_local_file_keeps_its_final_norm(tmp_path):
+    """timm keeps `head.norm` with num_classes=0: a local ConvNeXtV2 file must load it, not drop it."""
+    trained = timm.create_model("convnextv2_atto", num_classes=1000)
+    with torch.no_grad():
+        trained.head.norm.weight.uniform_(0.5, 1.5)
+        trained.head.norm.bias.uniform_(-0.5, 0.5)
+    path = save_weights(trained.state_dict(), tmp_path / "convnextv2_atto.safetensors")
+    model = models.build_model({"name": "mff_expert", "backbone": "convnextv2_atto", "weights": str(path)})
+    assert torch.equal(model.backbone.head.norm.weight, trained.head.norm.weight)
+    assert torch.equal(model.backbone.head.norm.bias, trained.head.norm.bias)
+    images = torch.randn(2, 3, 64, 64)
+    trained.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.allclose(
+            model.backbone(images), trained.forward_head(trained.forward_features(images), pre_logits=True)
+        )
+
+
+def test_a_missing_final_norm_is_refused(tmp_path):
+    trained = timm.create_model("convnextv2_atto", num_classes=0)
+    state = {k: v for k, v in trained.state_dict().items() if not k.startswith("head.norm")}
+    with pytest.raises(CheckpointError, match="missing: 2 e.g. \\['head.norm.weight'"):
+        models.build_model(
+            {
+                "name": "mff_expert",
+                "backbone": "convnextv2_atto",
+                "weights": str(save_weights(state, tmp_path / "c.st")),
+            }
+        )
