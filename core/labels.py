@@ -7,11 +7,13 @@ escape it.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
 SHOW = 5  # how many offending names an error message lists
+DELIMITERS = (",", "\t", ";")  # what spreadsheets export: CSV, tab-separated text, European-locale CSV
 
 
 class LabelError(ValueError):
@@ -32,6 +34,54 @@ def safe_join(root: str | Path, name: str) -> Path:
     return Path(root) / rel
 
 
+def _decode(path: Path) -> str:
+    """The file's text. UTF-8 (a leading byte-order mark, as spreadsheets write, is dropped);
+    anything else is refused with the encoding it looks like, because image names decoded with
+    a guessed encoding would not match the files on disk."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        # Every byte sequence decodes as Latin-1, so the name is a description, not a check;
+        # cp1252 is what Windows spreadsheets write for "ANSI".
+        raise LabelError(
+            f"{path}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); it looks Latin-1 / "
+            "Windows-1252 encoded: save it as UTF-8 (CSV UTF-8 in a spreadsheet)"
+        ) from None
+
+
+def _delimiter(header: str, required: list[str]) -> str:
+    """The delimiter among comma, tab and semicolon under which the header names the required columns."""
+    for sep in DELIMITERS:
+        if set(required) <= {c.strip() for c in header.split(sep)}:
+            return sep
+    return ","
+
+
+def read_table(path: Path, required: list[str]) -> pd.DataFrame:
+    """A label-like CSV as strings, whatever a spreadsheet made of it: comma, tab or semicolon
+    separated, spaces around the values, a byte-order mark. Raises LabelError naming what was
+    found and what is expected when the required columns are not there."""
+    text = _decode(path)
+    header = text.split("\n", 1)[0]
+    sep = _delimiter(header, required)
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise LabelError(f"{path}: not a readable CSV ({str(err).strip().splitlines()[0]})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise LabelError(
+            f"{path}: missing column(s) {missing}; found {list(df.columns)} in the header {header.strip()!r}, "
+            f"expected {','.join(required)} (comma- or tab-separated)"
+        )
+    for col in df.columns:
+        df[col] = df[col].str.strip()
+    df["img_name"] = df["img_name"].replace("", None)
+    return df
+
+
 def read_labels(
     csv_path: str | Path,
     image_root: str | Path,
@@ -47,14 +97,8 @@ def read_labels(
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise LabelError(f"{csv_path}: no such label file")
-    try:
-        df = pd.read_csv(csv_path, dtype={"img_name": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise LabelError(f"{csv_path}: not a readable CSV ({err})") from None
     required = ["img_name", "target"] if require_target else ["img_name"]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise LabelError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}, expected {required}")
+    df = read_table(csv_path, required)
     if df.empty:
         raise LabelError(f"{csv_path}: no rows")
     if df["img_name"].isna().any():

@@ -54,3 +54,38 @@ def test_test_list_needs_no_target(root):
 def test_missing_label_file(root):
     with pytest.raises(LabelError, match="none.csv: no such label file"):
         read_labels(root / "none.csv", root)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "img_name, target\na.png, 0\nb.png, 1\n",  # spaces after the commas
+        "img_name\ttarget\na.png\t0\nb.png\t1\n",  # tab-separated, as spreadsheets export text
+        "img_name;target\na.png;0\nb.png;1\n",  # semicolons, as European-locale spreadsheets write CSV
+        "\ufeffimg_name,target\r\na.png,0\r\nb.png,1\r\n",  # byte-order mark and CRLF line ends
+        " img_name , target \n a.png , 0 \n b.png , 1 \n",  # padded names and values
+    ],
+)
+def test_spreadsheet_exports_are_read(root, text):
+    df = read_labels(write(root, text), root / "img")
+    assert df["img_name"].tolist() == ["a.png", "b.png"]
+    assert df["target"].tolist() == [0, 1]
+    assert df["path"].map(lambda p: p.endswith(("a.png", "b.png"))).all()
+
+
+def test_unknown_separator_says_what_was_found_and_expected(root):
+    with pytest.raises(
+        LabelError, match=r"labels.csv: missing column.*header 'img_name\|target'.*expected img_name,target"
+    ):
+        read_labels(write(root, "img_name|target\na.png|0\n"), root / "img")
+
+
+def test_latin1_file_is_refused_with_its_encoding(root):
+    (root / "img" / "caf\u00e9.png").write_bytes((root / "img" / "a.png").read_bytes())
+    path = root / "labels.csv"
+    path.write_bytes("img_name,target\ncaf\u00e9.png,0\n".encode("latin-1"))
+    with pytest.raises(LabelError, match=r"labels.csv: not UTF-8 \(byte 0xe9 at offset 19\); it looks Latin-1") as err:
+        read_labels(path, root / "img")
+    assert "\n" not in str(err.value)
+    path.write_bytes("img_name,target\ncaf\u00e9.png,0\n".encode())  # the same file saved as UTF-8 reads
+    assert read_labels(path, root / "img")["img_name"].tolist() == ["caf\u00e9.png"]
