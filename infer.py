@@ -3,11 +3,13 @@
   python infer.py face.jpg                    # one line: <probability>\\t<path>
   python infer.py a.jpg b.png folder/ clip.mp4 --out results.csv
   python infer.py face.jpg --weights outputs/mff_demo/fold0/model.safetensors
+  python infer.py --weights fold0/model.safetensors --weights fold1/model.safetensors face.jpg
 
 Models: every finished fold of the configured members under outputs/ (their folds
 averaged, then members blended as ensemble.py does), or the files given with --weights
 (safetensors only, each with the meta.json that train.py wrote beside it).
-Folders are searched recursively for images and videos. A video is scored from
+Folders are searched recursively for videos and for every file the decoder can open (any
+image format, by its name or its header); other files are counted in one line. A video is scored from
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
 frame's score is the highest face score and the video's the mean over frames. Still images
 are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from core.checkpoint import CheckpointError
 from core.config import ConfigError, load_config
 from core.dataset import ImageDataset, make_loader
 from core.device import pick_device
-from core.imaging import ImageDecodeError, decode_image, is_image, is_video, sample_video_frames
+from core.imaging import ImageDecodeError, decode_image, is_image, is_video, opens_as_image, sample_video_frames
 from core.io import write_csv
 from core.predict import predict_arrays, predict_loader
 from core.transforms import build_transform
@@ -60,7 +63,12 @@ RUNTIMES = ("auto", "onnx", "torch")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="images, videos or folders")
-    p.add_argument("--weights", nargs="+", help="model.safetensors files to use instead of the outputs folder")
+    p.add_argument(
+        "--weights",
+        action="append",
+        metavar="FILE",
+        help="a model.safetensors file to use instead of the outputs folder; repeat for several",
+    )
     p.add_argument("--config", default="configs/ensemble.yaml", help="ensemble config (default: %(default)s)")
     p.add_argument("--outputs", default="outputs", help="where train.py wrote the members (default: %(default)s)")
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
@@ -78,17 +86,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def expand_inputs(inputs: list[str], report: Callable[[str], None]) -> list[Path]:
-    """Files as given; folders searched recursively for images and videos, sorted."""
+def scan_folder(folder: Path) -> tuple[list[Path], Counter[str]]:
+    """Every file under `folder` (recursively, sorted) that is a video or an image: named as one
+    (a corrupt one is then reported when it is decoded) or recognised by the decoder from its
+    header (a GIF, an image without an extension). Also the count of other files per extension."""
     found: list[Path] = []
+    ignored: Counter[str] = Counter()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if is_image(path) or is_video(path) or opens_as_image(path):
+            found.append(path)
+        else:
+            ignored[path.suffix.lower() or "(no extension)"] += 1
+    return found, ignored
+
+
+def expand_inputs(inputs: list[str], report: Callable[[str], None]) -> list[Path]:
+    """Files as given; folders scanned with `scan_folder`. Files in folders that are neither
+    images nor videos are left out with one summary line on stderr, not reported as skipped."""
+    found: list[Path] = []
+    ignored: Counter[str] = Counter()
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and (is_image(p) or is_video(p)))
+            files, others = scan_folder(path)
+            found += files
+            ignored += others
         elif path.is_file():
             found.append(path)
         else:
             report(f"{path}: no such file or folder")
+    if ignored:
+        kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(ignored.items()))
+        print(f"ignored {ignored.total()} file(s) that are not images or videos: {kinds}", file=sys.stderr)
     return found
 
 

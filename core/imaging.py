@@ -82,6 +82,16 @@ def is_image(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def opens_as_image(path: str | Path) -> bool:
+    """True when the decoder recognises the file's header, whatever its name (GIF, ICO, PPM,
+    an image saved without an extension). Reads the header only, not the pixels."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
     """Return `num_frames` RGB frames spread evenly over the whole video.
 
