@@ -10,20 +10,24 @@ them; fakes are real manipulations of a real view (its "parent"):
   aligned to the parent's 68 landmarks, colour-matched and blended in (`edits.region_swap`);
 - `edit:faceswap` (region face): the other photograph's inner face, warped onto the parent's
   landmarks, colour-matched and Poisson-cloned (`edits.face_swap`);
-- `sbi` (region face): the parent blended with a slightly warped, colour-shifted copy of
-  itself inside a blurred landmark hull (a small self-blended image).
+- `sbi` (region face): a self-blended image made by `blending.sbi_pair`, the parent blended
+  with a warped copy of itself inside a blurred landmark mask, one of the two copies
+  colour-shifted and blurred or sharpened. When SBI augments the target copy, that copy is
+  the parent real the demo writes, so a fake equals its real outside the blend.
 
 The swaps are the data stage's own edits (`data_prep.edits`), so the demo exercises the
-code that prepares real data; method and region names are the manifest's.
+code that prepares real data; method and region names are the manifest's. `sources` is
+empty throughout: the pasted faces come from the photographs, not from images of the set.
 
 Layout under `out` (image names are relative to their own image root, `train/` or `test/`):
 
-    train/*.jpg  train_labels.csv (img_name,target)  manifest.csv (img_name,target,method,parent,region)
+    train/*.jpg  train_labels.csv (img_name,target)  manifest.csv (img_name,target,method,parent,region,sources)
     test/*.jpg   test_list.csv (img_name)  test_labels.csv (img_name,target)  test_manifest.csv
     DONE         the parameters, written last
 
 Train has `n_real` reals and as many fakes; test has `n_test` images, half of each, drawn
-from a separate random stream. The same parameters give byte-identical files.
+from a separate random stream. Every real is the parent of at most one fake, and every
+image is written once, as JPEG. The same parameters give byte-identical files.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ import pandas as pd
 
 from core.io import write_csv, write_json, write_text
 from core.progress import progress_bar
-from data_prep.edits import encode_jpeg, face_swap, hull_mask, region_swap, to_uint8
+from data_prep.blending import SBIConfig, sbi_pair
+from data_prep.edits import encode_jpeg, face_swap, region_swap, to_uint8
 from data_prep.faces import FaceAnalyzer, flip_landmarks
 
 # Bump whenever the recipe changes what gets written, so an old build is not taken as current.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 PHOTOS = ("astronaut", "grace_hopper")
 # skimage.data.camera() was considered too: dlib's HOG detector finds no face in it at
@@ -67,6 +72,9 @@ FAKE_METHODS = tuple(dict.fromkeys(m for m, _ in FAKE_RECIPES))
 REGIONS = tuple(dict.fromkeys(r for _, r in FAKE_RECIPES))
 JPEG_QUALITY = (70, 100)
 MIN_SIZE = 64
+# The published recipe, less the pair's shared colour jitter and JPEG: a demo view is already
+# colour-jittered, and the demo writes every image once as JPEG itself.
+DEMO_SBI = SBIConfig(pair_augment=False)
 
 DONE_FILE = "DONE"
 BUILDING_FILE = ".building"
@@ -181,60 +189,13 @@ def swap_region(target: View, source: Photo, region: str, rng: np.random.Generat
     return result.rgb, result.mask
 
 
-def _sbi_colour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    x = x + rng.uniform(-20, 20, 3).astype(np.float32)
-    x = (x - 128.0) * (1.0 + rng.uniform(-0.1, 0.1)) + 128.0 + rng.uniform(-0.1, 0.1) * 255.0
-    h, w = x.shape[:2]
-    kind = int(rng.integers(3))
-    if kind < 2:
-        # Downscale and back: the augmented side loses detail the other side keeps, as in SBI.
-        f = 2 if kind == 0 else 4
-        small = cv2.resize(x, (max(w // f, 1), max(h // f, 1)), interpolation=cv2.INTER_LINEAR)
-        x = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    else:
-        x = x + 0.8 * (x - cv2.GaussianBlur(x, (0, 0), 1.5))
-    return np.clip(x, 0.0, 255.0)
+def self_blend(target: View, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An SBI forgery of `target` with itself: (real, fake, blend weight in [0, 1]), by `blending.sbi_pair`.
 
-
-def _odd_kernel(rng: np.random.Generator, scale: float) -> int:
-    k = int(round(rng.integers(5, 26) * scale))
-    return max(k | 1, 3)
-
-
-def self_blend(target: View, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An SBI-style forgery of `target` with itself; returns (image, soft mask in [0, 1])."""
-    h, w = target.rgb.shape[:2]
-    base = target.rgb.astype(np.float32)
-    src, tgt = base.copy(), base.copy()
-    # SBI augments either side, 50/50, so neither "blurrier inside" nor "blurrier outside" is a rule.
-    if rng.random() < 0.5:
-        src = _sbi_colour(src, rng)
-    else:
-        tgt = _sbi_colour(tgt, rng)
-    lm = target.landmarks.astype(np.float64)
-    centre = lm.mean(0)
-    scale = rng.uniform(0.95, 1.05)
-    mat = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), 0.0, float(scale))
-    mat[:, 2] += [rng.uniform(-0.03, 0.03) * w, rng.uniform(-0.015, 0.015) * h]
-    src = cv2.warpAffine(src, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-
-    mask = hull_mask(lm, (h, w)).astype(np.float32)
-    # Resize the mask down and back up (SBI's random 192-256) so its outline is not the exact hull.
-    f = rng.uniform(0.75, 1.0)
-    small = cv2.resize(mask, (max(int(w * f), 1), max(int(h * f), 1)), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    ks = w / 256.0
-    k1 = _odd_kernel(rng, ks)
-    mask = cv2.GaussianBlur(mask, (k1, k1), 0)
-    # Keep only the blur's inner core (an erosion by about the kernel's radius); 0.99, not
-    # 1.0, because float Gaussian weights need not sum to exactly one.
-    mask = (mask >= 0.99).astype(np.float32)
-    k2 = _odd_kernel(rng, ks)
-    mask = cv2.GaussianBlur(mask, (k2, k2), 0)
-    ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
-    m = (ratio * mask)[..., None]
-    out = m * src + (1.0 - m) * tgt
-    return to_uint8(out), m[..., 0]
+    `real` is `target`'s pixels, or its augmented copy when SBI augmented the target side;
+    either way `fake` equals `real` wherever the weight is 0.
+    """
+    return sbi_pair(target.rgb, target.landmarks, rng, DEMO_SBI)
 
 
 def _build_split(
@@ -247,7 +208,13 @@ def _build_split(
     progress: bool,
     desc: str,
 ) -> pd.DataFrame:
-    """Write one split's images under `root`; return its manifest rows."""
+    """Write one split's images under `root`; return its manifest rows.
+
+    Fakes are made first: a self-blend may hand its parent an augmented copy of the view,
+    and the real must be written as its fake saw it. So no real parents two fakes.
+    """
+    if n_fake > n_real:
+        raise DemoError(f"{n_fake} fakes need at least as many reals as parents, got {n_real}")
     total = n_real + n_fake
     width = max(5, len(str(total - 1)))
     # Opaque, shuffled names: the file order says nothing about the label or the parent.
@@ -263,12 +230,15 @@ def _build_split(
     jobs = [("real", i, ("real", "")) for i in range(n_real)] + [
         ("fake", int(p), FAKE_RECIPES[r]) for p, r in zip(parents, recipes, strict=True)
     ]
-    for k, (kind, idx, (method, region)) in enumerate(progress_bar(jobs, desc=desc, unit="img", disable=not progress)):
+    fakes_first = [*range(n_real, total), *range(n_real)]
+    for k in progress_bar(fakes_first, desc=desc, unit="img", disable=not progress):
+        kind, idx, (method, region) = jobs[k]
         view = views[idx]
         if kind == "real":
             rgb, parent = view.rgb, names[k]
         elif method == "sbi":
-            rgb, _ = self_blend(view, rng)
+            # The parent is written as the pair's real: augmented when SBI picked the target side.
+            view.rgb, rgb, _ = self_blend(view, rng)
             parent = names[idx]
         else:
             others = [n for n in PHOTOS if n != view.photo and n in by_name]
@@ -286,6 +256,7 @@ def _build_split(
                 "method": method,
                 "parent": parent,
                 "region": region,
+                "sources": "",
             }
         )
     return pd.DataFrame(rows).sort_values("img_name").reset_index(drop=True)

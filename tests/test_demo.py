@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -45,7 +46,14 @@ def _digests(root: Path) -> dict[str, str]:
 def test_layout_and_columns(built: Path) -> None:
     assert (built / "DONE").is_file() and not (built / demo.BUILDING_FILE).exists()
     assert list(pd.read_csv(built / "train_labels.csv").columns) == ["img_name", "target"]
-    assert list(pd.read_csv(built / "manifest.csv").columns) == ["img_name", "target", "method", "parent", "region"]
+    assert list(pd.read_csv(built / "manifest.csv").columns) == [
+        "img_name",
+        "target",
+        "method",
+        "parent",
+        "region",
+        "sources",
+    ]
     assert list(pd.read_csv(built / "test_list.csv").columns) == ["img_name"]
     assert list(pd.read_csv(built / "test_labels.csv").columns) == ["img_name", "target"]
     # The competition's own validator accepts the files, and every listed image exists.
@@ -227,8 +235,8 @@ def test_region_masks(view: demo.View, region: str, inside_pt: int, outside_pt: 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_self_blend_stays_on_the_face(view: demo.View, seed: int) -> None:
-    out, soft = demo.self_blend(view, np.random.default_rng(seed))
-    assert out.shape == view.rgb.shape and out.dtype == np.uint8
+    real, out, soft = demo.self_blend(view, np.random.default_rng(seed))
+    assert out.shape == real.shape == view.rgb.shape and out.dtype == real.dtype == np.uint8
     # The blend ratio is at least 0.25 and the mask is never emptied by its erosion step.
     assert soft.max() >= 0.25 - 1e-6
     assert 0.05 < (soft > 0).mean() < 0.6
@@ -236,7 +244,55 @@ def test_self_blend_stays_on_the_face(view: demo.View, seed: int) -> None:
     assert soft[y, x] >= 0.9 * soft.max()
     assert soft[0, 0] == 0 and soft[-1, -1] == 0 and soft[0, -1] == 0
     core = soft >= 0.9 * soft.max()
-    assert np.abs(out[core].astype(int) - view.rgb[core].astype(int)).mean() > 2
+    assert np.abs(out[core].astype(int) - real[core].astype(int)).mean() > 2
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """The pixels a JPEG of `rgb` at `quality` decodes to, as int."""
+    data = np.frombuffer(edits.encode_jpeg(rgb, quality), np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].astype(int)
+
+
+def test_self_blend_fake_equals_its_real_outside_the_blend(view: demo.View) -> None:
+    """No global shortcut: whichever side SBI augments, the fake differs from the real it is
+    written beside only where the blend weight is above zero (up to JPEG)."""
+    augmented_target = 0
+    for seed in range(8):
+        real, fake, soft = demo.self_blend(view, np.random.default_rng(seed))
+        outside = soft == 0
+        assert outside.mean() > 0.4
+        np.testing.assert_array_equal(fake[outside], real[outside])
+        augmented_target += not np.array_equal(real, view.rgb)
+        # As written: JPEG at one quality leaves blocks away from the blend identical (16 px:
+        # a chroma-subsampled block plus the decoder's upsampling reach), and the blend visible.
+        far = cv2.dilate((soft > 0).astype(np.uint8), np.ones((33, 33), np.uint8)) == 0
+        for quality in (70, 100):
+            diff = np.abs(_jpeg(fake, quality) - _jpeg(real, quality))
+            assert diff[far].mean() < 0.5, (seed, quality)
+            assert diff[soft >= 0.5 * soft.max()].mean() > 3, (seed, quality)
+    # Both sides get augmented across seeds, so the check covered the case that used to leak.
+    assert 0 < augmented_target < 8
+
+
+def test_written_self_blends_match_their_written_parent_away_from_the_face(built: Path, manifest: pd.DataFrame) -> None:
+    """The files themselves: outside the face (hull with forehead, grown by half an eye distance on each
+    side), an sbi fake and its parent differ by JPEG noise only (measured 1.2-4.7 levels with
+    independent quality draws at 128 px; a globally blurred or sharpened fake: 7-27)."""
+    from data_prep.faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer(embed=False)
+    sbi = manifest[manifest.method == "sbi"]
+    assert len(sbi) >= 2
+    for row in sbi.itertuples():
+        fake = decode_image(built / "train" / row.img_name).astype(int)
+        real = decode_image(built / "train" / row.parent)
+        face = analyzer.primary(real)
+        assert face is not None, row.parent
+        grow = int(0.5 * face.inter_ocular())
+        hull = edits.face_hull_mask(face.landmarks, real.shape, forehead=0.5).astype(np.uint8)
+        away = cv2.dilate(hull, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)) == 0
+        assert away.mean() > 0.05, row.img_name
+        assert np.abs(fake - real.astype(int))[away].mean() < 6, row.img_name
 
 
 def test_demo_faces_are_detectable(built: Path, manifest: pd.DataFrame) -> None:
