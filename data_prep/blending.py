@@ -4,27 +4,40 @@ Everything here is a pure function of numpy arrays:
 
 - images are RGB uint8 arrays (H, W, 3);
 - landmarks are dlib's 68 points as float (68, 2) in (x, y) pixel coordinates;
+- a face box is (x0, y0, x1, y1) in pixels, x1 and y1 exclusive (`faces.Face.box`);
 - every random choice draws from an explicit `np.random.Generator`, so a fixed seed
   reproduces the output byte for byte.
 
-No face detector runs here: the functions take cached landmarks so that a training
-Dataset can call them online. The image operations are written with cv2 look-up tables,
-filters and remaps rather than an augmentation library, because each operation must draw
-its parameters from the caller's Generator and the whole SBI pair must stay well under
-25 ms at 380 px on one core.
+SBI follows the reference recipe (METHODS.md section 2); its every constant is in the `sbi:`
+section of `configs/members/sbi_fed.yaml`, read by `load_sbi_config`. One training sample
+(`sbi_sample`) is: horizontal flip; the face cut from its widened landmark box; `sbi_pair`
+(augment one copy, warp the source, blend it in through the mask, the same colour jitter
+and JPEG on both images); a crop on the face box with random margins, resized to 380.
+`sbi_test_crop` is the same last crop with the test-time margins, for inference.
+
+No face detector runs here: the functions take cached landmarks and boxes so that a
+training Dataset can call them online. The image operations are written with cv2 look-up
+tables, filters and remaps rather than an augmentation library, because each operation
+must draw its parameters from the caller's Generator and the whole SBI pair must stay well
+under 25 ms at 380 px on one core.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 
+from core.config import read_yaml
+from data_prep.faces import flip_landmarks
+
 __all__ = [
     "BLEND_TYPES",
-    "DEFAULT_SBI",
+    "ColorJitter",
     "JAW",
     "LEFT_BROW",
     "LEFT_EYE",
@@ -34,15 +47,23 @@ __all__ = [
     "RIGHT_BROW",
     "RIGHT_EYE",
     "SBIConfig",
+    "SBIMask",
+    "SBI_RECIPE_FILE",
     "SLADD_REGIONS",
     "SLADD_REGION_NAMES",
     "align_source",
     "blend",
     "color_transfer",
+    "face_crop_window",
     "face_scale",
+    "load_sbi_config",
+    "precrop_window",
     "region_mask",
     "sbi_mask",
+    "sbi_mask_stages",
     "sbi_pair",
+    "sbi_sample",
+    "sbi_test_crop",
     "sladd_forge",
 ]
 
@@ -87,85 +108,152 @@ SLADD_REGIONS: tuple[tuple[tuple[int, ...], ...], ...] = (
 )
 BLEND_TYPES = ("alpha", "poisson", "copy", "none")
 
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+
+# The published recipe, shipped with the member that trains on it.
+SBI_RECIPE_FILE = Path(__file__).resolve().parents[1] / "configs" / "members" / "sbi_fed.yaml"
+
 
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True)
-class SBIConfig:
-    """Every number of the self-blending recipe (METHODS.md section 2).
+def _pair(value: Any, name: str, lo: float = -np.inf, hi: float = np.inf) -> tuple:
+    if len(value) != 2 or not lo <= value[0] <= value[1] <= hi:
+        raise ValueError(f"{name} must be [low, high] with {lo} <= low <= high <= {hi}, got {value}")
+    return tuple(value)
 
-    Values that METHODS.md states are its published ones; the others are marked "chosen"
-    with the reason next to them.
+
+def _probability(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """Three colour operations, each firing with its own probability; shifts are +- limits.
+
+    rgb_shift: per channel, on the 0-255 scale. hue_shift in degrees; sat_shift and
+    val_shift on the 0-255 scale. brightness: fraction of 255 added; contrast: gain 1 +- c.
     """
 
-    # Source/target augmentation, applied to one of the two copies (50/50).
-    rgb_shift: float = 20.0  # per channel, +- on the 0-255 scale
-    # Chosen: METHODS.md names an HSV shift without magnitudes. Hue in degrees, saturation and
-    # value on the 0-255 scale; small enough that the blended face keeps a plausible colour.
-    hue_shift: float = 10.0
-    sat_shift: float = 20.0
-    val_shift: float = 20.0
-    brightness: float = 0.1  # +- fraction of 255 added
-    contrast: float = 0.1  # +- fraction, gain 1 +- contrast
-    # Chosen: per-operation probabilities are not published. 0.3 keeps many pairs whose only
-    # source/target mismatch is the frequency operation and the warp, the subtlest fakes.
-    aug_color_p: float = 0.3
-    # One of downscale-and-back or sharpen is always applied (50/50 between them).
-    downscale_factors: tuple[int, ...] = (2, 4)
-    # Chosen: the usual sharpen kernel ranges (identity mixed with a Laplacian sharpen).
-    sharpen_alpha: tuple[float, float] = (0.2, 0.5)
-    sharpen_lightness: tuple[float, float] = (0.5, 1.0)
-    # Source warp.
-    translate_x: float = 0.03  # +- fraction of the width
-    translate_y: float = 0.015  # +- fraction of the height
-    scale: tuple[float, float] = (0.95, 1.05)
-    # Chosen: the mask follows the warped source, so the pasted region is the source's own
-    # face; switch off to keep the mask on the target's landmarks.
-    warp_mask_with_source: bool = True
-    # Mask.
-    mask_variants: tuple[str, ...] = MASK_VARIANTS  # drawn uniformly per pair
-    # Chosen: the forehead variant lifts the brow points by this fraction of the brow-to-chin
-    # distance (a forehead is about half of it); the range stays mostly below the hairline.
-    forehead_extend: tuple[float, float] = (0.2, 0.4)
-    # Chosen: elastic deformation as a smooth random displacement field with control points
-    # every `elastic_spacing` and displacement std `elastic_std`, both as fractions of the face
-    # size (landmark bounding-box side), so the wiggle does not depend on the image resolution.
-    elastic_spacing: float = 0.08
-    elastic_std: float = 0.01
-    mask_resize: tuple[int, int] = (192, 256)  # random side lengths, each drawn separately
-    blur_kernel: tuple[int, int] = (5, 25)  # random odd Gaussian kernel sizes, inclusive
-    ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)
-    # Shared pair augmentation: the same colour jitter and JPEG on real and fake.
-    pair_augment: bool = True  # False returns the pair before it (tests, visualisation)
-    pair_color_p: float = 0.3  # chosen, as aug_color_p
-    jpeg_p: float = 0.5
-    jpeg_quality: tuple[int, int] = (40, 100)  # inclusive
+    rgb_shift: float
+    rgb_p: float
+    hue_shift: float
+    sat_shift: float
+    val_shift: float
+    hsv_p: float
+    brightness: float
+    contrast: float
+    brightness_contrast_p: float
 
     def __post_init__(self) -> None:
-        # YAML gives lists; tuples keep the config hashable and immutable.
+        for name in ("rgb_p", "hsv_p", "brightness_contrast_p"):
+            _probability(getattr(self, name), name)
+        for name in ("rgb_shift", "hue_shift", "sat_shift", "val_shift", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is a +- limit and must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SBIConfig:
+    """Every number of the self-blending recipe. No field has a default: the values, and the
+    reason for each one that METHODS.md does not state, are in the `sbi:` section of
+    `configs/members/sbi_fed.yaml`; build one with `load_sbi_config`."""
+
+    # Flip and the cut before blending (fractions of the 68-point box's width w and height h).
+    flip_p: float
+    precrop_side: float
+    precrop_top: float
+    precrop_bottom: float
+    # Which copy gets augmented, and how.
+    augment_source_p: float
+    source_color: ColorJitter
+    downscale_p: float
+    downscale_factors: tuple[int, ...]
+    downscale_down: str
+    downscale_up: str
+    sharpen_alpha: tuple[float, float]
+    sharpen_lightness: tuple[float, float]
+    # Source warp (translation as fractions of the frame, scale about the face centre).
+    translate_x: float
+    translate_y: float
+    scale: tuple[float, float]
+    warp_mask_with_source: bool
+    # Mask.
+    mask_variants: tuple[str, ...]
+    forehead_extend: tuple[float, float]
+    elastic_spacing: float
+    elastic_std: float
+    mask_resize: tuple[int, int]
+    blur_kernel: tuple[int, int]
+    blur1_sigma: float
+    blur2_sigma: tuple[int, int]
+    ratios: tuple[float, ...]
+    # The pair's shared augmentation.
+    pair_augment: bool
+    pair_color: ColorJitter
+    jpeg_p: float
+    jpeg_quality: tuple[int, int]
+    # The crop after blending (fractions of the face box) and the network's input size.
+    crop_margin: float
+    crop_margin_scale: tuple[float, float]
+    test_margin_scale: float
+    output_size: int
+
+    def __post_init__(self) -> None:
+        # YAML gives lists and mappings; tuples and frozen dataclasses keep the config hashable.
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+            elif isinstance(value, dict) and f.name.endswith("_color"):
+                object.__setattr__(self, f.name, ColorJitter(**value))
+        for name in ("flip_p", "augment_source_p", "downscale_p", "jpeg_p"):
+            _probability(getattr(self, name), name)
+        for name in ("precrop_side", "precrop_top", "precrop_bottom", "crop_margin", "test_margin_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown = set(self.mask_variants) - set(MASK_VARIANTS)
         if not self.mask_variants or unknown:
             raise ValueError(f"mask_variants must be a non-empty subset of {MASK_VARIANTS}, got {self.mask_variants}")
-        lo, hi = self.blur_kernel
-        if lo < 1 or hi < lo or lo % 2 == 0 or hi % 2 == 0:
+        lo, hi = _pair(self.blur_kernel, "blur_kernel", 1)
+        if lo % 2 == 0 or hi % 2 == 0:
             raise ValueError(f"blur_kernel must be odd sizes lo <= hi, got {self.blur_kernel}")
+        _pair(self.blur2_sigma, "blur2_sigma", 0)
+        _pair(self.mask_resize, "mask_resize", 2)
+        _pair(self.jpeg_quality, "jpeg_quality", 0, 100)
+        _pair(self.crop_margin_scale, "crop_margin_scale", 0)
         if not self.ratios or not all(0.0 <= r <= 1.0 for r in self.ratios):
             raise ValueError(f"ratios must be non-empty and in [0, 1], got {self.ratios}")
         if not self.downscale_factors or min(self.downscale_factors) < 1:
             raise ValueError(f"downscale_factors must be >= 1, got {self.downscale_factors}")
-        q_lo, q_hi = self.jpeg_quality
-        if not 0 <= q_lo <= q_hi <= 100:
-            raise ValueError(f"jpeg_quality must satisfy 0 <= lo <= hi <= 100, got {self.jpeg_quality}")
-        if min(self.mask_resize) < 2 or self.mask_resize[0] > self.mask_resize[1]:
-            raise ValueError(f"mask_resize must be lo <= hi, both >= 2, got {self.mask_resize}")
+        for name in ("downscale_down", "downscale_up"):
+            if getattr(self, name) not in INTERPOLATIONS:
+                raise ValueError(f"{name} must be one of {tuple(INTERPOLATIONS)}, got {getattr(self, name)!r}")
+        if self.output_size < 8:
+            raise ValueError(f"output_size must be >= 8, got {self.output_size}")
+        for name in ("source_color", "pair_color"):
+            if not isinstance(getattr(self, name), ColorJitter):
+                raise ValueError(f"{name} must be a mapping of ColorJitter fields, got {getattr(self, name)!r}")
 
 
-DEFAULT_SBI = SBIConfig()
+def load_sbi_config(path: str | Path = SBI_RECIPE_FILE, **overrides: Any) -> SBIConfig:
+    """The `sbi:` section of a member config as an SBIConfig; `overrides` replace whole fields.
+
+    With no arguments: the published recipe shipped in configs/members/sbi_fed.yaml.
+    """
+    cfg = read_yaml(path)
+    section = cfg.get("sbi")
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: no `sbi:` section")
+    names = {f.name for f in fields(SBIConfig)}
+    missing, unknown = sorted(names - set(section)), sorted(set(section) - names)
+    if missing or unknown:
+        raise ValueError(f"{path}: the `sbi:` section lacks {missing} and has unknown keys {unknown}")
+    try:
+        return replace(SBIConfig(**section), **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -245,25 +333,25 @@ def _lut3(per_channel: np.ndarray) -> np.ndarray:
 _BASE = np.arange(256, dtype=np.float32)
 
 
-def _draw_color_ops(rng: np.random.Generator, cfg: SBIConfig, p: float) -> list[tuple[str, np.ndarray]]:
-    """Draw RGB shift, HSV shift and brightness/contrast, each with probability p, as LUTs.
+def _draw_color_ops(rng: np.random.Generator, jitter: ColorJitter) -> list[tuple[str, np.ndarray]]:
+    """Draw RGB shift, HSV shift and brightness/contrast, each with its probability, as LUTs.
 
     Drawing returns tables rather than applying them so the pair augmentation can apply one
     draw to both images. The draws happen whether or not an op fires, which keeps the
     stream of random numbers aligned across configs that only change probabilities.
     """
     ops: list[tuple[str, np.ndarray]] = []
-    fire = rng.random(3) < p
-    shift = rng.uniform(-cfg.rgb_shift, cfg.rgb_shift, 3)
+    fire = rng.random(3) < (jitter.rgb_p, jitter.hsv_p, jitter.brightness_contrast_p)
+    shift = rng.uniform(-jitter.rgb_shift, jitter.rgb_shift, 3)
     if fire[0]:
         ops.append(("rgb", _lut3(_BASE[None] + shift[:, None])))
-    dh, ds, dv = rng.uniform(-1, 1, 3) * (cfg.hue_shift, cfg.sat_shift, cfg.val_shift)
+    dh, ds, dv = rng.uniform(-1, 1, 3) * (jitter.hue_shift, jitter.sat_shift, jitter.val_shift)
     if fire[1]:
         # OpenCV's 8-bit hue runs 0-179 (2 degrees a step) and wraps around.
         hue = (np.round(_BASE + dh / 2.0) % 180).astype(np.float32)
         ops.append(("hsv", _lut3(np.stack([hue, _BASE + ds, _BASE + dv]))))
-    gain = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
-    bias = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
+    gain = 1.0 + rng.uniform(-jitter.contrast, jitter.contrast)
+    bias = rng.uniform(-jitter.brightness, jitter.brightness) * 255.0
     if fire[2]:
         ops.append(("bc", np.clip(np.rint(_BASE * gain + bias), 0, 255).astype(np.uint8)))
     return ops
@@ -280,15 +368,17 @@ def _apply_color_ops(img: np.ndarray, ops: list[tuple[str, np.ndarray]]) -> np.n
 
 
 def _frequency_op(img: np.ndarray, rng: np.random.Generator, cfg: SBIConfig) -> np.ndarray:
-    """Downscale by x2/x4 and back, or sharpen (50/50)."""
+    """Downscale by x2/x4 and back (nearest down, linear up: it aliases on purpose), or sharpen."""
     h, w = img.shape[:2]
-    use_downscale = rng.random() < 0.5
+    use_downscale = rng.random() < cfg.downscale_p
     factor = int(rng.choice(cfg.downscale_factors))
     alpha = rng.uniform(*cfg.sharpen_alpha)
     lightness = rng.uniform(*cfg.sharpen_lightness)
     if use_downscale:
-        small = cv2.resize(img, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
-        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+        small = cv2.resize(
+            img, (max(1, w // factor), max(1, h // factor)), interpolation=INTERPOLATIONS[cfg.downscale_down]
+        )
+        return cv2.resize(small, (w, h), interpolation=INTERPOLATIONS[cfg.downscale_up])
     effect = -np.ones((3, 3), np.float32)
     effect[1, 1] = 8.0 + lightness
     identity = np.zeros((3, 3), np.float32)
@@ -373,33 +463,49 @@ def _variant_groups(lm: np.ndarray, variant: str, rng: np.random.Generator, cfg:
     return [upper, lower]
 
 
-def sbi_mask(
-    landmarks: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator, cfg: SBIConfig = DEFAULT_SBI
-) -> np.ndarray:
-    """SBI blending mask M in [0, 1], float32 (H, W), before the blend ratio.
+class SBIMask(NamedTuple):
+    """The mask and two of its stages, for measuring the recipe (bench.sbi_faithfulness)."""
 
-    Hull of the chosen variant -> elastic deformation -> resize to a random 192-256 size and
-    back -> Gaussian blur -> erosion -> Gaussian blur -> scaled so its peak is 1.
+    hull: np.ndarray  # the deformed hull at the small working size (float32, soft where the resize cut pixels)
+    eroded: np.ndarray  # 0/1 float32 at the small size: where the first blur keeps its peak
+    mask: np.ndarray  # M: float32 (H, W) in the frame, in [0, 1], peak 1
+
+
+def sbi_mask_stages(landmarks: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator, cfg: SBIConfig) -> SBIMask:
+    """The SBI blending mask M with its stages.
+
+    Hull of the chosen variant -> elastic deformation, in the frame -> resized to a random
+    192-256 per side -> Gaussian blur (kernel k1, OpenCV's sigma for it) -> erosion: only the
+    pixels where that blur keeps its peak, i.e. whose whole k1 x k1 window lies inside the
+    hull -> Gaussian blur (kernel k2, sigma 5-45) -> resized back to the frame -> peak 1.
+    Both blurs and the erosion run at the small size, so the blend edge is a fixed fraction
+    of the frame whatever its resolution.
     """
     lm = _check_landmarks(landmarks, "landmarks")
     h, w = shape[:2]
     variant = cfg.mask_variants[int(rng.integers(len(cfg.mask_variants)))]
-    mask = _fill_hulls((h, w), _variant_groups(lm, variant, rng, cfg))
+    hull = _fill_hulls((h, w), _variant_groups(lm, variant, rng, cfg))
     size = float(np.ptp(lm, axis=0).max())
-    mask = _smooth_remap(mask, cfg.elastic_spacing * size, cfg.elastic_std * size, rng, cv2.INTER_CUBIC)
+    hull = _smooth_remap(hull, cfg.elastic_spacing * size, cfg.elastic_std * size, rng, cv2.INTER_CUBIC)
     rw, rh = (int(v) for v in rng.integers(cfg.mask_resize[0], cfg.mask_resize[1] + 1, size=2))
-    small = cv2.resize(mask, (rw, rh), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
     k1 = _odd_kernel(rng, *cfg.blur_kernel)
     k2 = _odd_kernel(rng, *cfg.blur_kernel)
-    blurred = cv2.GaussianBlur(mask, (k1, k1), 0)
-    # Erosion: keep only pixels whose whole first-blur neighbourhood is inside the mask
-    # (the blur reaches 1 there), so the second blur's soft edge starts inside the face.
-    eroded = (blurred >= 1.0 - 1e-3).astype(np.float32)
-    if not eroded.any():
-        # A face smaller than the kernel would vanish; keep its unblurred hull instead.
-        eroded = (mask > 0.5).astype(np.float32)
-    return _peak_normalised(cv2.GaussianBlur(eroded, (k2, k2), 0))
+    sigma2 = float(rng.integers(cfg.blur2_sigma[0], cfg.blur2_sigma[1] + 1))
+    small = cv2.resize(hull, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    blurred = cv2.GaussianBlur(small, (k1, k1), cfg.blur1_sigma)
+    peak = float(blurred.max())
+    if peak <= 0:
+        return SBIMask(small, np.zeros_like(small), np.zeros((h, w), np.float32))
+    # Every pixel whose window lies wholly inside sums the same kernel weights in the same
+    # order, so they all equal the peak exactly; a window with any pixel below 1 falls short.
+    eroded = (blurred >= peak).astype(np.float32)
+    soft = cv2.GaussianBlur(eroded, (k2, k2), sigma2)
+    return SBIMask(small, eroded, _peak_normalised(cv2.resize(soft, (w, h), interpolation=cv2.INTER_LINEAR)))
+
+
+def sbi_mask(landmarks: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator, cfg: SBIConfig) -> np.ndarray:
+    """SBI blending mask M in [0, 1], float32 (H, W), before the blend ratio (see `sbi_mask_stages`)."""
+    return sbi_mask_stages(landmarks, shape, rng, cfg).mask
 
 
 def _peak_normalised(mask: np.ndarray) -> np.ndarray:
@@ -427,13 +533,15 @@ def _random_affine(h: int, w: int, centre: np.ndarray, rng: np.random.Generator,
 
 
 def sbi_pair(
-    img: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, cfg: SBIConfig = DEFAULT_SBI
+    img: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, cfg: SBIConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One self-blended pair (real, fake, mask) from a real face and its cached landmarks.
+    """One self-blended pair (real, fake, mask) in the frame of `img`, from its cached landmarks.
 
     `real` is the target copy (augmented when the coin picked the target), `fake` the source
     blended into it, `mask` the effective blend weight r*M in [0, 1] (float32, H x W): zero
-    wherever `fake` equals `real` before the shared pair augmentation.
+    wherever `fake` equals `real` before the shared pair augmentation. `sbi_sample` calls
+    this on the face cut from its frame; called on a whole frame, the mask's edge is a
+    fraction of that frame instead.
     """
     _check_image(img, "image")
     lm = _check_landmarks(landmarks, "landmarks")
@@ -441,8 +549,8 @@ def sbi_pair(
 
     source = img
     target = img
-    augment_source = rng.random() < 0.5
-    ops = _draw_color_ops(rng, cfg, cfg.aug_color_p)
+    augment_source = rng.random() < cfg.augment_source_p
+    ops = _draw_color_ops(rng, cfg.source_color)
     changed = _frequency_op(_apply_color_ops(img, ops), rng, cfg)
     if augment_source:
         source = changed
@@ -462,7 +570,7 @@ def sbi_pair(
     real = target.copy() if target is img else target
 
     # Shared augmentation: one draw applied to both, so it adds no real/fake difference.
-    pair_ops = _draw_color_ops(rng, cfg, cfg.pair_color_p)
+    pair_ops = _draw_color_ops(rng, cfg.pair_color)
     use_jpeg = rng.random() < cfg.jpeg_p
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
     if cfg.pair_augment:
@@ -471,6 +579,98 @@ def sbi_pair(
         if use_jpeg:
             real, fake = _jpeg(real, quality), _jpeg(fake, quality)
     return real, fake, mask * np.float32(ratio)
+
+
+# --------------------------------------------------------------------------- SBI crops and the training sample
+
+Box = tuple[float, float, float, float]
+Window = tuple[int, int, int, int]
+
+
+def _check_box(box: Box, shape: tuple[int, ...]) -> Box:
+    arr = np.asarray(box, dtype=np.float64).reshape(-1)
+    if arr.shape != (4,) or not np.isfinite(arr).all() or arr[2] <= arr[0] or arr[3] <= arr[1]:
+        raise ValueError(f"face box: expected finite (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
+    h, w = shape[:2]
+    if arr[2] <= 0 or arr[3] <= 0 or arr[0] >= w or arr[1] >= h:
+        raise ValueError(f"face box {tuple(arr.tolist())} lies outside the {w}x{h} image")
+    return tuple(float(v) for v in arr)  # type: ignore[return-value]
+
+
+def _window(box: Box, margins: np.ndarray, shape: tuple[int, ...]) -> Window:
+    """`box` widened by margins (left, top, right, bottom) in pixels, as whole pixels inside the image."""
+    h, w = shape[:2]
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = margins
+    return (
+        max(0, int(np.floor(x0 - left))),
+        max(0, int(np.floor(y0 - top))),
+        min(w, int(np.ceil(x1 + right))),
+        min(h, int(np.ceil(y1 + bottom))),
+    )
+
+
+def precrop_window(landmarks: np.ndarray, shape: tuple[int, ...], cfg: SBIConfig) -> Window:
+    """The cut before blending, (x0, y0, x1, y1) in pixels, x1 and y1 exclusive.
+
+    The 68-point box (width w, height h) widened by precrop_side * w left and right,
+    precrop_top * h above and precrop_bottom * h below (published: w/2, h, 0.4h), clipped.
+    """
+    lm = _check_landmarks(landmarks, "landmarks")
+    lo, hi = lm.min(0), lm.max(0)
+    box = _check_box((*lo, *np.maximum(hi, lo + 1.0)), shape)
+    bw, bh = hi - lo
+    margins = np.array([cfg.precrop_side * bw, cfg.precrop_top * bh, cfg.precrop_side * bw, cfg.precrop_bottom * bh])
+    return _window(box, margins, shape)
+
+
+def face_crop_window(box: Box, shape: tuple[int, ...], scales: np.ndarray, cfg: SBIConfig) -> Window:
+    """The crop after blending: `box` widened by crop_margin times its width (left, right) and
+    height (top, bottom), each margin times its entry of `scales` (left, top, right, bottom)."""
+    x0, y0, x1, y1 = _check_box(box, shape)
+    full = cfg.crop_margin * np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0])
+    return _window((x0, y0, x1, y1), full * np.asarray(scales, dtype=np.float64), shape)
+
+
+def _to_output(img: np.ndarray, window: Window, size: int) -> np.ndarray:
+    x0, y0, x1, y1 = window
+    # Square output from any crop, aspect not kept, bilinear: the reference's resize.
+    return cv2.resize(img[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def sbi_test_crop(img: np.ndarray, box: Box, cfg: SBIConfig) -> np.ndarray:
+    """The network's input at test time: the face box with every margin at test_margin_scale,
+    resized to output_size (uint8; the network takes it /255 with no mean/std)."""
+    _check_image(img, "image")
+    scales = np.full(4, cfg.test_margin_scale)
+    return _to_output(img, face_crop_window(box, img.shape, scales, cfg), cfg.output_size)
+
+
+def sbi_sample(
+    img: np.ndarray, landmarks: np.ndarray, box: Box, rng: np.random.Generator, cfg: SBIConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training pair (real, fake, mask) at output_size from a real frame, its 68 landmarks and face box.
+
+    Flip (p flip_p, landmarks and box with it) -> cut `precrop_window` -> `sbi_pair` in that
+    cut -> crop `face_crop_window` with each margin scaled by its own draw from
+    crop_margin_scale -> resized to output_size. real and fake are uint8 (the network takes
+    them /255 with no mean/std); mask is r*M on the same crop, float32.
+    """
+    _check_image(img, "image")
+    lm = _check_landmarks(landmarks, "landmarks")
+    x0, y0, x1, y1 = _check_box(box, img.shape)
+    w = img.shape[1]
+    if rng.random() < cfg.flip_p:
+        img = img[:, ::-1]
+        lm = flip_landmarks(lm, w).astype(np.float64)
+        x0, x1 = w - x1, w - x0  # exclusive bounds: pixel i goes to w - 1 - i
+    cx0, cy0, cx1, cy1 = precrop_window(lm, img.shape, cfg)
+    frame = np.ascontiguousarray(img[cy0:cy1, cx0:cx1])
+    real, fake, mask = sbi_pair(frame, lm - (cx0, cy0), rng, cfg)
+    scales = rng.uniform(*cfg.crop_margin_scale, size=4)
+    window = face_crop_window((x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0), frame.shape, scales, cfg)
+    size = cfg.output_size
+    return _to_output(real, window, size), _to_output(fake, window, size), _to_output(mask, window, size)
 
 
 # --------------------------------------------------------------------------- SLADD forgery space

@@ -48,12 +48,12 @@ import pandas as pd
 
 from core.io import write_csv, write_json, write_text
 from core.progress import progress_bar
-from data_prep.blending import SBIConfig, sbi_pair
+from data_prep.blending import load_sbi_config, sbi_pair
 from data_prep.edits import encode_jpeg, face_swap, region_swap, to_uint8
 from data_prep.faces import FaceAnalyzer, flip_landmarks
 
 # Bump whenever the recipe changes what gets written, so an old build is not taken as current.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 PHOTOS = ("astronaut", "grace_hopper")
 # skimage.data.camera() was considered too: dlib's HOG detector finds no face in it at
@@ -74,7 +74,7 @@ JPEG_QUALITY = (70, 100)
 MIN_SIZE = 64
 # The published recipe, less the pair's shared colour jitter and JPEG: a demo view is already
 # colour-jittered, and the demo writes every image once as JPEG itself.
-DEMO_SBI = SBIConfig(pair_augment=False)
+DEMO_SBI = load_sbi_config(pair_augment=False)
 
 DONE_FILE = "DONE"
 BUILDING_FILE = ".building"

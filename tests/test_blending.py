@@ -1,35 +1,46 @@
 """Property tests of SBI and the SLADD forgery space on real photographs.
 
-Landmarks come from dlib on two real portraits: scikit-image's astronaut and matplotlib's
-Grace Hopper sample. Both ship with packages the project already installs.
+Landmarks and face boxes come from dlib on two real portraits: scikit-image's astronaut and
+matplotlib's Grace Hopper sample. Both ship with packages the project already installs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import fields, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from data_prep.blending import (
     BLEND_TYPES,
     LEFT_EYE,
     MASK_VARIANTS,
     RIGHT_EYE,
+    SBI_RECIPE_FILE,
     SLADD_REGION_NAMES,
     SLADD_REGIONS,
+    ColorJitter,
     SBIConfig,
     align_source,
     blend,
     color_transfer,
+    face_crop_window,
     face_scale,
+    load_sbi_config,
+    precrop_window,
     region_mask,
     sbi_mask,
+    sbi_mask_stages,
     sbi_pair,
+    sbi_sample,
+    sbi_test_crop,
     sladd_forge,
 )
+from data_prep.faces import flip_landmarks
 
 dlib = pytest.importorskip("dlib")
 
@@ -46,18 +57,26 @@ def _predictor_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def landmarker():
-    detector = dlib.get_frontal_face_detector()
+def detector():
+    """img -> (68 landmarks, face box (x0, y0, x1, y1), x1 and y1 exclusive) of the best-scoring face."""
+    hog = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(str(_predictor_path()))
 
-    def find(img: np.ndarray) -> np.ndarray:
-        rects, scores, _ = detector.run(img, 0)
+    def find(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        rects, scores, _ = hog.run(img, 0)
         assert len(rects) > 0, "dlib found no face in a test photograph"
         # The astronaut photo has a second weak detection on the suit's badge.
-        shape = predictor(img, rects[int(np.argmax(scores))])
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        rect = rects[int(np.argmax(scores))]
+        shape = predictor(img, rect)
+        lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        return lm, (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
 
     return find
+
+
+@pytest.fixture(scope="module")
+def landmarker(detector):
+    return lambda img: detector(img)[0]
 
 
 def _face_crop(img: np.ndarray, lm: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,12 +91,18 @@ def _face_crop(img: np.ndarray, lm: np.ndarray, size: int) -> tuple[np.ndarray, 
 
 
 @pytest.fixture(scope="module")
-def astronaut(landmarker):
+def astronaut_face(detector):
+    """The whole astronaut photograph (512 px), its landmarks and its face box."""
     from skimage.data import astronaut as load
 
     img = load()
-    lm = landmarker(img)
-    return img, lm
+    lm, box = detector(img)
+    return img, lm, box
+
+
+@pytest.fixture(scope="module")
+def astronaut(astronaut_face):
+    return astronaut_face[:2]
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +136,23 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a != b).any(axis=-1)
 
 
+# The published recipe, as shipped with the member.
+PUBLISHED = load_sbi_config()
 # A recipe with the geometric randomness switched off, so mask bounds can be tight.
-RIGID = SBIConfig(
-    translate_x=0.0, translate_y=0.0, scale=(1.0, 1.0), elastic_std=0.0, mask_resize=(380, 380), pair_augment=False
+RIGID = replace(
+    PUBLISHED,
+    translate_x=0.0,
+    translate_y=0.0,
+    scale=(1.0, 1.0),
+    elastic_std=0.0,
+    mask_resize=(380, 380),
+    pair_augment=False,
 )
+NO_COLOR = replace(PUBLISHED.source_color, rgb_p=0.0, hsv_p=0.0, brightness_contrast_p=0.0)
+ALL_COLOR = replace(PUBLISHED.pair_color, rgb_p=1.0, hsv_p=1.0, brightness_contrast_p=1.0)
+# Nothing random but the flip coin, the margins and the mask: the real image is the untouched
+# target, cut and resized, so its pixels tell where the crops were taken.
+PLAIN = replace(PUBLISHED, augment_source_p=1.0, flip_p=0.0, pair_augment=False)
 
 
 # --------------------------------------------------------------------------- blend
@@ -155,30 +193,152 @@ def test_blend_rejects_bad_arguments():
         blend(img, np.zeros((8, 8, 3), np.uint8)[:4], np.ones((8, 8), np.float32), 0.5)
 
 
-# --------------------------------------------------------------------------- SBI
+# --------------------------------------------------------------------------- SBI config
+
+
+def test_shipped_recipe_holds_the_published_numbers():
+    c = PUBLISHED
+    assert (c.precrop_side, c.precrop_top, c.precrop_bottom) == (0.5, 1.0, 0.4)
+    assert (c.crop_margin, c.crop_margin_scale, c.test_margin_scale, c.output_size) == (0.25, (0.2, 0.8), 0.5, 380)
+    assert (c.mask_resize, c.blur_kernel, c.blur2_sigma) == ((192, 256), (5, 25), (5, 45))
+    assert (c.downscale_factors, c.downscale_down, c.downscale_up) == ((2, 4), "nearest", "linear")
+    assert c.ratios == (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)
+    assert (c.jpeg_p, c.jpeg_quality, c.flip_p) == (0.5, (40, 100), 0.5)
+
+
+def test_every_config_field_is_in_the_yaml_with_a_comment():
+    section = yaml.safe_load(SBI_RECIPE_FILE.read_text())["sbi"]
+    assert set(section) == {f.name for f in fields(SBIConfig)}
+    for name in ("source_color", "pair_color"):
+        assert set(section[name]) == {f.name for f in fields(ColorJitter)}
+    lines = [ln for ln in SBI_RECIPE_FILE.read_text().splitlines() if ln.startswith("  ") and ":" in ln]
+    # A key whose value is a mapping carries its comments on its sub-keys.
+    uncommented = [ln for ln in lines if "#" not in ln and not ln.rstrip().endswith(":")]
+    assert not uncommented, f"constants without a reason: {uncommented}"
+
+
+def test_load_sbi_config_names_the_file_and_the_keys(tmp_path):
+    section = yaml.safe_load(SBI_RECIPE_FILE.read_text())["sbi"]
+    bad = dict(section)
+    del bad["jpeg_p"]
+    bad["jpeg_prob"] = 0.5
+    path = tmp_path / "member.yaml"
+    path.write_text(yaml.safe_dump({"sbi": bad}))
+    with pytest.raises(ValueError, match=r"member\.yaml.*lacks \['jpeg_p'\].*unknown keys \['jpeg_prob'\]"):
+        load_sbi_config(path)
+    path.write_text(yaml.safe_dump({"sbi": {**section, "pair_color": {"rgb_shift": 20}}}))
+    with pytest.raises(ValueError, match=r"member\.yaml"):
+        load_sbi_config(path)
+    path.write_text(yaml.safe_dump({"model": {}}))
+    with pytest.raises(ValueError, match="no `sbi:` section"):
+        load_sbi_config(path)
+    with pytest.raises(ValueError, match="blur_kernel"):
+        load_sbi_config(blur_kernel=(4, 25))
+    with pytest.raises(ValueError, match="mask_variants"):
+        load_sbi_config(mask_variants=("ellipse",))
+    with pytest.raises(ValueError, match="downscale_down"):
+        load_sbi_config(downscale_down="lanczos")
+
+
+def test_sbi_config_accepts_yaml_lists():
+    cfg = replace(PUBLISHED, ratios=[0.5, 1.0], scale=[0.9, 1.1])
+    assert cfg.ratios == (0.5, 1.0) and cfg.scale == (0.9, 1.1)
+    hash(cfg)
+
+
+# --------------------------------------------------------------------------- SBI mask
+
+
+def _stages(lm, shape, seed, **overrides):
+    return sbi_mask_stages(lm, shape, np.random.default_rng(seed), replace(PUBLISHED, **overrides))
+
+
+@pytest.mark.parametrize("k", [5, 15, 25])
+def test_erosion_runs_between_the_blurs_at_the_small_size(astronaut_crop, k):
+    img, lm = astronaut_crop
+    for seed in range(3):
+        st = _stages(lm, img.shape, seed, blur_kernel=(k, k))
+        h, w = st.hull.shape
+        assert 192 <= h <= 256 and 192 <= w <= 256 and st.eroded.shape == st.hull.shape
+        # Where the first blur keeps its peak: a k x k square erosion of the hull's full-strength part.
+        square = cv2.erode((st.hull >= 1.0).astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+        eroded = st.eroded > 0
+        assert (eroded ^ square).sum() <= 0.01 * square.sum()
+        assert not (eroded & (st.hull == 0)).any()
+        # The mask is that core blurred once more: full strength only inside it, none far from it.
+        core = cv2.resize(st.eroded, img.shape[1::-1], interpolation=cv2.INTER_LINEAR) > 0.999
+        assert not ((st.mask >= 0.999) & ~_dilate(core, 2)).any()
+
+
+def test_mask_is_the_same_fraction_of_the_frame_at_any_resolution(astronaut_crop):
+    """Resized first, blurred small: the mask of a face at 2x is the mask at 1x, scaled.
+    Blurring at full resolution instead would give the 2x face edges half as wide."""
+    img, lm = astronaut_crop
+    big = cv2.resize(img, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    lm_big = lm * 2 + 0.5  # pixel centres: x in the 1x image sits at 2x + 0.5 in the 2x one
+    widths = []
+    for seed in range(4):
+        small = _stages(lm, img.shape, seed)
+        large = _stages(lm_big, big.shape, seed)
+        # Same draws, same small-size mask; the frame size changes only the final resize.
+        assert small.eroded.shape == large.eroded.shape
+        assert (small.eroded != large.eroded).mean() < 0.01
+        back = cv2.resize(large.mask, img.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(back - small.mask).mean() < 0.005
+        soft = lambda m: ((m > 0.1) & (m < 0.9)).sum()  # noqa: E731 - area of the edge band
+        widths.append(soft(large.mask) / soft(small.mask))
+    # An edge band twice as wide and twice as long: four times the area.
+    assert 3.6 < np.median(widths) < 4.4
+
+
+def test_sbi_mask_variants(astronaut_crop):
+    img, lm = astronaut_crop
+    brow_chin = np.linalg.norm(lm[17:27].mean(0) - lm[8])
+    top_of_brows = lm[17:27, 1].min()
+    rigid = dict(translate_x=0.0, translate_y=0.0, scale=(1.0, 1.0), elastic_std=0.0, mask_resize=(380, 380))
+    for seed in range(3):
+        # Same seed, same kernels: only the variant differs between the masks compared.
+        masks = {
+            v: sbi_mask(
+                lm,
+                img.shape,
+                np.random.default_rng(seed),
+                replace(PUBLISHED, mask_variants=(v,), blur_kernel=(9, 9), **rigid),
+            )
+            for v in MASK_VARIANTS
+        }
+        rows = {v: np.flatnonzero(m.any(axis=1)) for v, m in masks.items()}
+        # The 68-point hull stops at the brows; the forehead variant climbs well above them.
+        assert rows["hull68"][0] >= top_of_brows - 3
+        assert rows["forehead"][0] < top_of_brows - 0.1 * brow_chin
+        # Components are hulls of subsets of the 68 points: inside the full hull, and smaller.
+        assert (masks["components"] <= masks["hull68"] + 1e-4).all()
+        assert (masks["components"] > 0.5).sum() < 0.95 * (masks["hull68"] > 0.5).sum()
+
+
+# --------------------------------------------------------------------------- SBI pair
 
 
 @pytest.mark.parametrize("which", ["full", "crop"])
 def test_sbi_shapes_dtypes_and_mask_range(which, astronaut, astronaut_crop):
     img, lm = astronaut if which == "full" else astronaut_crop
-    cfg = SBIConfig()
     for seed in range(6):
-        real, fake, mask = sbi_pair(img, lm, np.random.default_rng(seed))
+        real, fake, mask = sbi_pair(img, lm, np.random.default_rng(seed), PUBLISHED)
         assert real.dtype == np.uint8 and fake.dtype == np.uint8
         assert real.shape == img.shape and fake.shape == img.shape
         assert mask.dtype == np.float32 and mask.shape == img.shape[:2]
         assert mask.min() >= 0.0 and mask.max() <= 1.0
         # The mask peaks at 1 before the ratio, so its maximum is the drawn ratio.
-        assert min(abs(mask.max() - r) for r in cfg.ratios) < 1e-5
+        assert min(abs(mask.max() - r) for r in PUBLISHED.ratios) < 1e-5
 
 
 def test_sbi_differences_lie_inside_mask(astronaut_crop):
     img, lm = astronaut_crop
-    cfg = SBIConfig(pair_augment=False)
+    cfg = replace(PUBLISHED, pair_augment=False)
     h, w = img.shape[:2]
     # Bound on how far the mask can reach past the 68-point hull lifted over the forehead:
     # the source warp (translation, scale about the face centre), elastic wiggle (4 std), the
-    # second blur's half-kernel and resize rounding.
+    # second blur's half-kernel at the small size seen in the frame, and resize rounding.
     brows = lm[17:27]
     lifted = np.concatenate([lm, brows + cfg.forehead_extend[1] * (brows.mean(0) - lm[8])])
     reach = np.abs(lifted - (lm.min(0) + lm.max(0)) / 2).max()
@@ -186,7 +346,7 @@ def test_sbi_differences_lie_inside_mask(astronaut_crop):
         cfg.translate_x * w
         + (cfg.scale[1] - 1) * reach
         + 4 * cfg.elastic_std * np.ptp(lm, axis=0).max()
-        + cfg.blur_kernel[1] // 2
+        + (cfg.blur_kernel[1] // 2 + 1) * max(h, w) / cfg.mask_resize[0]
         + 3
     )
     allowed = _dilate(_hull(img.shape, lifted), margin)
@@ -201,20 +361,11 @@ def test_sbi_differences_lie_inside_mask(astronaut_crop):
 
 def test_sbi_rigid_mask_hugs_the_hull(astronaut_crop):
     img, lm = astronaut_crop
-    cfg = SBIConfig(
-        mask_variants=("hull68",),
-        translate_x=0.0,
-        translate_y=0.0,
-        scale=(1.0, 1.0),
-        elastic_std=0.0,
-        mask_resize=(380, 380),
-        blur_kernel=(9, 9),
-        pair_augment=False,
-    )
+    cfg = replace(RIGID, mask_variants=("hull68",), blur_kernel=(9, 9))
     hull = _hull(img.shape, lm)
     for seed in range(4):
         real, fake, mask = sbi_pair(img, lm, np.random.default_rng(seed), cfg)
-        # Equal kernels: the erosion takes back exactly what the second blur spreads.
+        # Equal kernels: the erosion takes back what the second blur spreads.
         assert not ((mask > 0) & ~_dilate(hull, 2)).any()
         # The erosion pulls the full-strength core inside the hull, but not far.
         core = mask >= mask.max() - 1e-6
@@ -238,10 +389,27 @@ def test_sbi_fake_is_the_blend_of_source_and_target(astronaut_crop):
     assert checked >= 2
 
 
+def test_downscale_is_nearest_down_then_linear_up(astronaut_crop):
+    """Columns alternating black and white: nearest-neighbour keeps one of the two and the
+    copy turns flat black or white; an averaging downscale would turn it grey."""
+    _, lm = astronaut_crop
+    stripes = np.zeros((380, 380, 3), np.uint8)
+    stripes[:, 1::2] = 255
+    cfg = replace(
+        RIGID, augment_source_p=0.0, source_color=NO_COLOR, downscale_p=1.0, downscale_factors=(2,), ratios=(0.0,)
+    )
+    real, fake, _ = sbi_pair(stripes, lm, np.random.default_rng(0), cfg)
+    assert np.array_equal(real, fake)  # ratio 0: the fake is the augmented target
+    assert real.min() == real.max() and real.max() in (0, 255)
+    grey = replace(cfg, downscale_down="area")
+    real, _, _ = sbi_pair(stripes, lm, np.random.default_rng(0), grey)
+    assert np.abs(real.astype(int) - 128).max() <= 1
+
+
 def test_sbi_ratio_zero_returns_target(astronaut_crop):
     img, lm = astronaut_crop
     for pair_augment in (False, True):
-        cfg = SBIConfig(ratios=(0.0,), pair_augment=pair_augment, jpeg_p=1.0, pair_color_p=1.0)
+        cfg = replace(PUBLISHED, ratios=(0.0,), pair_augment=pair_augment, jpeg_p=1.0, pair_color=ALL_COLOR)
         real, fake, mask = sbi_pair(img, lm, np.random.default_rng(3), cfg)
         # With the augmentation on this also shows it is one draw applied to both images.
         assert np.array_equal(real, fake)
@@ -250,30 +418,33 @@ def test_sbi_ratio_zero_returns_target(astronaut_crop):
 
 def test_sbi_shared_augmentation_adds_no_difference_outside_mask(astronaut_crop):
     img, lm = astronaut_crop
+    no_pair_color = replace(ALL_COLOR, rgb_p=0.0, hsv_p=0.0, brightness_contrast_p=0.0)
     for seed in range(4):
-        _, fake0, _ = sbi_pair(img, lm, np.random.default_rng(seed), SBIConfig(pair_augment=False))
+        rng = np.random.default_rng
+        _, fake0, _ = sbi_pair(img, lm, rng(seed), replace(PUBLISHED, pair_augment=False))
         # Colour jitter alone works pixel by pixel: outside the mask real and fake stay equal.
-        real, fake, mask = sbi_pair(img, lm, np.random.default_rng(seed), SBIConfig(pair_color_p=1.0, jpeg_p=0.0))
+        real, fake, mask = sbi_pair(img, lm, rng(seed), replace(PUBLISHED, pair_color=ALL_COLOR, jpeg_p=0.0))
         assert not (_changed(real, fake) & (mask == 0)).any()
         assert not np.array_equal(fake, fake0), "the jitter never fired"
         # JPEG codes 16x16 blocks independently; chroma upsampling reaches 2 px further.
-        real, fake, mask = sbi_pair(img, lm, np.random.default_rng(seed), SBIConfig(pair_color_p=0.0, jpeg_p=1.0))
+        real, fake, mask = sbi_pair(img, lm, rng(seed), replace(PUBLISHED, pair_color=no_pair_color, jpeg_p=1.0))
         assert not (_changed(real, fake) & ~_dilate(mask > 0, 34)).any()
 
 
 def test_sbi_switch_does_not_shift_random_stream(astronaut_crop):
     img, lm = astronaut_crop
-    a = sbi_pair(img, lm, np.random.default_rng(5), SBIConfig(pair_augment=False))
-    b = sbi_pair(img, lm, np.random.default_rng(5), SBIConfig(pair_color_p=0.0, jpeg_p=0.0))
+    no_pair_color = replace(ALL_COLOR, rgb_p=0.0, hsv_p=0.0, brightness_contrast_p=0.0)
+    a = sbi_pair(img, lm, np.random.default_rng(5), replace(PUBLISHED, pair_augment=False))
+    b = sbi_pair(img, lm, np.random.default_rng(5), replace(PUBLISHED, pair_color=no_pair_color, jpeg_p=0.0))
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
 
 
 def test_sbi_seed_reproduces_and_differs(astronaut_crop):
     img, lm = astronaut_crop
-    a = sbi_pair(img, lm, np.random.default_rng(11))
-    b = sbi_pair(img, lm, np.random.default_rng(11))
-    c = sbi_pair(img, lm, np.random.default_rng(12))
+    a = sbi_pair(img, lm, np.random.default_rng(11), PUBLISHED)
+    b = sbi_pair(img, lm, np.random.default_rng(11), PUBLISHED)
+    c = sbi_pair(img, lm, np.random.default_rng(12), PUBLISHED)
     for x, y in zip(a, b, strict=True):
         assert x.tobytes() == y.tobytes()
     assert a[1].tobytes() != c[1].tobytes()
@@ -288,54 +459,116 @@ def test_sbi_does_not_modify_input(astronaut_crop):
     assert np.array_equal(img, before)
 
 
-def test_sbi_mask_variants(astronaut_crop):
-    img, lm = astronaut_crop
-    brow_chin = np.linalg.norm(lm[17:27].mean(0) - lm[8])
-    top_of_brows = lm[17:27, 1].min()
-    for seed in range(3):
-        masks = {
-            v: sbi_mask(lm, img.shape, np.random.default_rng(seed), SBIConfig(mask_variants=(v,), **_rigid_kwargs()))
-            for v in MASK_VARIANTS
-        }
-        rows = {v: np.flatnonzero(m.any(axis=1)) for v, m in masks.items()}
-        # The 68-point hull stops at the brows; the forehead variant climbs well above them.
-        assert rows["hull68"][0] >= top_of_brows - 3
-        assert rows["forehead"][0] < top_of_brows - 0.1 * brow_chin
-        # Components are hulls of subsets of the 68 points: inside the full hull, and smaller.
-        assert (masks["components"] <= masks["hull68"] + 1e-4).all()
-        assert (masks["components"] > 0.5).sum() < 0.95 * (masks["hull68"] > 0.5).sum()
-
-
-def _rigid_kwargs() -> dict:
-    # Same seed, same kernels: only the variant differs between the masks compared.
-    return dict(
-        translate_x=0.0, translate_y=0.0, scale=(1.0, 1.0), elastic_std=0.0, mask_resize=(380, 380), blur_kernel=(9, 9)
-    )
-
-
 def test_sbi_rejects_bad_input(astronaut_crop):
     img, lm = astronaut_crop
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="68"):
-        sbi_pair(img, lm[:67], rng)
+        sbi_pair(img, lm[:67], rng, PUBLISHED)
     bad = lm.copy()
     bad[3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        sbi_pair(img, bad, rng)
+        sbi_pair(img, bad, rng, PUBLISHED)
     with pytest.raises(ValueError, match="uint8"):
-        sbi_pair(img.astype(np.float32), lm, rng)
+        sbi_pair(img.astype(np.float32), lm, rng, PUBLISHED)
     with pytest.raises(ValueError, match="empty mask"):
-        sbi_pair(img, lm + [2000.0, 0.0], rng)
-    with pytest.raises(ValueError, match="blur_kernel"):
-        SBIConfig(blur_kernel=(4, 25))
-    with pytest.raises(ValueError, match="mask_variants"):
-        SBIConfig(mask_variants=("ellipse",))
+        sbi_pair(img, lm + [2000.0, 0.0], rng, PUBLISHED)
 
 
-def test_sbi_config_accepts_yaml_lists():
-    cfg = SBIConfig(ratios=[0.5, 1.0], scale=[0.9, 1.1])
-    assert cfg.ratios == (0.5, 1.0) and cfg.scale == (0.9, 1.1)
-    hash(cfg)
+# --------------------------------------------------------------------------- SBI crops and the training sample
+
+
+def _coordinates(h: int, w: int) -> np.ndarray:
+    """An image whose red channel is x // 2 and green channel y // 2: crops can be located."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs // 2, ys // 2, np.full_like(xs, 128)], axis=-1).astype(np.uint8)
+
+
+def test_precrop_is_the_widened_landmark_box(astronaut_face):
+    img, lm, _ = astronaut_face
+    (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+    w, h = x1 - x0, y1 - y0
+    wx0, wy0, wx1, wy1 = precrop_window(lm, img.shape, PUBLISHED)
+    expected = (x0 - w / 2, y0 - h, x1 + w / 2, y1 + 0.4 * h)
+    got = (wx0, wy0, wx1, wy1)
+    limits = (0, 0, img.shape[1], img.shape[0])
+    for g, e, lim, side in zip(got, expected, limits, ("left", "top", "right", "bottom"), strict=True):
+        clipped = max(e, lim) if side in ("left", "top") else min(e, lim)
+        assert abs(g - clipped) <= 1, side
+
+
+def test_test_crop_takes_half_margins(astronaut_face):
+    img, _, box = astronaut_face
+    coords = _coordinates(*img.shape[:2])
+    x0, y0, x1, y1 = box
+    mw, mh = (x1 - x0) / 8, (y1 - y0) / 8  # w/4 and h/4, halved at test time
+    window = (int(np.floor(x0 - mw)), int(np.floor(y0 - mh)), int(np.ceil(x1 + mw)), int(np.ceil(y1 + mh)))
+    assert face_crop_window(box, img.shape, np.full(4, 0.5), PUBLISHED) == window
+    out = sbi_test_crop(coords, box, PUBLISHED)
+    wx0, wy0, wx1, wy1 = window
+    assert out.shape == (380, 380, 3)
+    assert np.array_equal(out, cv2.resize(coords[wy0:wy1, wx0:wx1], (380, 380), interpolation=cv2.INTER_LINEAR))
+
+
+def test_training_crop_margins_are_drawn_per_side(astronaut_face):
+    img, lm, box = astronaut_face
+    coords = _coordinates(*img.shape[:2])
+    x0, y0, x1, y1 = box
+    mw, mh = (x1 - x0) / 4, (y1 - y0) / 4
+    seen = []
+    for seed in range(20):
+        real, fake, mask = sbi_sample(coords, lm, box, np.random.default_rng(seed), PLAIN)
+        assert real.shape == fake.shape == (380, 380, 3) and mask.shape == (380, 380)
+        # Outer rows and columns decode to the crop's edges (2 px a level, plus bilinear rounding).
+        left, right = 2 * real[:, 0, 0].mean(), 2 * real[:, -1, 0].mean()
+        top, bottom = 2 * real[0, :, 1].mean(), 2 * real[-1, :, 1].mean()
+        margins = np.array([(x0 - left) / mw, (y0 - top) / mh, (right - x1) / mw, (bottom - y1) / mh])
+        tol = 3.0 / min(mw, mh)
+        assert (margins > 0.2 - tol).all() and (margins < 0.8 + tol).all(), margins
+        seen.append(margins)
+    seen = np.array(seen)
+    assert (np.ptp(seen, axis=0) > 0.3).all(), "every side draws its own margin"
+    assert np.abs(np.corrcoef(seen.T)[0, 2]) < 0.9  # left and right are not one draw
+
+
+def test_training_crop_at_mid_margins_is_the_test_crop(astronaut_face):
+    img, lm, box = astronaut_face
+    cfg = replace(PLAIN, crop_margin_scale=(0.5, 0.5))
+    real, _, _ = sbi_sample(img, lm, box, np.random.default_rng(0), cfg)
+    assert np.array_equal(real, sbi_test_crop(img, box, cfg))
+
+
+def test_flip_mirrors_image_landmarks_and_box(astronaut_face):
+    img, lm, box = astronaut_face
+    w = img.shape[1]
+    mirrored = np.ascontiguousarray(img[:, ::-1])
+    mirrored_box = (w - box[2], box[1], w - box[0], box[3])
+    for seed in range(3):
+        flipped = sbi_sample(img, lm, box, np.random.default_rng(seed), replace(PUBLISHED, flip_p=1.0))
+        by_hand = sbi_sample(
+            mirrored, flip_landmarks(lm, w), mirrored_box, np.random.default_rng(seed), replace(PUBLISHED, flip_p=0.0)
+        )
+        for a, b in zip(flipped, by_hand, strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_sample_fake_equals_real_outside_its_mask(astronaut_face):
+    img, lm, box = astronaut_face
+    cfg = replace(PUBLISHED, pair_augment=False)
+    for seed in range(4):
+        real, fake, mask = sbi_sample(img, lm, box, np.random.default_rng(seed), cfg)
+        assert real.dtype == fake.dtype == np.uint8 and mask.dtype == np.float32
+        assert _changed(real, fake).any()
+        assert not (_changed(real, fake) & (mask == 0)).any()
+        assert 0.05 < (mask > 0).mean() < 0.95
+
+
+def test_sample_rejects_a_box_off_the_image(astronaut_face):
+    img, lm, _ = astronaut_face
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="outside"):
+        sbi_sample(img, lm, (600, 10, 700, 90), rng, PUBLISHED)
+    with pytest.raises(ValueError, match="x1 > x0"):
+        sbi_test_crop(img, (50, 10, 40, 90), PUBLISHED)
 
 
 # --------------------------------------------------------------------------- SLADD
