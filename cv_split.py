@@ -1,4 +1,4 @@
-"""Build validation folds that keep every parent image with the fakes derived from it.
+"""Build validation folds that never split images sharing pixels (or a person) across folds.
 
   python cv_split.py                          # mode from configs/data.yaml (split.mode)
   python cv_split.py --mode clusters          # hold out whole k-means clusters of image embeddings
@@ -6,14 +6,20 @@
   python cv_split.py --sweep 4 12             # inertia and silhouette for K = 4..12, no folds written
   python cv_split.py split.k=8 split.n_folds=4 --force   # overrides as key=value
 
+Groups: images linked by the manifest's `parent` and `sources` (every image that gave
+another pixels), transitively; with split.group_by identity (or auto, where it leaves at
+least n_folds groups), also every face of one person (the data stage's face embeddings,
+joined within split.identity_distance). No group spans two folds, in either mode.
+
 Cluster mode embeds every train image with split.encoder (keys under split.demo replace
 those of split on the demo sample), caches the features under <outputs>/features/, clusters them with k-means
-(K = split.k), moves each parent group whole into its majority cluster, and holds out
+(K = split.k), moves each group whole into its majority cluster, and holds out
 whole clusters as folds (K == n_folds: fold i is cluster i).
 
 Writes folds.csv (img_name,target,cluster,fold), its resolved config, folds_report.md and
-folds_report.json (counts per fold by label and method, cluster sizes) and, in cluster
-mode, folds_clusters.png (2-D projection coloured by cluster and by label).
+folds_report.json (counts per fold by label, method, group and identity, the largest
+group's share, cluster sizes) and, in cluster mode, folds_clusters.png (2-D projection
+coloured by cluster and by label).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from core.folds import (
     check_folds,
     cluster_folds,
     fold_summary,
+    identity_labels,
+    largest_group,
+    split_groups,
     stratified_group_folds,
     summary_markdown,
 )
@@ -48,6 +57,7 @@ from models.encoders import EncoderError, build_encoder, encoder_key
 log = get_logger("cv_split")
 
 MODES = ("clusters", "stratified")
+GROUP_BY = ("auto", "parent", "identity")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,29 +158,109 @@ def cluster_labels(cfg: dict, feats: np.ndarray) -> np.ndarray:
     return labels
 
 
+def attach_identities(cfg: dict, data: DataPaths, df: pd.DataFrame) -> pd.DataFrame:
+    """The table with an `identity` column: a person label per original image with a face
+    ("" elsewhere), from the data stage's face embeddings, faces within
+    `split.identity_distance` joined. Without embeddings the column is all "".
+    """
+    df = df.assign(identity="")
+    path = data.face_embeddings
+    if path is None or not path.is_file():
+        return df
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names, embeddings = stored["names"], stored["embeddings"]
+    except (OSError, ValueError, KeyError) as err:
+        raise FoldError(f"{path}: cannot read the face embeddings ({err}); rerun python -m data_prep") from None
+    labels = identity_labels(embeddings.astype(np.float32), float(cfg["split"].get("identity_distance", 0.6)))
+    person = {str(n): f"person{k}" for n, k in zip(names, labels, strict=True) if k >= 0}
+    df["identity"] = df["img_name"].map(person).fillna("")
+    return df
+
+
+def use_identity(cfg: dict, df: pd.DataFrame) -> tuple[bool, str]:
+    """Whether the folds group by identity too (`split.group_by`), and the line that says why."""
+    split = cfg["split"]
+    choice = split.get("group_by", "auto")
+    if choice not in GROUP_BY:
+        raise ConfigError(f"split.group_by must be one of {list(GROUP_BY)}, got {choice!r}")
+    if choice == "parent":
+        return False, "group_by parent: images joined by parent and sources"
+    known = df["identity"] != "" if "identity" in df.columns else pd.Series(False, index=df.index)
+    if not known.any():
+        if choice == "identity":
+            raise FoldError(
+                "split.group_by identity needs the face embeddings the data stage writes "
+                "(python -m data_prep, with data.use_prepared: true)"
+            )
+        return False, "group_by auto: identity off, no face embeddings (the data stage writes them)"
+    n_people = df.loc[known, "identity"].nunique()
+    groups = split_groups(df, identity=True)
+    n_groups = int(groups.max()) + 1
+    share = largest_group(groups)[1]
+    if choice == "identity":
+        return True, f"group_by identity: {n_people} people, {n_groups} groups"
+    n_folds = int(split["n_folds"])
+    if n_groups < n_folds:
+        return (
+            False,
+            f"group_by auto: identity off, it would leave {n_groups} group(s) ({n_people} people) for {n_folds} folds",
+        )
+    if share > 0.5:
+        # Single linkage can chain look-alikes into one group; folds around it would be one big fold.
+        return False, f"group_by auto: identity off, its largest group would hold {100 * share:.0f}% of the images"
+    return True, f"group_by auto: identity on, {n_people} people, {n_groups} groups"
+
+
 def build_folds(cfg: dict, df: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """The train table with `cluster` and `fold` columns, and the features (cluster mode only)."""
+    """The train table with `cluster`, `fold` and `group` columns, and the features (cluster mode only).
+
+    Identity grouping follows `split.group_by` and the table's `identity` column (`attach_identities`).
+    """
     split = cfg["split"]
     n_folds = int(split["n_folds"])
+    identity, why = use_identity(cfg, df)
+    log.info("%s", why)
     df = df.copy()
+    df["group"] = split_groups(df, identity)
+    n_big, share = largest_group(df["group"].to_numpy())
+    log.info(
+        "%d groups never split across folds; the largest holds %d images (%.1f%%)",
+        df["group"].nunique(),
+        n_big,
+        100 * share,
+    )
     if mode == "stratified":
-        df["fold"] = stratified_group_folds(df, n_folds, int(split["seed"]))
+        df["fold"] = stratified_group_folds(df, n_folds, int(split["seed"]), identity)
         df["cluster"] = -1
         feats = None
     elif mode == "clusters":
         feats = image_features(cfg, df)
         df["kmeans_cluster"] = cluster_labels(cfg, feats)
-        df["cluster"], df["fold"] = cluster_folds(df, df["kmeans_cluster"].to_numpy(), n_folds)
+        df["cluster"], df["fold"] = cluster_folds(df, df["kmeans_cluster"].to_numpy(), n_folds, identity)
     else:
         raise ConfigError(f"split.mode must be one of {list(MODES)}, got {mode!r}")
-    check_folds(df)
+    check_folds(df, identity)
     return df, feats
+
+
+def fold_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Images, reals, fakes, groups and (where known) people per fold: the log's summary."""
+    per = df.groupby("fold").agg(
+        images=("target", "size"), real=("target", lambda t: int((t == 0).sum())), fake=("target", "sum")
+    )
+    per["groups"] = df.groupby("fold")["group"].nunique()
+    known = df[df["identity"] != ""] if "identity" in df.columns else df.iloc[:0]
+    if len(known):
+        per["people"] = known.groupby("fold")["identity"].nunique().reindex(per.index, fill_value=0)
+    return per
 
 
 def write_report(cfg: dict, df: pd.DataFrame, feats: np.ndarray | None, out: Path, mode: str) -> dict[str, Path]:
     paths = report_paths(out)
-    summary = fold_summary(df)
+    summary = fold_summary(df, df["group"].to_numpy())
     summary["mode"] = mode
+    summary["grouping"] = use_identity(cfg, df)[1]
     if "kmeans_cluster" in df:
         summary["kmeans_sizes"] = df["kmeans_cluster"].value_counts().sort_index().to_dict()
     title = f"Validation folds ({mode} mode)"
@@ -241,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             warn_if_config_changed(cfg, out)
             log.info("%s exists; skipping (use --force to rebuild)", out)
             return 0
-        df = read_train_table(data)
+        df = attach_identities(cfg, data, read_train_table(data))
         log.info(
-            "read %d train images (%d fake) in %d parent groups", len(df), df["target"].sum(), df["parent"].nunique()
+            "read %d train images (%d fake) from %d parents, %d with a known person",
+            len(df),
+            df["target"].sum(),
+            df["parent"].nunique(),
+            int((df["identity"] != "").sum()),
         )
         if args.sweep is not None:
             log.info("wrote %s", run_sweep(cfg, df, *args.sweep))
@@ -256,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LabelError, FoldError, EncoderError, FeatureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = pd.crosstab(df["fold"], df["target"]).rename(columns={0: "real", 1: "fake"})
-    log.info("wrote %s (%s mode)\n%s", out, mode, summary.to_string())
+    table = fold_table(df)
+    log.info("wrote %s (%s mode)\n%s", out, mode, table.to_string())
     log.info("report: %s", ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config([args.data_config, args.member], args.overrides)
     data = resolve_data(base)
     base = cv_split.resolve_split(base, data)
-    table = read_train_table(data)
+    table = cv_split.attach_identities(base, data, read_train_table(data))  # split.group_by as cv_split
     seed = int(base["split"]["seed"])
     result: dict = {
         "data": "demo sample" if data.is_demo else str(data.train_labels),

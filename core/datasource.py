@@ -17,8 +17,14 @@ class DataPaths:
     test_list: Path
     test_root: Path
     test_labels: Path | None  # answers, when known: only for reporting
-    manifest: Path | None  # provenance (method, parent, region) of prepared samples
+    manifest: Path | None  # provenance (method, parent, region, sources) of prepared samples
     is_demo: bool
+    # Face embeddings of the original images, written by the data stage (names and 128-d vectors)
+    face_embeddings: Path | None = None
+
+
+# Written by the data stage beside its manifest; read by the split for identity grouping.
+FACE_EMBEDDINGS_FILE = "face_embeddings.npz"
 
 
 class PreparedDataMissing(LabelError):
@@ -40,7 +46,13 @@ def resolve_data(cfg: dict, *, prepared: bool = True) -> DataPaths:
         raise PreparedDataMissing(
             f"{out}: the data stage has not finished; run `python -m data_prep` or set data.use_prepared=false"
         )
-    return replace(original, train_labels=out / "train_labels.csv", train_root=out, manifest=out / "manifest.csv")
+    return replace(
+        original,
+        train_labels=out / "train_labels.csv",
+        train_root=out,
+        manifest=out / "manifest.csv",
+        face_embeddings=out / FACE_EMBEDDINGS_FILE,
+    )
 
 
 def _resolve_original(d: dict) -> DataPaths:
@@ -73,9 +85,11 @@ def _resolve_original(d: dict) -> DataPaths:
 
 
 def read_train_table(paths: DataPaths) -> pd.DataFrame:
-    """Train labels joined with provenance: `img_name,target,path,method,parent,region`.
+    """Train labels joined with provenance: `img_name,target,path,method,parent,region,sources`.
 
     Without a manifest every image is its own parent (nothing derived from anything).
+    `sources` (the other images that gave an image pixels, `;`-joined) is optional in a
+    manifest and empty where absent.
     """
     df = read_labels(paths.train_labels, paths.train_root)
     if paths.manifest and paths.manifest.is_file():
@@ -84,13 +98,15 @@ def read_train_table(paths: DataPaths) -> pd.DataFrame:
         missing = [c for c in cols if c not in man.columns]
         if missing:
             raise LabelError(f"{paths.manifest}: missing column(s) {missing}")
-        df = df.merge(man[cols], on="img_name", how="left")
-    for col, default in (("method", None), ("parent", None), ("region", "")):
+        optional = ["sources"] if "sources" in man.columns else []
+        df = df.merge(man[cols + optional], on="img_name", how="left")
+    for col, default in (("method", None), ("parent", None), ("region", ""), ("sources", "")):
         if col not in df.columns:
             df[col] = default
     df["method"] = df["method"].fillna(df["target"].map({0: "real", 1: "fake"}))
     df["parent"] = df["parent"].replace("", None).fillna(df["img_name"])
     df["region"] = df["region"].fillna("")
+    df["sources"] = df["sources"].fillna("")
     return df
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from sklearn.metrics import adjusted_rand_score
 
 import cv_split
 from core.clustering import kmeans, sweep
-from core.config import load_config
-from core.datasource import resolve_data
+from core.config import ConfigError, load_config
+from core.datasource import read_train_table, resolve_data
 from core.features import cached_features, load_cache
-from core.folds import FoldError, cluster_folds, group_clusters, pack_clusters
+from core.folds import FoldError, check_folds, cluster_folds, pack_clusters, place_groups, split_groups
 from models.encoders import EncoderError, build_encoder, encoder_key
 
 TINY_TIMM = {"kind": "timm", "name": "test_efficientnet.r160_in1k", "pretrained": False, "image_size": 32}
@@ -43,7 +44,9 @@ def tinted_image(rng: np.random.Generator, tint: tuple[int, int, int], fake: boo
 
 
 def build_domains(root: Path, parents_per_domain: int = 6, seed: int = 0) -> dict:
-    """Three colour domains; every real parent has one or two fakes derived from it."""
+    """Three colour domains; every real parent has one or two fakes derived from it. The first
+    fake of parent 0 of each domain also carries a face from parent 1 of the same domain
+    (`sources`), which joins those two parents into one group."""
     rng = np.random.default_rng(seed)
     (root / "train").mkdir(parents=True)
     (root / "test").mkdir()
@@ -56,8 +59,10 @@ def build_domains(root: Path, parents_per_domain: int = 6, seed: int = 0) -> dic
             for j in range(1 + i % 2):
                 fake = f"d{d}_r{i}_f{j}.png"
                 Image.fromarray(tinted_image(rng, tint, True)).save(root / "train" / fake)
-                rows.append((fake, 1, f"patch{d}", real, "face"))
-    manifest = pd.DataFrame(rows, columns=["img_name", "target", "method", "parent", "region"])
+                donor = f"d{d}_r1.png" if i == 0 and j == 0 else ""
+                rows.append((fake, 1, f"patch{d}", real, "face", donor))
+    rows = [r if len(r) == 6 else (*r, "") for r in rows]
+    manifest = pd.DataFrame(rows, columns=["img_name", "target", "method", "parent", "region", "sources"])
     manifest.to_csv(root / "manifest.csv", index=False)
     manifest[["img_name", "target"]].to_csv(root / "train_labels.csv", index=False)
     Image.fromarray(tinted_image(rng, TINTS[0], False)).save(root / "test" / "t0.png")
@@ -110,9 +115,11 @@ def test_cluster_folds_from_the_cli_are_deterministic_whole_and_reported(cluster
     assert list(folds.columns) == ["img_name", "target", "cluster", "fold"]
     merged = folds.merge(pd.read_csv(p["manifest"]), on=["img_name", "target"])
     assert len(merged) == len(folds) == 3 * 6 + 3 * 9
-    # a parent and all its fakes share one cluster and one fold
-    assert (merged.groupby("parent")["cluster"].nunique() == 1).all()
-    assert (merged.groupby("parent")["fold"].nunique() == 1).all()
+    # a parent, all its fakes and every image sharing pixels with them share one cluster and one fold
+    groups = split_groups(merged)
+    assert groups.max() + 1 == 3 * 6 - 3
+    assert (merged.groupby(groups)["cluster"].nunique() == 1).all()
+    assert (merged.groupby(groups)["fold"].nunique() == 1).all()
     # every cluster is held out in exactly one fold; K == n_folds, so fold i is cluster i
     assert (folds.groupby("cluster")["fold"].nunique() == 1).all()
     assert sorted(folds["cluster"].unique()) == [0, 1, 2]
@@ -125,6 +132,8 @@ def test_cluster_folds_from_the_cli_are_deterministic_whole_and_reported(cluster
     out = p["outputs"]
     report = json.loads((out / "folds_report.json").read_text())
     assert report["mode"] == "clusters"
+    assert report["groups"] == 15 and report["largest_group"]["n"] == 5
+    assert report["grouping"] == "group_by auto: identity off, no face embeddings (the data stage writes them)"
     assert sum(f["n"] for f in report["folds"].values()) == len(folds)
     assert sum(f["methods"].get("real", 0) for f in report["folds"].values()) == 18
     assert "| cluster | images |" in (out / "folds_report.md").read_text()
@@ -201,16 +210,79 @@ def test_stratified_mode_still_available(cluster_project):
 # --- library pieces -------------------------------------------------------------------------
 
 
-def test_parent_groups_move_whole_to_their_majority_cluster():
+def test_groups_move_whole_to_their_majority_cluster_ties_to_their_roots():
     df = pd.DataFrame(
         {
-            "img_name": ["p", "p1", "p2", "p3", "q", "q1", "r", "r1", "s"],
-            "parent": ["p", "p", "p", "p", "q", "q", "r", "r", "s"],
+            "img_name": ["p", "p1", "p2", "p3", "q", "q1", "r", "r1", "s", "t", "t1", "t2"],
+            "parent": ["p", "p", "p", "p", "q", "q", "r", "r", "s", "t", "t", "t"],
         }
     )
-    clusters = np.array([0, 1, 1, 1, 2, 0, 1, -1, -1])
-    grouped = group_clusters(df, clusters)
-    assert grouped.tolist() == [1, 1, 1, 1, 2, 2, 1, 1, -1]  # majority; tie -> parent's own; no vote -> -1
+    clusters = np.array([0, 1, 1, 1, 2, 0, 1, -1, -1, 2, 1, 1])
+    # p: three quarters in 1; q: a tie, settled by its root's cluster (2, which t leaves room in);
+    # r: its one vote; s: no vote; t: the majority of a spread group, with room there.
+    assert place_groups(df, clusters).tolist() == [1, 1, 1, 1, 2, 2, 1, 1, -1, 1, 1, 1]
+
+
+def test_placement_keeps_clusters_near_their_kmeans_sizes():
+    """Four groups of three (two images in cluster 0, one in cluster 1) and singletons make
+    clusters of 10 and 10. Majorities alone would give 14 and 6; room-limited placement sends a
+    group to cluster 1, where it has an image, and never to a cluster holding none of its images."""
+    rows, clusters = [], []
+    for i, c in enumerate([0, 0, 1, 1, 1, 1, 1, 1]):
+        rows.append((f"s{i}", f"s{i}"))
+        clusters.append(c)
+    for g in range(4):
+        for j, c in enumerate([0, 0, 1]):
+            rows.append((f"g{g}_{j}", f"g{g}_0"))
+            clusters.append(c)
+    df = pd.DataFrame(rows, columns=["img_name", "parent"])
+    clusters = np.array(clusters)
+    assert np.bincount(clusters).tolist() == [10, 10]
+    placed = place_groups(df, clusters)
+    assert np.bincount(placed).tolist() == [11, 9]
+    groups = split_groups(df)
+    assert (pd.Series(placed).groupby(groups).nunique() == 1).all()
+    assert all(clusters[groups == g][0] in clusters[groups == g] for g in np.unique(groups))
+    # The singletons keep their own cluster.
+    assert (placed[:8] == clusters[:8]).all()
+
+
+def test_a_cluster_left_without_a_group_takes_one_back():
+    """Cluster 2 holds one fake of group a and one of group b; both groups fit better elsewhere,
+    so placement empties it, and with three folds wanted it takes back group a (first of the tie)."""
+    df = pd.DataFrame(
+        {
+            "img_name": ["a", "a1", "a2", "b", "b1", "b2", "c", "c1", "d", "d1"],
+            "parent": ["a", "a", "a", "b", "b", "b", "c", "c", "d", "d"],
+            "target": [0, 1, 1, 0, 1, 1, 0, 1, 0, 1],
+        }
+    )
+    clusters = np.array([0, 0, 2, 1, 1, 2, 0, 0, 1, 1])
+    assert set(place_groups(df, clusters).tolist()) == {0, 1}
+    cluster, fold = cluster_folds(df, clusters, n_folds=3)
+    assert sorted(np.unique(fold).tolist()) == [0, 1, 2]
+    held = fold[df["img_name"] == "a"][0]
+    assert (fold[df["parent"] == "a"] == held).all() and (fold == held).sum() == 3
+    check_folds(df.assign(fold=fold, cluster=cluster))
+
+
+def test_cluster_folds_keep_groups_joined_by_sources_whole():
+    rng = np.random.default_rng(0)
+    n = 120
+    df = pd.DataFrame({"img_name": [f"r{i}" for i in range(n)], "target": 0})
+    df["parent"] = df["img_name"]
+    fakes = pd.DataFrame({"img_name": [f"f{i}" for i in range(n)], "target": 1, "parent": df["img_name"]})
+    fakes["sources"] = [f"r{int(j)}" for j in rng.integers(0, n, n)]  # a random donor each
+    df = pd.concat([df.assign(sources=""), fakes], ignore_index=True)
+    clusters = rng.integers(0, 4, len(df))
+    cluster, fold = cluster_folds(df, clusters, n_folds=4)
+    groups = split_groups(df)
+    assert (pd.Series(fold).groupby(groups).nunique() == 1).all()
+    check_folds(df.assign(fold=fold, cluster=cluster))
+    # Grouped by parent alone these folds would leak: a donor and the fake wearing its face apart.
+    _, by_parent = cluster_folds(df.drop(columns="sources"), clusters, n_folds=4)
+    with pytest.raises(FoldError, match="split across folds"):
+        check_folds(df.assign(fold=by_parent, cluster=0))
 
 
 def test_cluster_folds_hold_out_each_cluster_once_and_balance_sizes():
@@ -350,3 +422,79 @@ def test_shipped_config_resolves_per_profile():
     real = cv_split.resolve_split(real_cfg, resolve_data(real_cfg, prepared=False))
     assert (real["split"]["n_folds"], real["split"]["k"]) == (7, 7)  # seven experts, split i = cluster i
     assert real["split"]["encoder"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
+
+
+# --- identity grouping ----------------------------------------------------------------------
+
+
+def with_people(project: dict, n_people: int, tmp_path: Path, **split: object) -> tuple[dict, pd.DataFrame]:
+    """The project's config and train table, its reals spread over `n_people` people by face
+    embeddings written where the data stage writes them (tight clusters far apart)."""
+    cfg = load_config([str(project["cfg"])])
+    cfg["split"].update(split)
+    data = resolve_data(cfg)
+    table = read_train_table(data)
+    reals = table.loc[table["target"] == 0, "img_name"].tolist()
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(n_people, 128))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    person = np.arange(len(reals)) % n_people
+    embeddings = centres[person] + 0.01 * rng.normal(size=(len(reals), 128))
+    path = tmp_path / "face_embeddings.npz"
+    np.savez(path, names=np.array(reals), embeddings=embeddings.astype(np.float32))
+    data = dataclasses.replace(data, face_embeddings=path)
+    return cfg, cv_split.attach_identities(cfg, data, table)
+
+
+@pytest.mark.parametrize("mode", ["stratified", "clusters"])
+def test_identity_grouping_keeps_each_person_in_one_fold(cluster_project, tmp_path, mode):
+    cfg, table = with_people(cluster_project, 6, tmp_path)
+    assert table.loc[table["target"] == 0, "identity"].nunique() == 6
+    assert (table.loc[table["target"] == 1, "identity"] == "").all()  # fakes follow their parent
+    # People 0 and 1 (parents 0 and 1 of each domain) are joined by the donor fakes too.
+    assert cv_split.use_identity(cfg, table) == (True, "group_by auto: identity on, 6 people, 5 groups")
+    folds, _ = cv_split.build_folds(cfg, table, mode)
+    reals = folds[folds["target"] == 0]
+    assert (reals.groupby("identity")["fold"].nunique() == 1).all()
+    # every fake sits with its parent, so with its person
+    person = dict(zip(reals["img_name"], reals["identity"], strict=True))
+    assert (folds.groupby(folds["parent"].map(person))["fold"].nunique() == 1).all()
+    summary = cv_split.fold_summary(folds, folds["group"].to_numpy())
+    assert all(f["identities_in_other_folds"] == 0 for f in summary["folds"].values())
+    assert sum(f["identities"] for f in summary["folds"].values()) == 6
+
+
+def test_identity_grouping_is_off_with_one_line_when_it_leaves_too_few_groups(cluster_project, tmp_path, capfd):
+    cfg, table = with_people(cluster_project, 2, tmp_path)
+    why = "group_by auto: identity off, it would leave 1 group(s) (2 people) for 3 folds"
+    assert cv_split.use_identity(cfg, table) == (False, why)
+    capfd.readouterr()
+    folds, _ = cv_split.build_folds(cfg, table, "stratified")
+    assert capfd.readouterr().err.count(why) == 1
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    # Both people then appear in several folds, and the report says so.
+    summary = cv_split.fold_summary(folds, folds["group"].to_numpy())
+    assert all(f["identities"] == 2 == f["identities_in_other_folds"] for f in summary["folds"].values())
+    # Asked for explicitly it is on, and then three folds cannot be made from two people.
+    cfg["split"]["group_by"] = "identity"
+    assert cv_split.use_identity(cfg, table)[0] is True
+    with pytest.raises(FoldError, match="only 1 groups .images joined by parent, sources and identity. for 3 folds"):
+        cv_split.build_folds(cfg, table, "stratified")
+
+
+def test_identity_settings_and_files_give_clear_errors(cluster_project, tmp_path):
+    cfg = load_config([str(cluster_project["cfg"])], ["+split.group_by=identity"])
+    data = resolve_data(cfg)
+    table = cv_split.attach_identities(cfg, data, read_train_table(data))
+    assert (table["identity"] == "").all()  # no data stage, no embeddings
+    with pytest.raises(FoldError, match="split.group_by identity needs the face embeddings"):
+        cv_split.use_identity(cfg, table)
+    cfg["split"]["group_by"] = "person"
+    with pytest.raises(ConfigError, match="split.group_by must be one of"):
+        cv_split.use_identity(cfg, table)
+    broken = tmp_path / "face_embeddings.npz"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(FoldError, match="face_embeddings.npz: cannot read the face embeddings"):
+        cv_split.attach_identities(cfg, dataclasses.replace(data, face_embeddings=broken), table)
+    cfg["split"]["group_by"] = "parent"
+    assert cv_split.use_identity(cfg, table) == (False, "group_by parent: images joined by parent and sources")
