@@ -10,8 +10,9 @@ Output, under `prep.out` (default `data/prepared/`):
     edit/<kind>/NNNNNN.jpg   image edits (data_prep.edits)
     sd/<kind>/NNNNNN.jpg     Stable Diffusion fakes (data_prep.diffusion)
     train_labels.csv         img_name,target for originals and new images, names relative to prep.out
-    manifest.csv             img_name,target,method,parent,region
-    provenance.csv           the manifest plus source, donor, seed and the drawn parameters
+    manifest.csv             img_name,target,method,parent,region,sources
+    provenance.csv           the manifest plus source, donor, donor_pool, seed and the drawn parameters
+    face_embeddings.npz      the 128-d face embedding of every real original with a face (identity folds)
     data.yaml                a `data:` section pointing the rest of the pipeline here
     config.yaml              the resolved config;  summary.json  the counts printed at the end
     faces/                   per-image face cache (boxes, 68 landmarks, embeddings)
@@ -20,9 +21,16 @@ Output, under `prep.out` (default `data/prepared/`):
 
 Originals keep their provenance when the input has a manifest; otherwise a real is method
 `real` and a fake `original`, each its own parent. `parent` of a new image is the real image
-it was made from (the parent of its source), so folds that group by parent keep every
-derived image with its real. Image names are prefixed with `orig/` for originals, parents
-likewise, so all names live under one root.
+it was made from (the parent of its source); `sources` lists every image that gave it pixels
+(the image edited, the face or background donor), so folds that keep images linked by
+parent and sources together never show a validation image's pixels in training. Donors are
+drawn within donor pools (a seeded partition of the originals), so those links cannot chain
+most of the set into one group. Image names are prefixed with `orig/` for originals, parents
+and sources likewise, so all names live under one root.
+
+Every new image is a JPEG written here while originals keep their bytes; `edit:reencode`
+writes copies of originals of the label that would otherwise be re-encoded less often, so
+"written by the data stage" says nothing about the label (the summary checks the shares).
 
 Resumable at two levels: every output is written atomically and skipped when it exists, and
 a step whose inputs fingerprint matches and whose done marker exists is not re-run. A step
@@ -50,7 +58,8 @@ import numpy as np
 import pandas as pd
 
 from core.config import deep_merge, save_config
-from core.datasource import DataPaths, resolve_data
+from core.datasource import FACE_EMBEDDINGS_FILE, DataPaths, resolve_data
+from core.folds import SOURCES_SEP, largest_group, split_groups
 from core.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from core.io import atomic_path, write_csv, write_json, write_text
 from core.labels import LabelError, read_labels, safe_join
@@ -58,15 +67,20 @@ from core.log import get_logger
 from core.progress import progress_bar
 from data_prep import diffusion as sd
 from data_prep import edits
-from data_prep.faces import Face, FaceAnalyzer, FaceModelError, align_crop, cache_path
+from data_prep.faces import EMBEDDING_DIM, Face, FaceAnalyzer, FaceModelError, align_crop, cache_path
 
 log = get_logger("data_prep")
 
 # Bump when a recipe changes what gets written, so old outputs are not taken as current.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
-MANIFEST_COLUMNS = ["img_name", "target", "method", "parent", "region"]
-PROVENANCE_COLUMNS = [*MANIFEST_COLUMNS, "source", "donor", "seed", "details"]
+# An input manifest needs these; `sources` is optional there and always written here.
+INPUT_MANIFEST_COLUMNS = ["img_name", "target", "method", "parent", "region"]
+MANIFEST_COLUMNS = [*INPUT_MANIFEST_COLUMNS, "sources"]
+PROVENANCE_COLUMNS = [*MANIFEST_COLUMNS, "source", "donor", "donor_pool", "seed", "details"]
+REENCODE = "edit:reencode"
+# The summary flags re-encoded shares per label further apart than this (percentage points).
+REENCODE_TOLERANCE = 5.0
 ORIG_DIR = "orig"
 MARKER = ".prep"
 DONE_FILE = "DONE"
@@ -84,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "swap_regions": list(edits.SWAP_REGIONS),
         "identity_distance": 0.6,
         "donor_candidates": 8,
+        "donor_pools": 16,
         "backgrounds": None,
         "synthetic_background_p": 0.3,
     },
@@ -137,6 +152,8 @@ class Job:
     region: str
     seed: int
     quality: int  # JPEG quality of the written file
+    donor_pool: int = -1  # the pool of the source's group (-1: generated from nothing)
+    sources: list[str] = field(default_factory=list)  # prepared img_names that give the output pixels
     source: str = ""  # prepared img_name of the image edited ("" for txt2img)
     source_path: str = ""
     donor: str = ""  # image the swapped face or background came from
@@ -207,6 +224,9 @@ def prep_config(cfg: dict) -> dict:
     bad |= set(merged["diffusion"]["inpaint_regions"]) - set(edits.SWAP_REGIONS)
     if bad:
         raise PrepError(f"unknown regions {sorted(bad)}; expected some of {edits.SWAP_REGIONS}")
+    pools = merged["prep"]["donor_pools"]
+    if not isinstance(pools, int) or isinstance(pools, bool) or pools < 1:
+        raise PrepError(f"prep.donor_pools must be a whole number >= 1, not {pools!r}")
     if merged["prep"]["link"] not in ("hardlink", "copy"):
         raise PrepError(f"prep.link must be hardlink or copy, not {merged['prep']['link']!r}")
     q0, q1 = merged["prep"]["jpeg_quality"]
@@ -219,33 +239,65 @@ def read_originals(paths: DataPaths) -> pd.DataFrame:
     """The input train set as the prepared manifest sees it.
 
     Columns: img_name (prepared, under orig/), src_name (as in the input labels), path,
-    target, method, parent, region. Provenance comes from the input manifest when there is
-    one; otherwise reals are `real`, fakes `original`, each its own parent.
+    target, method, parent, region, sources. Provenance comes from the input manifest when
+    there is one (`sources` is optional there); otherwise reals are `real`, fakes
+    `original`, each its own parent with no sources.
     """
     df = read_labels(paths.train_labels, paths.train_root)
     df = df.rename(columns={"img_name": "src_name"})
     df["method"] = np.where(df["target"] == 1, "original", "real")
     df["parent"] = df["src_name"]
     df["region"] = ""
+    df["sources"] = ""
     if paths.manifest is not None and paths.manifest.is_file():
         man = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
-        missing = [c for c in MANIFEST_COLUMNS if c not in man.columns]
+        missing = [c for c in INPUT_MANIFEST_COLUMNS if c not in man.columns]
         if missing:
             raise LabelError(f"{paths.manifest}: missing column(s) {missing}")
         man = man.drop_duplicates("img_name").set_index("img_name")
         known = df["src_name"].isin(man.index)
-        for col in ("method", "parent", "region"):
+        for col in ("method", "parent", "region", "sources"):
+            if col not in man.columns:
+                continue
             values = df.loc[known, "src_name"].map(man[col])
-            if col != "region":
+            if col in ("method", "parent"):
                 values = values.replace("", np.nan).fillna(df.loc[known, col])
             df.loc[known, col] = values
     df["img_name"] = [f"{ORIG_DIR}/{n}" for n in df["src_name"]]
     df["parent"] = [f"{ORIG_DIR}/{p}" for p in df["parent"]]
-    return df[["img_name", "src_name", "path", "target", "method", "parent", "region"]].reset_index(drop=True)
+    df["sources"] = [SOURCES_SEP.join(f"{ORIG_DIR}/{s}" for s in str(v).split(SOURCES_SEP) if s) for v in df["sources"]]
+    cols = ["img_name", "src_name", "path", "target", "method", "parent", "region", "sources"]
+    return df[cols].reset_index(drop=True)
+
+
+def donor_pools(table: pd.DataFrame, n_pools: int, seed: int) -> np.ndarray:
+    """Donor pool (0 .. n_pools-1) of every original: a seeded partition of its groups.
+
+    Swapped faces and other images' backgrounds are drawn only from the target's pool, so
+    every image that shares pixels with another stays inside one pool: random donors across
+    a whole small set chain most of it into one group that no split can keep apart. A group
+    of the input (linked by parent and sources) never spans two pools. Groups go, in a
+    seeded random order, to the pool holding the fewest reals (then the fewest images), so
+    pools hold about as many donor candidates each.
+    """
+    groups = split_groups(table)
+    is_real = (table["target"] == 0).to_numpy()
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    reals = np.bincount(groups, weights=is_real, minlength=n_groups)
+    images = np.bincount(groups, minlength=n_groups)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(b"donor_pools")]))
+    pool_reals, pool_images = np.zeros(n_pools), np.zeros(n_pools)
+    pool_of_group = np.zeros(n_groups, dtype=np.int64)
+    for g in rng.permutation(n_groups):
+        p = int(np.lexsort((pool_images, pool_reals))[0])
+        pool_of_group[g] = p
+        pool_reals[p] += reals[g]
+        pool_images[p] += images[g]
+    return pool_of_group[groups]
 
 
 def _table_hash(df: pd.DataFrame) -> str:
-    text = df[["src_name", "target", "method", "parent", "region"]].to_csv(index=False)
+    text = df[["src_name", "target", "method", "parent", "region", "sources"]].to_csv(index=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -439,18 +491,19 @@ def _identity_ok(a: Face, b: Face, threshold: float) -> bool:
 def _pick_donor(
     rng: np.random.Generator,
     target: pd.Series,
-    pool: pd.DataFrame,
+    reals: pd.DataFrame,
     faces: dict[str, Face | None],
     threshold: float,
     candidates: int,
 ) -> pd.Series | None:
-    """A real of another identity and parent, with the closest pose among a few random draws."""
+    """A real of `reals` (the target's donor pool) of another identity and parent, with the
+    closest pose among a few random draws."""
     face = faces[target.src_name]
     best, best_d = None, float("inf")
     found = 0
     # Bounded tries: in a big set nearly every draw is another person, in a tiny one few are.
-    for i in rng.permutation(len(pool))[: 20 * candidates]:
-        row = pool.iloc[int(i)]
+    for i in rng.permutation(len(reals))[: 20 * candidates]:
+        row = reals.iloc[int(i)]
         if row.parent == target.parent or not _identity_ok(face, faces[row.src_name], threshold):
             continue
         d = edits.pose_distance(faces[row.src_name].landmarks, face.landmarks)
@@ -482,6 +535,8 @@ def _sd_edit_job(method: str, k: int, seed: int, quality: tuple[int, int], src: 
         region=region,
         source=src.img_name,
         source_path=src.path,
+        donor_pool=int(src.donor_pool),
+        sources=[src.img_name],
         args=args,
     )
 
@@ -499,13 +554,18 @@ def _background_files(folder: str | None) -> list[str]:
 
 
 def plan_edits(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict) -> dict[str, list[Job]]:
-    """Every edit job, decided up front from the seed: sources, donors, regions, seeds, names."""
+    """Every edit job, decided up front from the seed: sources, donors, regions, seeds, names.
+
+    `table` carries each original's `donor_pool`; donors come from the target's pool only.
+    """
     p = cfg["prep"]
     seed, quality = int(p["seed"]), tuple(p["jpeg_quality"])
     has_face = table[table["src_name"].map(lambda n: faces.get(n) is not None)].reset_index(drop=True)
     reals = has_face[has_face["target"] == 0].reset_index(drop=True)
     readable = table[table["src_name"].isin(faces)].reset_index(drop=True)
     bg_files = _background_files(p.get("backgrounds"))
+    with_face_in = {k: g.reset_index(drop=True) for k, g in has_face.groupby("donor_pool")}
+    reals_in = {k: g.reset_index(drop=True) for k, g in reals.groupby("donor_pool")}
     plans: dict[str, list[Job]] = {}
 
     def lm(name: str) -> np.ndarray:
@@ -529,6 +589,8 @@ def plan_edits(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict) ->
                         region=src.region,
                         source=src.img_name,
                         source_path=src.path,
+                        donor_pool=int(src.donor_pool),
+                        sources=[src.img_name],
                     )
                 )
         elif kind == "background":
@@ -544,17 +606,22 @@ def plan_edits(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict) ->
                     region=join_region(src.region, "background"),
                     source=src.img_name,
                     source_path=src.path,
+                    donor_pool=int(src.donor_pool),
+                    sources=[src.img_name],
                     args={"landmarks": lm(src.src_name)},
                 )
                 draw = rng.random()
                 if bg_files:
+                    # A background photograph is not a train image: it links nothing.
                     job.donor_path = bg_files[int(rng.integers(len(bg_files)))]
                     job.donor = job.donor_path
                 elif draw >= float(p["synthetic_background_p"]) and len(has_face) > 1:
-                    others = has_face[has_face["parent"] != src.parent]
+                    pool = with_face_in[src.donor_pool]
+                    others = pool[pool["parent"] != src.parent]
                     if len(others):
                         d = others.iloc[int(rng.integers(len(others)))]
                         job.donor, job.donor_path = d.img_name, d.path
+                        job.sources.append(d.img_name)
                         job.args["donor_box"] = faces[d.src_name].box
                 jobs.append(job)
         else:
@@ -563,7 +630,8 @@ def plan_edits(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict) ->
             region_idx = _balanced(rng, len(regions), n)
             for k, (i, r) in enumerate(zip(picks, region_idx, strict=True)):
                 tgt = reals.iloc[int(i)]
-                donor = _pick_donor(rng, tgt, reals, faces, float(p["identity_distance"]), int(p["donor_candidates"]))
+                pool = reals_in[tgt.donor_pool]
+                donor = _pick_donor(rng, tgt, pool, faces, float(p["identity_distance"]), int(p["donor_candidates"]))
                 job = _new_job(
                     method,
                     k,
@@ -574,11 +642,16 @@ def plan_edits(table: pd.DataFrame, faces: dict[str, Face | None], cfg: dict) ->
                     region=regions[int(r)],
                     source=tgt.img_name,
                     source_path=tgt.path,
+                    donor_pool=int(tgt.donor_pool),
+                    sources=[tgt.img_name],
                 )
                 if donor is None:
-                    job.args["error"] = "no real of another identity to take a face from"
+                    job.args["error"] = (
+                        "no real of another identity in its donor pool (fewer prep.donor_pools give more)"
+                    )
                 else:
                     job.donor, job.donor_path = donor.img_name, donor.path
+                    job.sources.append(donor.img_name)
                     job.args.update(landmarks=lm(tgt.src_name), donor_landmarks=lm(donor.src_name))
                 jobs.append(job)
         plans[method] = jobs
@@ -596,7 +669,10 @@ def run_edit(job: Job, out: str) -> Result:
     kind = job.method.split(":", 1)[1]
     try:
         img = decode_image(job.source_path)
-        if kind == "degrade":
+        if kind == "reencode":
+            # The same pixels through the same writer: only the compression history changes.
+            res = edits.EditResult(rgb=img, mask=np.zeros(img.shape[:2], np.float32))
+        elif kind == "degrade":
             res = edits.degrade(img, rng)
         elif kind == "background":
             if job.donor_path:
@@ -813,6 +889,9 @@ def _provenance_rows(jobs: list[Job], results: dict[str, Result]) -> tuple[list[
         if not res.ok:
             failures.append({"method": job.method, "img_name": job.name, "reason": res.reason})
             continue
+        # A background edit may fall back to a synthetic backdrop: then no image was used.
+        synthetic = res.details.get("background") == "synthetic"
+        sources = [s for s in job.sources if not (synthetic and s == job.donor)]
         rows.append(
             {
                 "img_name": job.name,
@@ -820,14 +899,46 @@ def _provenance_rows(jobs: list[Job], results: dict[str, Result]) -> tuple[list[
                 "method": job.method,
                 "parent": job.parent,
                 "region": job.region,
+                "sources": SOURCES_SEP.join(sources),
                 "source": job.source,
-                # A background edit may fall back to a synthetic backdrop: then no image was used.
-                "donor": "" if res.details.get("background") == "synthetic" else job.donor,
+                "donor": "" if synthetic else job.donor,
+                "donor_pool": job.donor_pool if job.donor_pool >= 0 else "",
                 "seed": job.seed,
                 "details": json.dumps(res.details, sort_keys=True, default=str),
             }
         )
     return rows, failures
+
+
+def write_face_embeddings(table: pd.DataFrame, faces: dict[str, Face | None], path: Path) -> None:
+    """`names` (prepared img_name) and `embeddings` (N x 128 float32) of every real original with a face.
+
+    Reals only: they say who is in the set. A fake's face may mix two people (a face swap), and
+    joining people through it would chain different identities together.
+    """
+    reals = table[table["target"] == 0]
+    found = [(n, faces.get(s)) for n, s in zip(reals["img_name"], reals["src_name"], strict=True)]
+    found = [(n, f.embedding) for n, f in found if f is not None and f.embedding is not None]
+    names = np.array([n for n, _ in found], dtype=str)
+    vectors = np.array([e for _, e in found], dtype=np.float32).reshape(len(found), EMBEDDING_DIM)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, names=names, embeddings=vectors)
+
+
+def reencoded_shares(provenance: pd.DataFrame, n_orig: int) -> dict:
+    """Per label: images the stage wrote (every row after the first `n_orig`, the originals) and
+    their share; and how many percentage points the two shares lie apart."""
+    written = np.arange(len(provenance)) >= n_orig
+    out: dict = {}
+    for label, name in ((0, "real"), (1, "fake")):
+        of_label = (provenance["target"] == label).to_numpy()
+        n = int(of_label.sum())
+        k = int((written & of_label).sum())
+        out[name] = {"reencoded": k, "images": n, "share": round(k / n, 4) if n else 0.0}
+    points = 100.0 * abs(out["real"]["share"] - out["fake"]["share"])
+    out["points_apart"] = round(points, 1)
+    out["within_limit"] = bool(points <= REENCODE_TOLERANCE)
+    return out
 
 
 def summary_table(manifest: pd.DataFrame, n_orig: int) -> pd.DataFrame:
@@ -851,25 +962,111 @@ def _run_edits(
     """Plan and run every edit kind; return provenance rows and failures."""
     p = cfg["prep"]
     keys = {k: p[k] for k in ("seed", "jpeg_quality", "swap_regions", "identity_distance", "donor_candidates")}
+    keys["donor_pools"] = p["donor_pools"]
     keys.update(faces=p["faces"], backgrounds=p.get("backgrounds"), synthetic_p=p["synthetic_background_p"])
     rows: list[dict] = []
     failures: list[dict] = []
     for method, jobs in plan_edits(table, faces, cfg).items():
-        kind = method.split(":", 1)[1]
-        if steps.begin(method, _fingerprint(method, table_hash, {**keys, "count": len(jobs)}), out / "edit" / kind):
-            results = steps.results(method)
-        else:
-
-            def runner(todo: list[Job], method: str = method) -> Iterable[Result]:
-                return pool.map(_edit_task, [(j, str(out)) for j in todo], method, progress)
-
-            results = run_jobs(method, jobs, out, steps, runner)
-            ok = sum(r.ok for r in results.values())
-            steps.finish(method, {"ok": ok, "failed": len(results) - ok})
-        r, f = _provenance_rows(jobs, results)
+        r, f = _run_edit_step(method, jobs, {**keys, "count": len(jobs)}, out, steps, pool, progress, table_hash)
         rows += r
         failures += f
     return rows, failures
+
+
+def _run_edit_step(
+    method: str,
+    jobs: list[Job],
+    keys: dict[str, Any],
+    out: Path,
+    steps: Steps,
+    pool: Workers,
+    progress: bool,
+    table_hash: str,
+) -> tuple[list[dict], list[dict]]:
+    """Run one edit method's jobs (unless done for this fingerprint); return provenance rows and failures."""
+    kind = method.split(":", 1)[1]
+    if steps.begin(method, _fingerprint(method, table_hash, keys), out / "edit" / kind):
+        results = steps.results(method)
+    else:
+
+        def runner(todo: list[Job]) -> Iterable[Result]:
+            return pool.map(_edit_task, [(j, str(out)) for j in todo], method, progress)
+
+        results = run_jobs(method, jobs, out, steps, runner)
+        ok = sum(r.ok for r in results.values())
+        steps.finish(method, {"ok": ok, "failed": len(results) - ok})
+    return _provenance_rows(jobs, results)
+
+
+def reencode_count(originals: dict[int, int], new: dict[int, int]) -> tuple[int, int]:
+    """(label, n): write n originals of `label` again so both labels have the same share of
+    images written by the data stage (`new` per label among originals + new), as close as
+    whole images allow. n is at most the label's originals; 0 when a label has no images."""
+    totals = {t: originals.get(t, 0) + new.get(t, 0) for t in (0, 1)}
+    if not all(totals.values()):
+        return 0, 0
+    share = {t: new.get(t, 0) / totals[t] for t in (0, 1)}
+    label = 0 if share[0] < share[1] else 1
+    goal = share[1 - label]
+    if goal >= 1.0:
+        return label, originals.get(label, 0)
+    # (new + n) / (total + n) = goal, solved for n.
+    n = round((goal * totals[label] - new.get(label, 0)) / (1.0 - goal))
+    return label, int(min(max(n, 0), originals.get(label, 0)))
+
+
+def plan_reencode(table: pd.DataFrame, faces: dict[str, Face | None], new_rows: list[dict], cfg: dict) -> list[Job]:
+    """`edit:reencode` jobs: readable originals of the lagging label, each at most once, drawn from the seed.
+
+    Each keeps its original's label, parent, region and donor pool and is written by
+    `write_jpeg` at a quality drawn like every new image's, so it has the compression history
+    of the stage's other outputs and nothing else of them.
+    """
+    p = cfg["prep"]
+    seed, quality = int(p["seed"]), tuple(p["jpeg_quality"])
+    readable = table[table["src_name"].isin(faces)].reset_index(drop=True)
+    new = pd.Series([int(r["target"]) for r in new_rows], dtype=np.int64).value_counts().to_dict()
+    label, n = reencode_count(readable["target"].value_counts().to_dict(), new)
+    eligible = readable[readable["target"] == label].reset_index(drop=True)
+    picks = _plan_rng(seed, REENCODE).permutation(len(eligible))[:n]
+    jobs = []
+    for k, i in enumerate(picks):
+        src = eligible.iloc[int(i)]
+        jobs.append(
+            _new_job(
+                REENCODE,
+                k,
+                seed,
+                quality,
+                target=label,
+                parent=src.parent,
+                region=src.region,
+                source=src.img_name,
+                source_path=src.path,
+                donor_pool=int(src.donor_pool),
+                sources=[src.img_name],
+            )
+        )
+    return jobs
+
+
+def _run_reencode(
+    table: pd.DataFrame,
+    faces: dict[str, Face | None],
+    new_rows: list[dict],
+    cfg: dict,
+    out: Path,
+    steps: Steps,
+    pool: Workers,
+    progress: bool,
+    table_hash: str,
+) -> tuple[list[dict], list[dict]]:
+    """Plan and run `edit:reencode` after every other new image is known; return rows and failures."""
+    jobs = plan_reencode(table, faces, new_rows, cfg)
+    p = cfg["prep"]
+    label = jobs[0].target if jobs else -1
+    keys = {"seed": p["seed"], "jpeg_quality": p["jpeg_quality"], "count": len(jobs), "label": label}
+    return _run_edit_step(REENCODE, jobs, keys, out, steps, pool, progress, table_hash)
 
 
 def _run_diffusion(
@@ -948,6 +1145,7 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
         build_demo(paths.train_labels.parent, progress=progress)
     table = read_originals(paths)
     log.info("read %d train images (%d fake) from %s", len(table), int(table["target"].sum()), paths.train_labels)
+    table["donor_pool"] = donor_pools(table, int(p["donor_pools"]), int(p["seed"]))
 
     _check_out(out)
     if force:
@@ -969,20 +1167,23 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
         no_face = sorted(n for n, f in faces.items() if f is None)
         n_found = len(faces) - len(no_face)
         log.info("faces: %d found, %d images without one, %d unreadable", n_found, len(no_face), len(unreadable))
+        write_face_embeddings(table, faces, out / FACE_EMBEDDINGS_FILE)
         rows, failures = _run_edits(table, faces, cfg, out, steps, pool, progress, table_hash)
+        sd_rows, sd_failures, sd_status = _run_diffusion(table, faces, cfg, out, steps, progress, table_hash)
+        # Last: how many copies level the re-encoded shares depends on every other new image.
+        re_rows, re_failures = _run_reencode(table, faces, rows + sd_rows, cfg, out, steps, pool, progress, table_hash)
     finally:
         pool.close()
-    sd_rows, sd_failures, sd_status = _run_diffusion(table, faces, cfg, out, steps, progress, table_hash)
     failures = [
         *({"method": "faces", "img_name": f"{ORIG_DIR}/{n}", "reason": why} for n, why in unreadable.items()),
         *failures,
         *sd_failures,
+        *re_failures,
     ]
 
     orig_rows = table.assign(source=table["img_name"], donor="", seed="", details="")
-    provenance = pd.concat(
-        [orig_rows[PROVENANCE_COLUMNS], pd.DataFrame(rows + sd_rows, columns=PROVENANCE_COLUMNS)], ignore_index=True
-    )
+    new_rows = pd.DataFrame(rows + sd_rows + re_rows, columns=PROVENANCE_COLUMNS)
+    provenance = pd.concat([orig_rows[PROVENANCE_COLUMNS], new_rows], ignore_index=True)
     provenance["target"] = provenance["target"].astype(int)
     write_csv(provenance, out / "provenance.csv")
     write_csv(provenance[MANIFEST_COLUMNS], out / "manifest.csv")
@@ -1001,6 +1202,8 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
 
     table_counts = summary_table(provenance[MANIFEST_COLUMNS], len(table))
     reasons = pd.DataFrame(failures, columns=["method", "img_name", "reason"])
+    groups = split_groups(provenance[MANIFEST_COLUMNS])
+    n_largest, largest_share = largest_group(groups)
     summary = {
         "out": str(out),
         "images": len(provenance),
@@ -1010,6 +1213,13 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
         "no_face": len(no_face),
         "unreadable": len(unreadable),
         "counts": table_counts.to_dict(orient="records"),
+        "reencoded": reencoded_shares(provenance, len(table)),
+        "groups": {
+            "n": int(len(np.unique(groups))),
+            "largest": n_largest,
+            "largest_share": round(largest_share, 4),
+            "donor_pools": int(p["donor_pools"]),
+        },
         "failures": reasons.groupby(["method", "reason"]).size().reset_index(name="n").to_dict(orient="records"),
         # The one place a missing model is reported: a single line, whatever the number of kinds.
         "diffusion": sd_status,
@@ -1027,6 +1237,17 @@ def print_summary(summary: dict, table_counts: pd.DataFrame) -> None:
     )
     print(table_counts.to_string(index=False))
     print(f"no face: {summary['no_face']} of {summary['originals']} input images; unreadable: {summary['unreadable']}")
+    g = summary["groups"]
+    print(
+        f"groups of images sharing pixels (linked by parent and sources): {g['n']}; the largest holds "
+        f"{g['largest']} images ({100 * g['largest_share']:.1f}%); donors drawn within {g['donor_pools']} pools"
+    )
+    enc = summary["reencoded"]
+    shares = ", ".join(
+        f"{k} {100 * enc[k]['share']:.1f}% ({enc[k]['reencoded']} of {enc[k]['images']})" for k in ("real", "fake")
+    )
+    verdict = "ok" if enc["within_limit"] else f"MORE THAN {REENCODE_TOLERANCE:g}: re-encoding predicts the label"
+    print(f"written (re-encoded) by the data stage: {shares}; {enc['points_apart']} points apart ({verdict})")
     fails = summary["failures"]
     print(f"failures: {sum(f['n'] for f in fails)}")
     for f in fails:

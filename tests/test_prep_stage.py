@@ -8,11 +8,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from core.config import load_config
+from core.folds import split_groups
+from core.imaging import decode_image
 from core.labels import read_labels
 from data_prep import __main__ as cli
 from data_prep import stage
@@ -31,7 +34,9 @@ def make_cfg(demo_dir: Path, out: Path, model: str | None = None, **prep: object
     """The project's data config pointed at the small demo, with small counts."""
     cfg = load_config(["configs/data.yaml"])
     cfg["data"].update(train_labels=None, manifest=None, demo_dir=str(demo_dir))
-    cfg["prep"].update({"out": str(out), "workers": 1, "progress": False, "counts": dict(EDIT_COUNTS), **prep})
+    # Two donor pools: six reals in sixteen pools would leave most swaps without a donor.
+    settings = {"out": str(out), "workers": 1, "progress": False, "counts": dict(EDIT_COUNTS), "donor_pools": 2}
+    cfg["prep"].update({**settings, **prep})
     cfg["diffusion"].update(
         model=model,
         inpaint_model=None,
@@ -80,7 +85,9 @@ def test_outputs_are_valid_label_files(prepared: tuple) -> None:
     manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
     assert list(manifest.columns) == stage.MANIFEST_COLUMNS
     assert labels.img_name.tolist() == manifest.img_name.tolist() == prov.img_name.tolist()
-    assert summary["images"] == len(manifest) == 12 + sum(EDIT_COUNTS.values()) + sum(SD_COUNTS.values())
+    n_reencoded = int((manifest.method == stage.REENCODE).sum())
+    assert n_reencoded > 0
+    assert summary["images"] == len(manifest) == 12 + sum(EDIT_COUNTS.values()) + sum(SD_COUNTS.values()) + n_reencoded
     assert (out / "DONE").is_file()
     data = yaml.safe_load((out / "data.yaml").read_text())["data"]
     assert Path(data["train_root"]) == out and Path(data["manifest"]) == out / "manifest.csv"
@@ -104,17 +111,37 @@ def test_every_kind_has_rows_with_the_right_label_region_and_parent(prepared: tu
     reals = set(prov[(prov.method == "real")].img_name)
     new = prov[~prov.img_name.str.startswith("orig/")]
     counts = new.method.value_counts().to_dict()
+    n_reencoded = counts.pop(stage.REENCODE)
     assert counts == {f"edit:{k}": n for k, n in EDIT_COUNTS.items()} | {f"sd:{k}": n for k, n in SD_COUNTS.items()}
+    assert n_reencoded > 0
     for row in new.itertuples():
         assert (out / row.img_name).is_file()
         assert row.seed.isdigit()
         kind = row.method.split(":")[1]
         if row.method == "sd:txt2img":
-            assert (row.target, row.region, row.parent, row.source) == ("1", "synthesis", row.img_name, "")
+            assert (row.target, row.region, row.parent, row.source, row.sources) == (
+                "1",
+                "synthesis",
+                row.img_name,
+                "",
+                "",
+            )
             continue
         source = by_name.loc[row.source]
         # The parent of anything derived is the real the source came from.
         assert row.parent == source.parent and row.parent in reals
+        # sources: every image that gave pixels, the edited one first, then a donor from the set.
+        donor_in_set = [row.donor] if row.donor in by_name.index else []
+        assert row.sources.split(";") == [row.source, *donor_in_set]
+        if donor_in_set:
+            assert by_name.loc[row.donor].donor_pool == row.donor_pool == source.donor_pool
+        if kind == "reencode":
+            # A copy of an original of the same label written again: same pixels up to JPEG.
+            assert row.source.startswith("orig/") and row.target == source.target
+            assert (row.region, row.donor) == (source.region, "")
+            again = decode_image(out / row.img_name).astype(int)
+            assert np.abs(again - decode_image(out / row.source).astype(int)).mean() < 6  # q75-100 at 128 px
+            continue
         if kind in ("background", "degrade"):
             assert row.target == source.target  # label-keeping
             want = stage.join_region(source.region, "background") if kind == "background" else source.region
@@ -148,6 +175,20 @@ def test_summary(prepared: tuple, capsys: pytest.CaptureFixture[str]) -> None:
     stage.print_summary(summary, table)
     printed = capsys.readouterr().out
     assert "edit:background" in printed and "no face:" in printed and "failures: 0" in printed
+    # Re-encoded shares per label, counted from the provenance: everything after the originals.
+    new = prov.iloc[12:]
+    enc = summary["reencoded"]
+    for label, name in (("0", "real"), ("1", "fake")):
+        assert enc[name]["reencoded"] == (new.target == label).sum()
+        assert enc[name]["images"] == (prov.target == label).sum()
+    apart = 100 * abs(enc["real"]["share"] - enc["fake"]["share"])
+    assert enc["points_apart"] == round(apart, 1) and enc["within_limit"] == (apart <= 5)
+    # Six reals cannot level this set: each is re-encoded once, and the summary flags the gap.
+    assert (new.method == stage.REENCODE).sum() == 6 and not enc["within_limit"]
+    assert f"{enc['points_apart']} points apart (MORE THAN 5: re-encoding predicts the label)" in printed
+    groups = summary["groups"]
+    assert groups["n"] == len(set(split_groups(prov))) and groups["donor_pools"] == 2
+    assert f"the largest holds {groups['largest']} images" in printed
 
 
 def test_second_run_redoes_nothing(prepared: tuple, demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,14 +208,18 @@ def test_second_run_redoes_nothing(prepared: tuple, demo_dir: Path, monkeypatch:
 def test_workers_resume_and_seed(
     prepared: tuple, demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    ref_out = prepared[0]
-    want = {k: v for k, v in _digests(ref_out).items() if k.startswith("edit/")}
+    def edits(root: Path) -> dict[str, str]:
+        # How many copies edit:reencode makes depends on the diffusion fakes, which differ below.
+        kinds = tuple(f"edit/{k}/" for k in EDIT_COUNTS)
+        return {k: v for k, v in _digests(root).items() if k.startswith(kinds)}
+
+    want = edits(prepared[0])
     assert len(want) == sum(EDIT_COUNTS.values())
 
     # Two worker processes give the same bytes as one, and no model gives one clear line.
     out = tmp_path / "p2"
     summary = stage.prepare(make_cfg(demo_dir, out, workers=2))
-    assert {k: v for k, v in _digests(out).items() if k.startswith("edit/")} == want
+    assert edits(out) == want
     printed = capsys.readouterr().out
     assert printed.count("no model configured") == 1
     assert summary["diffusion"].startswith("skipped (no model configured")
@@ -188,7 +233,7 @@ def test_workers_resume_and_seed(
     with open(out / "steps" / "edit_swap.jsonl", "a") as fh:
         fh.write('{"name": "edit/swap/0000')
     stage.prepare(make_cfg(demo_dir, out))
-    assert {k: v for k, v in _digests(out).items() if k.startswith("edit/")} == want
+    assert edits(out) == want
     logged = stage.Steps(out).results("edit:swap")
     for v in victims:
         res = logged[str(v.relative_to(out))]
@@ -196,7 +241,7 @@ def test_workers_resume_and_seed(
 
     # Another seed rebuilds the edits, with no stale files left.
     stage.prepare(make_cfg(demo_dir, out, seed=1))
-    other = {k: v for k, v in _digests(out).items() if k.startswith("edit/")}
+    other = edits(out)
     assert set(other) == set(want) and all(other[k] != want[k] for k in want)
 
 
@@ -256,3 +301,85 @@ def test_job_seeds_are_independent() -> None:
     assert stage.join_region("mouth", "background") == "mouth+background"
     assert stage.join_region("", "background") == "background"
     assert stage.join_region("mouth+background", "background") == "mouth+background"
+
+
+def test_donors_come_from_the_targets_pool_and_groups_stay_inside_pools(prepared: tuple) -> None:
+    out, summary, prov = prepared
+    pool = dict(zip(prov.img_name, prov.donor_pool, strict=True))
+    assert set(prov[prov.img_name.str.startswith("orig/")].donor_pool) == {"0", "1"}
+    swaps = prov[prov.img_name.str.startswith("edit/") & prov.method.isin(["edit:faceswap", "edit:swap"])]
+    assert len(swaps) == 6 and (swaps.donor.map(pool) == swaps.donor_pool).all()
+    # So every group of images sharing pixels lies inside one pool (txt2img: no pool, its own group).
+    groups = split_groups(prov)
+    pooled = prov.donor_pool != ""
+    assert (prov[pooled].groupby(groups[pooled.to_numpy()])["donor_pool"].nunique() == 1).all()
+
+
+def test_donor_pools_partition_groups_evenly_and_by_seed() -> None:
+    rows = []
+    for i in range(40):
+        rows += [(f"r{i}", 0, f"r{i}", ""), (f"f{i}", 1, f"r{i}", f"r{(i + 1) % 40}" if i % 10 == 0 else "")]
+    table = pd.DataFrame(rows, columns=["img_name", "target", "parent", "sources"])
+    pools = stage.donor_pools(table, 8, seed=0)
+    groups = split_groups(table)
+    assert (pd.Series(pools).groupby(groups).nunique() == 1).all()  # an input group never spans pools
+    reals = np.bincount(pools[table.target.to_numpy() == 0], minlength=8)
+    assert reals.sum() == 40 and reals.max() - reals.min() <= 2  # the joined groups hold two reals
+    assert (stage.donor_pools(table, 8, seed=0) == pools).all()
+    assert (stage.donor_pools(table, 8, seed=1) != pools).any()
+
+
+def test_reencode_count_levels_the_shares() -> None:
+    # 100 real and 100 fake originals; the stage wrote 20 reals and 60 fakes: fakes 60/160.
+    label, n = stage.reencode_count({0: 100, 1: 100}, {0: 20, 1: 60})
+    assert label == 0 and (20 + n) / (120 + n) == pytest.approx(60 / 160, abs=0.005)
+    assert stage.reencode_count({0: 100, 1: 100}, {0: 60, 1: 20})[0] == 1  # the other way round
+    assert stage.reencode_count({0: 10, 1: 0}, {0: 0, 1: 30}) == (0, 10)  # every fake is new: all reals, once
+    assert stage.reencode_count({0: 50, 1: 50}, {0: 5, 1: 5}) == (1, 0)  # already level
+    assert stage.reencode_count({0: 0, 1: 50}, {1: 5}) == (0, 0)  # no reals at all
+
+
+def test_face_embeddings_of_the_real_originals(prepared: tuple) -> None:
+    out, summary, prov = prepared
+    with np.load(out / "face_embeddings.npz", allow_pickle=False) as stored:
+        names, embeddings = stored["names"].tolist(), stored["embeddings"]
+    reals = prov[(prov.method == "real")].img_name.tolist()
+    assert sorted(names) == sorted(reals) and embeddings.shape == (6, 128)
+    # The demo's two photographs: views of one are close, of the other far (dlib's 0.6).
+    dist = np.linalg.norm(embeddings[:, None] - embeddings[None], axis=2)
+    assert (dist < 0.6).sum() < dist.size
+
+
+def test_input_sources_are_kept_and_optional(tmp_path: Path, demo_dir: Path) -> None:
+    manifest = pd.read_csv(demo_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    fake = manifest[manifest.target == "1"].img_name.iloc[0]
+    donor = manifest[manifest.target == "0"].img_name.iloc[-1]
+    manifest["sources"] = np.where(manifest.img_name == fake, f"{donor};elsewhere.jpg", "")
+    manifest.to_csv(tmp_path / "with.csv", index=False)
+    manifest.drop(columns="sources").to_csv(tmp_path / "without.csv", index=False)
+    data = {
+        "train_labels": str(demo_dir / "train_labels.csv"),
+        "train_root": str(demo_dir / "train"),
+        "test_list": str(demo_dir / "test_list.csv"),
+        "test_root": str(demo_dir / "test"),
+    }
+    table = stage.read_originals(stage.resolve_data({"data": {**data, "manifest": str(tmp_path / "with.csv")}}))
+    by_name = table.set_index("img_name")
+    assert by_name.loc[f"orig/{fake}", "sources"] == f"orig/{donor};orig/elsewhere.jpg"
+    assert (table.sources != "").sum() == 1
+    table = stage.read_originals(stage.resolve_data({"data": {**data, "manifest": str(tmp_path / "without.csv")}}))
+    assert (table.sources == "").all() and (table.parent != table.img_name).sum() == 6
+
+
+def test_reencoded_copies_level_the_shares_when_there_are_enough_originals(demo_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(demo_dir, tmp_path / "p", counts={"background": 2, "degrade": 2, "faceswap": 2, "swap": 2})
+    summary = stage.prepare(cfg)
+    prov = pd.read_csv(tmp_path / "p" / "provenance.csv", dtype=str, keep_default_na=False)
+    copies = prov[prov.method == stage.REENCODE]
+    assert 0 < len(copies) < 6 and set(copies.target) == {"0"}
+    assert copies.source.is_unique  # one copy per original at most
+    enc = summary["reencoded"]
+    assert enc["within_limit"] and enc["points_apart"] <= 5, enc
+    # Without the copies the stage would have written a far larger share of the fakes.
+    real_without = (enc["real"]["reencoded"] - len(copies)) / (enc["real"]["images"] - len(copies))
+    assert enc["fake"]["share"] - real_without > 0.2
