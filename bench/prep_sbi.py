@@ -4,7 +4,9 @@
 
 - SBI: pairs/s at 380 px from landmarks computed once beforehand, on the astronaut photograph
   resized to 380 (as asked of a Dataset worker: the face is small in the frame) and on a face
-  crop resized to 380 (what a face-crop training set feeds; the mask covers more pixels).
+  crop resized to 380 (what a face-crop training set feeds; the mask covers more pixels);
+  and whole training samples (`sbi_sample`: flip, cut, pair, crop, resize to 380) from the
+  512 px photograph and from the same photograph at 1024 px.
 - SLADD: forgeries/s at 256 px (the method's input size) for each blend type, the Grace
   Hopper face pasted onto the astronaut's, cycling through the ten regions.
 
@@ -30,10 +32,18 @@ from pathlib import Path  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_prep.blending import BLEND_TYPES, SLADD_REGIONS, SBIConfig, region_mask, sbi_pair, sladd_forge  # noqa: E402
+from data_prep.blending import (  # noqa: E402
+    BLEND_TYPES,
+    SLADD_REGIONS,
+    load_sbi_config,
+    region_mask,
+    sbi_pair,
+    sbi_sample,
+    sladd_forge,
+)
 
 
-def _landmarker() -> Callable[[np.ndarray], np.ndarray]:
+def _landmarker() -> Callable[[np.ndarray], tuple[np.ndarray, tuple[int, int, int, int]]]:
     import dlib
 
     spec = importlib.util.find_spec("face_recognition_models")
@@ -43,12 +53,15 @@ def _landmarker() -> Callable[[np.ndarray], np.ndarray]:
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(str(path))
 
-    def find(img: np.ndarray) -> np.ndarray:
+    def find(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """68 landmarks and the face box (x1, y1 exclusive) of the best-scoring face."""
         rects, scores, _ = detector.run(img, 0)
         if not rects:
             raise SystemExit("no face found in a benchmark photograph")
-        shape = predictor(img, rects[int(np.argmax(scores))])
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        rect = rects[int(np.argmax(scores))]
+        shape = predictor(img, rect)
+        lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        return lm, (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
 
     return find
 
@@ -91,11 +104,13 @@ def main() -> None:
 
     find = _landmarker()
     astro = astronaut()
-    astro_lm = find(astro)
+    astro_lm, astro_box = find(astro)
     hopper = cv2.cvtColor(cv2.imread(str(get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB)
-    hopper_lm = find(hopper)
+    hopper_lm, _ = find(hopper)
 
     rng = np.random.default_rng(args.seed)
+    recipe = load_sbi_config()
+    no_pair_augment = load_sbi_config(pair_augment=False)
     result: dict = {
         "threads": cv2.getNumThreads(),
         "cpu": platform.processor() or platform.machine(),
@@ -111,11 +126,16 @@ def main() -> None:
     crop, crop_lm = _face_crop(astro, astro_lm, 380)
     for name, (img, lm) in {"astronaut_380": (full, full_lm), "face_crop_380": (crop, crop_lm)}.items():
         result["sbi"][name] = {
-            "pairs": _rate(lambda img=img, lm=lm: sbi_pair(img, lm, rng), args.n),
-            "pairs_no_pair_augment": _rate(
-                lambda img=img, lm=lm: sbi_pair(img, lm, rng, SBIConfig(pair_augment=False)), args.n
-            ),
+            "pairs": _rate(lambda img=img, lm=lm: sbi_pair(img, lm, rng, recipe), args.n),
+            "pairs_no_pair_augment": _rate(lambda img=img, lm=lm: sbi_pair(img, lm, rng, no_pair_augment), args.n),
         }
+    big = cv2.resize(astro, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    big_box = tuple(2 * v for v in astro_box)
+    for name, (img, lm, box) in {
+        "sample_from_photo_512": (astro, astro_lm, astro_box),
+        "sample_from_photo_1024": (big, astro_lm * 2 + 0.5, big_box),
+    }.items():
+        result["sbi"][name] = _rate(lambda img=img, lm=lm, box=box: sbi_sample(img, lm, box, rng, recipe), args.n)
 
     tgt, tgt_lm = _face_crop(astro, astro_lm, 256)
     src, src_lm = _face_crop(hopper, hopper_lm, 256)
