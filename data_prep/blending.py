@@ -497,7 +497,8 @@ def sbi_mask_stages(landmarks: np.ndarray, shape: tuple[int, ...], rng: np.rando
     if peak <= 0:
         return SBIMask(small, np.zeros_like(small), np.zeros((h, w), np.float32))
     # Every pixel whose window lies wholly inside sums the same kernel weights in the same
-    # order, so they all equal the peak exactly; a window with any pixel below 1 falls short.
+    # order, so they all equal the peak exactly; a window reaching past the hull falls short
+    # (float32 can miss that only for the faintest corner weights of the largest kernels).
     eroded = (blurred >= peak).astype(np.float32)
     soft = cv2.GaussianBlur(eroded, (k2, k2), sigma2)
     return SBIMask(small, eroded, _peak_normalised(cv2.resize(soft, (w, h), interpolation=cv2.INTER_LINEAR)))
