@@ -30,8 +30,9 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_backbone_weights(model: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
     """Load a local pretrained file into `model`, logging what loaded.
 
-    Classifier keys the headless model has no place for are ignored. Any other missing or unexpected key, or a shape mismatch,
-    raises unless `strict=False`, in which case it is logged and skipped.
+    Classifier keys the headless model has no place for are ignored. Any other missing or
+    unexpected key, or a shape mismatch, raises unless `strict=False`, in which case it is
+    logged and skipped.
     """
     state = _strip_wrappers(load_weights(path, allow_pickle=True))
     own = model.state_dict()
