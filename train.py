@@ -10,7 +10,8 @@
 Writes outputs/<member>/fold<k>/: model.safetensors (EMA weights of the best validation
 epoch), meta.json, oof.csv, test.csv, metrics.csv, curve.png, config.yaml. Rerunning a
 finished fold does nothing (--force redoes it); an interrupted run resumes from its last
-epoch and reaches the same result.
+epoch and reaches the same result, and refuses to resume under a changed config (the
+error names the changed keys; --force starts over).
 
 Several GPUs (or CPU processes) with PyTorch DDP; batch_size stays the global batch:
   torchrun --nproc_per_node 8 train.py --config configs/members/mff.yaml --fold all
@@ -25,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -34,7 +36,7 @@ from core.config import ConfigError, deep_merge, load_config, save_config
 from core.dataset import ImageDataset
 from core.datasource import read_test_table, read_train_table, resolve_data
 from core.device import pick_device
-from core.distributed import DistInfo, barrier, init_distributed, shutdown
+from core.distributed import DistInfo, barrier, gather_rows, init_distributed, shard, shutdown
 from core.folds import FoldError, read_folds
 from core.io import write_csv, write_json
 from core.labels import LabelError
@@ -80,6 +82,26 @@ def is_finished(out_dir: Path) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
 
 
+def report_experts(cfg: dict, folds: list[int]) -> None:
+    """Say which expert each fold trains when the experts do not match the folds one to one:
+    with 5 folds, 7 experts lose their last two; with 7 folds, 5 experts train twice."""
+    experts = cfg.get("experts") or []
+    if not experts or len(experts) == len(folds):
+        return
+    n = len(experts)
+
+    def named(i: int) -> str:
+        return f"expert {i} ({experts[i].get('backbone', experts[i])})"
+
+    uses = ", ".join(f"fold {k} -> {named(k % n)}" for k in folds)
+    unused = [named(i) for i in range(n) if i not in {k % n for k in folds}]
+    message = f"{cfg['name']}: {n} experts for {len(folds)} folds in {cfg['paths']['folds']}; {uses}"
+    if unused:
+        message += f"; unused: {', '.join(unused)}"
+    # One expert is meant for every fold (the demo member); several that do not match are a mistake.
+    (log.info if n == 1 else log.warning)("%s", message)
+
+
 def expert_config(cfg: dict, fold: int) -> dict:
     """The config of the expert trained on `fold`: `experts[fold % len(experts)]` merged
     into `model` (a `data` key inside an expert overrides the data section)."""
@@ -122,28 +144,20 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
         train_df["path"], train_df["target"], build_transform(cfg["data"], train=True), settings.seed
     )
     val_ds = ImageDataset(val_df["path"], val_df["target"], build_transform(cfg["data"], train=False))
+    criterion = models.build_criterion(cfg)
+    trainer = Trainer(model, criterion, train_ds, val_ds, settings, out_dir, device, dist, on_epoch, config=cfg)
+    trainer.resume_if_possible()  # before config.yaml is replaced: a changed config is refused here
     if dist.is_main:
         save_config(cfg, out_dir / "config.yaml")
-    trainer = Trainer(model, models.build_criterion(cfg), train_ds, val_ds, settings, out_dir, device, dist, on_epoch)
     result = trainer.fit()
+    test = read_test_table(data)
+    test["y_pred"] = score_test(trainer.module, test["path"].tolist(), out_dir, cfg, settings, device, dist)
     if not dist.is_main:
         barrier(dist)  # rank 0 is writing the fold's outputs
         return result.best_metrics
 
     oof = val_df[["img_name", "target"]].assign(y_pred=result.val_probs)
     write_csv(oof, out_dir / "oof.csv")
-    model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))
-    test = read_test_table(data)
-    test["y_pred"] = predict_paths(
-        [model],
-        test["path"].tolist(),
-        build_transform(cfg["data"], train=False),
-        device,
-        batch_size=settings.eval_batch_size,
-        num_workers=settings.num_workers,
-        channels_last=settings.channels_last,
-        progress=settings.progress,
-    )[:, 0]
     write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
     plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")
     test_metrics = score_report(test["target"], test["y_pred"]) if "target" in test.columns else {}
@@ -165,16 +179,47 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     return result.best_metrics
 
 
+def score_test(
+    model: torch.nn.Module,
+    paths: list[str],
+    out_dir: Path,
+    cfg: dict,
+    settings: TrainSettings,
+    device: torch.device,
+    dist: DistInfo,
+) -> np.ndarray:
+    """Fake probabilities of the selected weights for the test list. Under torchrun each
+    process scores its shard and all gather, as in validation: a large test set scored by
+    rank 0 alone would keep the others waiting past the collective timeout."""
+    model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))  # rank 0 wrote it before fit's last barrier
+    idx = shard(len(paths), dist)
+    local = predict_paths(
+        [model],
+        [paths[i] for i in idx],
+        build_transform(cfg["data"], train=False),
+        device,
+        batch_size=settings.eval_batch_size,
+        num_workers=settings.num_workers,
+        channels_last=settings.channels_last,
+        progress=settings.progress and dist.is_main,
+    )[:, 0]
+    return gather_rows(local, idx, len(paths), dist)
+
+
+def folds_in_file(cfg: dict) -> list[int]:
+    path = Path(cfg["paths"]["folds"])
+    if not path.is_file():
+        raise FoldError(f"{path}: no folds file; run cv_split.py first")
+    return sorted(pd.read_csv(path, usecols=["fold"])["fold"].unique().tolist())
+
+
 def folds_to_train(cfg: dict, fold: str) -> list[int]:
     if fold != "all":
         try:
             return [int(fold)]
         except ValueError:
             raise ConfigError(f"--fold must be an integer or 'all', not {fold!r}") from None
-    path = Path(cfg["paths"]["folds"])
-    if not path.is_file():
-        raise FoldError(f"{path}: no folds file; run cv_split.py first")
-    return sorted(pd.read_csv(path, usecols=["fold"])["fold"].unique().tolist())
+    return folds_in_file(cfg)
 
 
 def run_tuning(cfg: dict, fold: str, n_trials: int, dist: DistInfo) -> int:
@@ -195,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.WARNING)
     try:
         cfg = load_config([args.data_config, *args.config], args.overrides)
+        if Path(cfg["paths"]["folds"]).is_file():
+            report_experts(cfg, folds_in_file(cfg))
         if args.tune:
             return run_tuning(cfg, args.fold, args.tune, dist)
         for fold in folds_to_train(cfg, args.fold):

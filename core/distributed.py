@@ -1,4 +1,5 @@
-"""Data-parallel training with torchrun (PyTorch DDP): process group, global batches, gathers.
+"""Data-parallel training with torchrun (PyTorch DDP): process group, global batches, gathers,
+BatchNorm over the global batch, and the agreement that keeps every rank in step.
 
 `torchrun --nproc_per_node N train.py ...` sets WORLD_SIZE/RANK/LOCAL_RANK; without them
 everything here is a no-op and training runs in one process.
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Sampler
 
 
@@ -99,3 +103,126 @@ def gather_rows(values: np.ndarray, indices: np.ndarray, n: int, info: DistInfo)
     for idx, vals in parts:
         full[idx] = vals
     return full
+
+
+def world_size() -> int:
+    """Processes in the default group; 1 without one (a criterion has no DistInfo to ask)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_ranks_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank. Every rank must call it at the same point:
+    a collective (a DDP backward, a SyncBatchNorm forward) that one rank skips hangs the others."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def average_across_ranks(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Replace each tensor, in place, by its mean over ranks."""
+    if not info.enabled:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(info.world)
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of `x` in rank order, and the row where this rank's own begin.
+
+    Ranks may hold different numbers of rows (a batch that lost unreadable files): rows
+    are padded to the largest count for the collective and the padding is cut off again.
+    Gradients flow back to each rank's rows, summed over the ranks that used them.
+    Without a process group this is `(x, 0)`.
+    """
+    world = world_size()
+    if world == 1:
+        return x, 0
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    sizes = [int(c.item()) for c in counts]
+    longest = max(sizes)
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
+    everyone = fc.all_gather_single(padded.contiguous(), 0, dist.group.WORLD)
+    rows = torch.cat([everyone[r * longest : r * longest + n] for r, n in enumerate(sizes)])
+    return rows, sum(sizes[: dist.get_rank()])
+
+
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Every BatchNorm of `module` computing its statistics over the global batch.
+
+    On GPUs, timm's converter: torch BatchNorm becomes torch's SyncBatchNorm and timm's
+    BatchNormAct2d (EfficientNet) becomes SyncBatchNormAct, keeping the activation that
+    torch's own converter would drop. torch's SyncBatchNorm runs on GPUs only (and DDP
+    refuses it on CPU modules), so on CPU processes (gloo) each BatchNorm layer keeps its
+    class's state and gains a forward that computes the same statistics with an all_reduce
+    carrying gradients.
+    """
+    if device.type != "cpu":
+        return convert_sync_batchnorm(module)
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            if type(m) not in _ON_CPU:
+                raise ValueError(f"train.sync_bn: no CPU version of {type(m).__name__}; set train.sync_bn=false")
+            m.__class__ = _ON_CPU[type(m)]  # same parameters and buffers, a forward that syncs
+    return module
+
+
+def _synced_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm of `x` with mean and variance over every rank's batch."""
+    c, dims = x.shape[1], [0, *range(2, x.ndim)]
+    x64 = x.double()  # sums of squares in float64: E[x^2] - E[x]^2 cancels badly in float32
+    local = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), x64.new_tensor([x.numel() // c])])
+    total = fc.all_reduce(local, "sum", dist.group.WORLD)
+    count = total[2 * c]
+    mean = total[:c] / count
+    var = total[c : 2 * c] / count - mean * mean
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_((var * count / (count - 1)).to(bn.running_var.dtype), factor)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    y = ((x64 - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)).to(x.dtype)
+    return y * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else y
+
+
+class _SyncedOnCpu:
+    """Mixed into a BatchNorm class: in training under a process group, statistics over every
+    process; otherwise the class's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and world_size() > 1:
+            return self.after_norm(_synced_batch_norm(self, x))
+        return super().forward(x)
+
+    def after_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _SyncedBatchNorm1d(_SyncedOnCpu, torch.nn.BatchNorm1d):
+    pass
+
+
+class _SyncedBatchNorm2d(_SyncedOnCpu, torch.nn.BatchNorm2d):
+    pass
+
+
+class _SyncedBatchNorm3d(_SyncedOnCpu, torch.nn.BatchNorm3d):
+    pass
+
+
+class _SyncedBatchNormAct2d(_SyncedOnCpu, BatchNormAct2d):
+    def after_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))  # what BatchNormAct2d.forward does after its batch_norm
+
+
+_ON_CPU = {
+    torch.nn.BatchNorm1d: _SyncedBatchNorm1d,
+    torch.nn.BatchNorm2d: _SyncedBatchNorm2d,
+    torch.nn.BatchNorm3d: _SyncedBatchNorm3d,
+    BatchNormAct2d: _SyncedBatchNormAct2d,
+}

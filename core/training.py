@@ -2,31 +2,44 @@
 
 AdamW with linear warm-up then cosine decay, stepped once per optimiser step; gradient
 accumulation and clipping; an EMA of the weights (torch-ema, decay warm-up
-min(decay, (1+n)/(10+n))); evaluation and checkpoint selection with the EMA weights on the
-validation fold only. The state is saved as safetensors after every epoch and every
-augmentation is seeded by (seed, epoch, sample), so a killed run that is started again
-reproduces the uninterrupted run exactly on a CPU.
+min(decay, (1+n)/(10+n))) with BatchNorm statistics that belong to the EMA weights;
+evaluation and checkpoint selection with the EMA weights on the validation fold only. The
+state is saved as safetensors after every epoch, with a fingerprint of the config, and
+every augmentation is seeded by (seed, epoch, sample), so a killed run that is started
+again with the same config reproduces the uninterrupted run exactly on a CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch_ema import ExponentialMovingAverage
 
-from core.checkpoint import WEIGHTS_FILE, load_state, save_state, save_weights
+from core.checkpoint import WEIGHTS_FILE, CheckpointError, load_state, save_state, save_weights
 from core.config import ConfigError
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast
-from core.distributed import DistInfo, GlobalBatchSampler, barrier, gather_rows, shard
+from core.distributed import (
+    DistInfo,
+    GlobalBatchSampler,
+    all_ranks_agree,
+    average_across_ranks,
+    barrier,
+    gather_rows,
+    shard,
+    sync_batchnorm,
+)
 from core.io import write_csv
 from core.log import get_logger
 from core.metrics import score_report
@@ -37,6 +50,22 @@ log = get_logger("train")
 
 Criterion = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple]
 STATE_FILE = "last_state.safetensors"
+EMA_BN_MODES = ("recompute", "average")
+
+# Config keys that cannot change what a training run produces, and why. They are left out
+# of the config fingerprint kept with the training state, so changing one does not block a
+# resume; a change to any other key does.
+RESULT_NEUTRAL_KEYS = {
+    "train.num_workers": "augmentations are seeded per (seed, epoch, sample), so workers change speed only",
+    "train.eval_batch_size": "evaluation runs in eval mode, where each image is scored on its own",
+    "train.progress": "display only",
+    "paths.outputs": "where outputs are written, not what they hold (a moved outputs folder resumes)",
+    "tune": "the search space of --tune, which training never reads",
+    "prep.workers": "the data stage's output does not depend on it",
+    "prep.progress": "display only",
+    "split.num_workers": "feature extraction runs in eval mode; workers change speed only",
+    "split.progress": "display only",
+}
 
 
 @dataclass
@@ -55,6 +84,10 @@ class TrainSettings:
     ema_decay: float | None = 0.995
     num_workers: int = 2
     seed: int = 42
+    # BatchNorm statistics of the EMA weights: `recompute` them in a pass over the training
+    # batches before each validation, or `average` the live statistics like the weights.
+    ema_bn: str = "recompute"
+    sync_bn: bool = True  # under torchrun, BatchNorm statistics over the global batch, not each slice
     amp: bool = True
     channels_last: bool = False
     progress: bool = True
@@ -65,6 +98,8 @@ class TrainSettings:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"unknown train setting(s) {unknown}; known: {sorted(known)}")
+        if cfg.get("ema_bn", cls.ema_bn) not in EMA_BN_MODES:
+            raise ConfigError(f"train.ema_bn must be one of {list(EMA_BN_MODES)}, not {cfg['ema_bn']!r}")
         return cls(**cfg)
 
 
@@ -97,15 +132,52 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
     return factor
 
 
+def config_fingerprint(cfg: dict) -> dict[str, object]:
+    """The resolved config as flat dotted keys, without RESULT_NEUTRAL_KEYS, in the JSON form
+    it is stored in."""
+
+    def flat(node: dict, prefix: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in RESULT_NEUTRAL_KEYS:
+                continue
+            out.update(flat(value, f"{name}.") if isinstance(value, dict) and value else {name: value})
+        return out
+
+    return json.loads(json.dumps(flat(cfg, ""), sort_keys=True, default=str))
+
+
+def fingerprint_hash(fingerprint: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def describe_changes(old: dict[str, object], new: dict[str, object], limit: int = 6) -> str:
+    """'train.lr: 0.001 -> 0.002, loss.kl: 1.0 -> (unset)' for the keys whose values differ."""
+
+    def show(fp: dict, key: str) -> str:
+        return json.dumps(fp[key]) if key in fp else "(unset)"
+
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, ...) != new.get(k, ...)]
+    parts = [f"{k}: {show(old, k)} -> {show(new, k)}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return ", ".join(parts)
+
+
 def _selection_key(metrics: dict) -> tuple[float, float]:
     """Higher is better: AUC, tie-broken by TPR at FPR 1e-3 (NaN counts as worst)."""
     return tuple(-math.inf if math.isnan(metrics[k]) else metrics[k] for k in ("auc", "tpr@fpr1e-3"))
 
 
 class Trainer:
-    """Fits one model on one fold. Under torchrun the model is wrapped in DDP, each process
-    takes its slice of every global batch and of the validation set, and only rank 0
-    writes files."""
+    """Fits one model on one fold. Under torchrun the model is wrapped in DDP (its BatchNorm
+    layers synchronised with `sync_bn`), each process takes its slice of every global batch
+    and of the validation set, and only rank 0 writes files.
+
+    `config`, the resolved config of the run, is fingerprinted into the saved state; a state
+    saved under a different config is refused rather than resumed.
+    """
 
     def __init__(
         self,
@@ -118,13 +190,17 @@ class Trainer:
         device: torch.device,
         dist: DistInfo | None = None,
         on_epoch: Callable[[int, dict], None] | None = None,
+        config: dict | None = None,
     ):
         self.s = settings
         self.dist = dist or DistInfo()
         self.out_dir = Path(out_dir)
         self.device = device
         self.on_epoch = on_epoch
+        self.fingerprint = config_fingerprint(config) if config is not None else None
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        if self.dist.enabled and settings.sync_bn:
+            model = sync_batchnorm(model, device)
         self.module = model.to(device, memory_format=self.memory_format)
         self.model = self.module
         if self.dist.enabled:
@@ -140,12 +216,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total, settings.warmup_steps, settings.min_lr_ratio)
         )
+        self.bn_layers = [m for m in self.module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        averaged = list(self.module.parameters())
+        if settings.ema_bn == "average":
+            averaged += [t for m in self.bn_layers for t in (m.running_mean, m.running_var)]
         self.ema = (
-            ExponentialMovingAverage(self.module.parameters(), decay=settings.ema_decay, use_num_updates=True)
+            ExponentialMovingAverage(averaged, decay=settings.ema_decay, use_num_updates=True)
             if settings.ema_decay
             else None
         )
         self.progress = settings.progress and self.dist.is_main
+        self.resumed: bool | None = None  # None: the saved state has not been looked for yet
         self.epoch = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -153,7 +234,16 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------
     def state(self) -> dict:
+        record = (
+            {}
+            if self.fingerprint is None
+            else {
+                "config_hash": fingerprint_hash(self.fingerprint),
+                "config": json.dumps(self.fingerprint, sort_keys=True),
+            }
+        )
         return {
+            **record,
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -176,16 +266,82 @@ class Trainer:
         self.best_probs = state["best_probs"].numpy()
 
     def resume_if_possible(self) -> bool:
+        """Load the saved state, once; later calls return the first answer. A state saved
+        under another config raises CheckpointError naming the changed keys."""
+        if self.resumed is not None:
+            return self.resumed
         path = self.out_dir / STATE_FILE
-        if not path.exists():
-            return False
-        self.load(load_state(path))
-        log.info("resumed from %s after epoch %d of %d", path, self.epoch, self.s.epochs)
-        return True
+        self.resumed = path.exists()
+        if self.resumed:
+            state = load_state(path)
+            self._check_config(state, path)
+            self.load(state)
+            log.info("resumed from %s after epoch %d of %d", path, self.epoch, self.s.epochs)
+        return self.resumed
+
+    def _check_config(self, state: dict, path: Path) -> None:
+        if self.fingerprint is None:
+            return
+        if "config_hash" not in state:
+            raise CheckpointError(
+                f"{path}: this training state records no config, so resuming could mix two configs; "
+                "rerun with --force to start over"
+            )
+        if state["config_hash"] == fingerprint_hash(self.fingerprint):
+            return
+        changes = describe_changes(json.loads(state["config"]), self.fingerprint)
+        raise CheckpointError(
+            f"{path}: the config changed since this training state was saved ({changes}); "
+            "rerun with --force to start over, or with the old values to resume"
+        )
+
+    # ---- EMA weights and their BatchNorm statistics ----------------------------------------
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in the module, with BatchNorm statistics that belong to them (the
+        live model's statistics were computed with other weights); the live weights and
+        statistics come back on exit."""
+        if not self.ema:
+            yield
+            return
+        with self.ema.average_parameters():  # with ema_bn `average`, this swaps the statistics too
+            if self.s.ema_bn != "recompute" or not self.bn_layers:
+                yield
+                return
+            live = [b.clone() for m in self.bn_layers for b in m.buffers()]
+            self._recompute_bn_stats()
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for saved, b in zip(live, (b for m in self.bn_layers for b in m.buffers()), strict=True):
+                        b.copy_(saved)
+
+    @torch.no_grad()
+    def _recompute_bn_stats(self) -> None:
+        """Statistics of the weights now in the module: the plain average over one pass of this
+        epoch's training batches, with BatchNorm in training mode and everything else in eval
+        mode (no dropout, no drop-path); averaged over ranks under torchrun."""
+        s = self.s
+        momenta = [m.momentum for m in self.bn_layers]
+        self.module.eval()
+        for m in self.bn_layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass
+            m.train()
+        loader = make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler)
+        for batch in progress_bar(loader, desc="BatchNorm statistics", disable=not self.progress, leave=False):
+            # unreadable files were reported in the training pass
+            if not all_ranks_agree("image" in batch, self.dist, self.device):
+                continue
+            images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            with autocast(self.device, s.amp):
+                self.module(images)
+        for m, momentum in zip(self.bn_layers, momenta, strict=True):
+            m.momentum = momentum
+        average_across_ranks([t for m in self.bn_layers for t in (m.running_mean, m.running_var)], self.dist)
 
     # ---- loops -------------------------------------------------------------------------
-    def _averaged(self):
-        return self.ema.average_parameters() if self.ema else nullcontext()
 
     def train_epoch(self) -> float:
         s = self.s
@@ -201,7 +357,12 @@ class Trainer:
         for i, batch in enumerate(bar):
             for message in batch["errors"]:
                 log.warning("skipped %s", message)
-            if "image" not in batch:
+            # A rank that skipped alone would leave the others waiting in DDP's all-reduce.
+            if not all_ranks_agree("image" in batch, self.dist, self.device):
+                if self.dist.is_main:
+                    log.warning(
+                        "batch %d of epoch %d skipped by every process: no readable image in a share", i, self.epoch + 1
+                    )
                 continue
             images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             target = batch["target"].to(self.device, non_blocking=True)
@@ -226,13 +387,13 @@ class Trainer:
             self.ema.update()
 
     def evaluate(self) -> tuple[dict, np.ndarray]:
-        """Metrics on the whole validation fold: each process scores its shard, then all gather."""
+        """Metrics of the weights now in the module on the whole validation fold: each process
+        scores its shard, then all gather."""
         idx = shard(len(self.val_ds), self.dist)
         loader = make_loader(self.val_ds.subset(idx.tolist()), self.s.eval_batch_size, self.s.num_workers)
-        with self._averaged():
-            local = predict_loader(
-                [self.module], loader, self.device, channels_last=self.s.channels_last, progress=self.progress
-            )[:, 0]
+        local = predict_loader(
+            [self.module], loader, self.device, channels_last=self.s.channels_last, progress=self.progress
+        )[:, 0]
         probs = gather_rows(local, idx, len(self.val_ds), self.dist)
         ok = ~np.isnan(probs)
         return score_report(np.asarray(self.val_ds.targets)[ok], probs[ok]), probs
@@ -246,8 +407,12 @@ class Trainer:
         while self.epoch < self.s.epochs:
             start = time.time()
             train_loss = self.train_epoch()
-            metrics, probs = self.evaluate()
-            self.epoch += 1
+            with self.ema_weights():
+                metrics, probs = self.evaluate()
+                self.epoch += 1
+                improved = self.best is None or _selection_key(metrics) > _selection_key(self.best)
+                if main and improved:
+                    save_weights(self.module.state_dict(), self.out_dir / WEIGHTS_FILE, {"epoch": self.epoch})
             row = {
                 "epoch": self.epoch,
                 "train_loss": train_loss,
@@ -256,17 +421,18 @@ class Trainer:
                 "seconds": round(time.time() - start, 2),
             }
             self.history.append(row)
-            improved = self.best is None or _selection_key(metrics) > _selection_key(self.best)
             if improved:
                 self.best = {"epoch": self.epoch, **metrics}
                 self.best_probs = probs
             if main:
-                if improved:
-                    with self._averaged():
-                        save_weights(self.module.state_dict(), self.out_dir / WEIGHTS_FILE, {"epoch": self.epoch})
                 log.info(
                     "epoch %d/%d loss %.4f val auc %.4f tpr@1e-3 %.4f (best epoch %d)",
-                    self.epoch, self.s.epochs, train_loss, metrics["auc"], metrics["tpr@fpr1e-3"], self.best["epoch"],
+                    self.epoch,
+                    self.s.epochs,
+                    train_loss,
+                    metrics["auc"],
+                    metrics["tpr@fpr1e-3"],
+                    self.best["epoch"],
                 )
                 write_csv(pd.DataFrame(self.history), self.out_dir / "metrics.csv")
                 save_state(self.state(), self.out_dir / STATE_FILE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.distributed import gather_with_grad, world_size
 from models.registry import register_criterion
 
 
@@ -29,19 +30,30 @@ def real_contrastive(features: torch.Tensor, target: torch.Tensor, temperature: 
     or fake. Reals are pulled together and pushed from fakes; fakes are never pulled
     together (forgeries of different kinds need not share a cluster). L_nce is the mean
     of l_i over those anchors, 0 when there are none.
+
+    Under torchrun the batch is the global one, not this process's slice (4 images of a
+    batch of 32 on 8 GPUs hold 0 or 1 reals): each process gathers every process's
+    features, with their gradients, and sums l_i over its own anchors. That sum is divided
+    by the global number of anchors and multiplied by the number of processes, so the
+    average DDP takes over processes is the one-process loss and gradient.
     """
     u = F.normalize(features.float(), dim=1)
-    sim = u @ u.t() / temperature
-    n = len(target)
-    not_self = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    u_all, offset = gather_with_grad(u)
+    target_all, _ = gather_with_grad(target)
+    n = len(u)
+    sim = u @ u_all.t() / temperature  # (this process's rows, global batch)
+    not_self = torch.ones_like(sim, dtype=torch.bool)
+    rows = torch.arange(n, device=sim.device)
+    not_self[rows, offset + rows] = False
     log_prob = sim - torch.logsumexp(sim.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
-    real = target == 0
-    positives = real[:, None] & real[None, :] & not_self
+    real, real_all = target == 0, target_all == 0
+    positives = real[:, None] & real_all[None, :] & not_self
     anchors = real & (positives.sum(1) > 0)
-    if not anchors.any():
+    n_real = int(real_all.sum())
+    if n_real < 2:  # no real has another real to be pulled to, on any process
         return sim.new_zeros(())
     per_anchor = -(log_prob * positives).sum(1)[anchors] / positives.sum(1)[anchors]
-    return per_anchor.mean()
+    return per_anchor.sum() * world_size() / n_real
 
 
 def noise_consistency(clean_logits: torch.Tensor, noisy_logits: torch.Tensor) -> torch.Tensor:

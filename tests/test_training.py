@@ -1,0 +1,81 @@
+"""The Trainer's EMA BatchNorm statistics and the config fingerprint kept with its state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from core.checkpoint import WEIGHTS_FILE, load_weights
+from core.config import ConfigError
+from core.distributed import DistInfo, GlobalBatchSampler
+from core.training import Trainer, TrainSettings, config_fingerprint, describe_changes, fingerprint_hash
+from tests.tiny_training import TinyBatchNormNet, tiny_dataset
+
+BN = "body.1."
+
+
+def fit(tmp_path, ema_bn: str, epochs: int) -> tuple[Trainer, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    ds = tiny_dataset(tmp_path, 16)
+    settings = TrainSettings(
+        epochs=epochs, batch_size=4, lr=0.05, warmup_steps=0, num_workers=0, progress=False, amp=False, ema_bn=ema_bn
+    )
+    trainer = Trainer(
+        TinyBatchNormNet(), models.build_criterion({}), ds, ds, settings, tmp_path / "out", torch.device("cpu")
+    )
+    trainer.fit()
+    return trainer, load_weights(tmp_path / "out" / WEIGHTS_FILE)
+
+
+def test_recomputed_statistics_are_those_of_the_saved_ema_weights(tmp_path):
+    trainer, saved = fit(tmp_path, "recompute", epochs=2)
+    # The same statistics, computed here by hand: the saved weights over the batches of their
+    # epoch, BatchNorm in training mode with a plain average over the batches.
+    net = TinyBatchNormNet()
+    net.load_state_dict(saved)
+    bn = net.body[1]
+    bn.reset_running_stats()
+    bn.momentum = None
+    ds = trainer.train_ds
+    epoch = trainer.best["epoch"] - 1
+    ds.set_epoch(epoch)
+    sampler = GlobalBatchSampler(len(ds), 4, DistInfo(), seed=42)
+    sampler.set_epoch(epoch)
+    with torch.no_grad():
+        for idx in sampler:
+            net.train()(torch.stack([ds[i]["image"] for i in idx]))
+    torch.testing.assert_close(saved[BN + "running_mean"], bn.running_mean)
+    torch.testing.assert_close(saved[BN + "running_var"], bn.running_var)
+    live = trainer.module.state_dict()
+    assert not torch.allclose(saved[BN + "running_mean"], live[BN + "running_mean"])
+    # the live model keeps its own statistics, tracked over the 8 training steps (the pass
+    # that recomputed the saved ones ran 4 batches)
+    assert live[BN + "num_batches_tracked"].item() == 8
+
+
+def test_averaged_statistics_follow_the_ema_like_the_weights(tmp_path):
+    trainer, saved = fit(tmp_path, "average", epochs=1)  # the saved weights are the last EMA
+    n_params = len(list(trainer.module.parameters()))
+    ema_mean, ema_var = trainer.ema.shadow_params[n_params:]  # the EMA's copies of the BatchNorm buffers
+    torch.testing.assert_close(saved[BN + "running_mean"], ema_mean)
+    torch.testing.assert_close(saved[BN + "running_var"], ema_var)
+    live = trainer.module.state_dict()
+    assert not torch.allclose(saved[BN + "running_mean"], live[BN + "running_mean"])
+
+
+def test_ema_bn_setting_is_checked():
+    assert TrainSettings.from_cfg({"ema_bn": "average"}).ema_bn == "average"
+    with pytest.raises(ConfigError, match=r"train.ema_bn must be one of \['recompute', 'average'\], not 'live'"):
+        TrainSettings.from_cfg({"ema_bn": "live"})
+
+
+def test_fingerprint_leaves_out_only_keys_that_cannot_change_the_result():
+    cfg = {"name": "m", "train": {"lr": 0.001, "num_workers": 2, "progress": True}, "paths": {"outputs": "a"}}
+    fp = config_fingerprint(cfg)
+    assert fp == {"name": "m", "train.lr": 0.001}
+    faster = {**cfg, "train": {**cfg["train"], "num_workers": 8}, "paths": {"outputs": "b"}}
+    assert fingerprint_hash(config_fingerprint(faster)) == fingerprint_hash(fp)
+    other = config_fingerprint({**cfg, "train": {**cfg["train"], "lr": 0.002}, "loss": {"kl": 1.0}})
+    assert fingerprint_hash(other) != fingerprint_hash(fp)
+    assert describe_changes(fp, other) == "loss.kl: (unset) -> 1.0, train.lr: 0.001 -> 0.002"
