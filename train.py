@@ -44,7 +44,7 @@ from core.log import get_logger
 from core.metrics import score_report
 from core.predict import predict_paths
 from core.report import plot_history, versions
-from core.training import Trainer, TrainSettings
+from core.training import Trainer, TrainSettings, config_fingerprint, describe_changes
 from core.transforms import build_transform
 from core.tuning import tune
 
@@ -80,6 +80,12 @@ def fold_dir(cfg: dict, fold: int) -> Path:
 def is_finished(out_dir: Path) -> bool:
     meta = out_dir / META_FILE
     return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
+
+
+def finished_config_changes(cfg: dict, fold: int, out_dir: Path) -> str:
+    """How the config differs from the one a finished fold was trained with ('' if it does not)."""
+    trained = json.loads((out_dir / META_FILE).read_text()).get("config", {})
+    return describe_changes(config_fingerprint(trained), config_fingerprint(expert_config(cfg, fold)))
 
 
 def report_experts(cfg: dict, folds: list[int]) -> None:
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = fold_dir(cfg, fold)
             if is_finished(out_dir) and not args.force:
                 log.info("%s is finished; skipping (use --force to retrain)", out_dir)
+                changes = finished_config_changes(cfg, fold, out_dir)
+                if changes:
+                    log.warning("%s was trained under another config (%s); --force retrains it", out_dir, changes)
                 continue
             if args.force and out_dir.exists() and dist.is_main:
                 shutil.rmtree(out_dir)

@@ -62,6 +62,12 @@ def test_resume_only_under_the_config_the_state_was_saved_with(tiny_project, tra
     assert train.main([*args, "train.lr=0.005", "--force"]) == 0
     assert yaml.safe_load((fold / "config.yaml").read_text())["train"]["lr"] == 0.005
 
+    # A finished fold is skipped, and a changed config is pointed out rather than ignored.
+    train_log.clear()
+    assert train.main(args) == 0
+    warnings = [r.getMessage() for r in train_log.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{fold} was trained under another config (train.lr: 0.005 -> 0.002); --force retrains it"]
+
 
 def experts_cfg(n_experts: int) -> dict:
     experts = [{"backbone": f"net{i}"} for i in range(n_experts)]
