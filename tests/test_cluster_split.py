@@ -247,6 +247,14 @@ def test_placement_keeps_clusters_near_their_kmeans_sizes():
     assert (placed[:8] == clusters[:8]).all()
 
 
+def test_a_group_that_fits_nowhere_goes_where_most_room_is_left():
+    """h (one image in each cluster, its root in 0) takes cluster 0's room first; g (two of its
+    three images in 0) then fits in neither and goes to cluster 1, which has more room left
+    than its majority cluster 0."""
+    df = pd.DataFrame({"img_name": ["h", "h1", "g", "g1", "g2"], "parent": ["h", "h", "g", "g", "g"]})
+    assert place_groups(df, np.array([0, 1, 0, 0, 1])).tolist() == [0, 0, 1, 1, 1]
+
+
 def test_a_cluster_left_without_a_group_takes_one_back():
     """Cluster 2 holds one fake of group a and one of group b; both groups fit better elsewhere,
     so placement empties it, and with three folds wanted it takes back group a (first of the tie)."""
