@@ -19,9 +19,14 @@ log = get_logger("predict")
 
 
 def fake_probability(outputs: dict | torch.Tensor) -> torch.Tensor:
-    """Softmax probability of class 1 (fake) from a 2-class output."""
+    """Softmax probability of class 1 (fake) from a 2-class output, in float64.
+
+    Members compute their logits in fp32 (`models.heads.fp32_head`); the softmax runs in
+    float64 so that distinct logits keep distinct probabilities up to the saturated tails,
+    where float32 would round p = 1 - 1e-9 and p = 1 - 2e-9 to one value.
+    """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs
-    return torch.softmax(logits.float(), dim=1)[:, 1]
+    return torch.softmax(logits.double(), dim=1)[:, 1]
 
 
 def _batches(arrays: Sequence[np.ndarray], transform: Callable, batch_size: int):
@@ -40,22 +45,27 @@ def predict_arrays(
     *,
     batch_size: int,
     channels_last: bool = False,
+    amp: bool = True,
 ) -> np.ndarray:
     """Like `predict_loader` for images already in memory (video frames, face crops)."""
     for model in models:
         model.eval()
     probs = np.full((len(arrays), len(models)), np.nan, dtype=np.float64)
     for batch in _batches(arrays, transform, batch_size):
-        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last)
+        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp)
     return probs
 
 
-def _forward(models: Sequence[torch.nn.Module], images: torch.Tensor, device: torch.device, channels_last: bool):
+def _forward(
+    models: Sequence[torch.nn.Module], images: torch.Tensor, device: torch.device, channels_last: bool, amp: bool
+) -> np.ndarray:
+    """Float64 probabilities: bf16 autocast (GPU, `amp`) covers the networks, whose heads run in
+    fp32 (`models.heads`); the softmax runs outside it in float64 (`fake_probability`)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    with autocast(device):
-        p = torch.stack([fake_probability(m(images)) for m in models], dim=1)
-    return p.float().cpu().numpy()
+    with autocast(device, amp):
+        outputs = [m(images) for m in models]
+    return torch.stack([fake_probability(o) for o in outputs], dim=1).cpu().numpy()
 
 
 def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
@@ -111,11 +121,12 @@ def predict_loader(
     device: torch.device,
     *,
     channels_last: bool = False,
+    amp: bool = True,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Fake probability of every model for every item, shape (N, len(models)); NaN where
-    the file was bad.
+    the file was bad. `amp=False` keeps a GPU in fp32 (a member's `train.amp: false`).
 
     Errors are passed to `on_error` (default: logged) as they appear, so a bad file among
     thousands is reported and the rest are scored.
@@ -130,7 +141,7 @@ def predict_loader(
             report(message)
         if "image" not in batch:
             continue
-        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last)
+        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp)
     return probs
 
 
@@ -143,8 +154,11 @@ def predict_paths(
     batch_size: int,
     num_workers: int,
     channels_last: bool = False,
+    amp: bool = True,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     loader = make_loader(ImageDataset(paths, transform=transform), batch_size, num_workers)
-    return predict_loader(models, loader, device, channels_last=channels_last, progress=progress, on_error=on_error)
+    return predict_loader(
+        models, loader, device, channels_last=channels_last, amp=amp, progress=progress, on_error=on_error
+    )

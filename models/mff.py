@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from models.backbones import create_backbone
+from models.heads import fp32_head
 from models.registry import register_model
 
 
 class MFFExpert(nn.Module):
-    """timm backbone -> pooled features -> dropout -> Linear(2). Returns logits and features
-    (the features feed the feature-level contrastive loss)."""
+    """timm backbone -> pooled features -> dropout -> Linear(2) in fp32 (`fp32_head`). Returns
+    logits and features (the features feed the feature-level contrastive loss)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int = 2, drop_rate: float = 0.0):
         super().__init__()
@@ -20,7 +21,7 @@ class MFFExpert(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(images)
-        return {"logits": self.head(features), "features": features}
+        return {"logits": fp32_head(self.head, features), "features": features}
 
 
 @register_model("mff_expert")

@@ -1,13 +1,17 @@
-"""The read-ahead thread that overlaps decoding with the forward pass when there are no loader workers."""
+"""Batched scoring: the read-ahead thread that overlaps decoding with compute, and scores that keep fp32 precision."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 
+import core.predict as predict
 from core.predict import read_ahead
+from models.heads import fp32_head
 
 
 def _running_read_ahead_threads() -> int:
@@ -64,3 +68,71 @@ def test_leaving_early_stops_the_thread():
             break
     assert _running_read_ahead_threads() == 0
     assert len(pulled) <= 3 + 2 + 1  # at most depth items ahead, plus the one being fetched
+
+
+# --- precision: scores keep the resolution of fp32 logits under bf16 autocast ----------------
+
+
+class _FeatureNet(torch.nn.Module):
+    """Images are feature vectors already (N, 3, 1, D/3); the head is the only layer."""
+
+    def __init__(self, dim: int, keep_fp32: bool):
+        super().__init__()
+        self.head = torch.nn.Linear(dim, 2)
+        self.keep_fp32 = keep_fp32
+
+    def forward(self, images: torch.Tensor) -> dict:
+        features = images.flatten(1)
+        logits = fp32_head(self.head, features) if self.keep_fp32 else self.head(features)
+        return {"logits": logits}
+
+
+def _cpu_bf16(device, enabled=True):
+    """What autocast does on a GPU, reproduced on the CPU so the test runs anywhere."""
+    from contextlib import nullcontext
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+@pytest.mark.parametrize("keep_fp32, at_least", [(True, 10_000), (False, None)])
+def test_ten_thousand_distinct_logits_stay_distinct_under_bf16(monkeypatch, keep_fp32, at_least):
+    monkeypatch.setattr(predict, "autocast", _cpu_bf16)
+    torch.manual_seed(0)
+    net = _FeatureNet(96, keep_fp32)
+    features = [np.random.default_rng(i).normal(0, 0.5, (3, 1, 32)).astype(np.float32) for i in range(10_000)]
+    probs = predict.predict_arrays(
+        [net], features, lambda a, _seed: torch.from_numpy(a), torch.device("cpu"), batch_size=1000
+    )[:, 0]
+    with torch.no_grad():
+        exact = torch.softmax(net.head(torch.from_numpy(np.stack(features)).flatten(1)).double(), 1)[:, 1].numpy()
+    assert probs.dtype == np.float64
+    distinct = len(np.unique(probs))
+    if keep_fp32:
+        assert distinct == at_least
+        np.testing.assert_allclose(probs, exact, rtol=0, atol=1e-6)
+    else:  # the bf16 head the scoring path used to get: the same logits collapse onto few values
+        assert distinct < 5_000
+
+
+def test_saturated_probabilities_stay_ordered():
+    logits = torch.tensor([[0.0, 20.0], [0.0, 21.0], [0.0, 22.0]])
+    p = predict.fake_probability({"logits": logits}).numpy()
+    assert p[0] < p[1] < p[2] < 1.0  # float32 rounds all three to 1.0
+
+
+def test_amp_false_never_enters_autocast(monkeypatch):
+    seen: list[bool] = []
+
+    def recording(device, enabled=True):
+        seen.append(enabled)
+        return _cpu_bf16(device, enabled)
+
+    monkeypatch.setattr(predict, "autocast", recording)
+    net = _FeatureNet(3, keep_fp32=False)
+    arrays = [np.ones((3, 1, 1), np.float32)] * 4
+    to_tensor = lambda a, _seed: torch.from_numpy(a)  # noqa: E731
+    kept = predict.predict_arrays([net], arrays, to_tensor, torch.device("cpu"), batch_size=2, amp=False)
+    assert seen == [False, False]
+    with torch.no_grad():
+        fp32 = torch.softmax(net.head(torch.ones(1, 3)).double(), 1)[0, 1].item()
+    assert kept[0, 0] == pytest.approx(fp32, abs=1e-12)
