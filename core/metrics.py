@@ -22,13 +22,22 @@ def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
 
 
 def tpr_at_fpr(target: np.ndarray, score: np.ndarray, max_fpr: float = TIE_BREAK_FPR) -> float:
-    """Highest true-positive rate reachable with a false-positive rate of at most `max_fpr`."""
+    """Highest true-positive rate over every threshold whose false-positive rate is at most `max_fpr`.
+
+    A threshold t calls an image fake when its score is >= t; t runs over every distinct score
+    (and above the highest, the point FPR = TPR = 0), so the answer is never below 0. A
+    threshold cannot fall inside a tie: images with equal scores are all called fake or all
+    real, so a tie that straddles the FPR limit counts whole or not at all (no interpolation
+    between ROC points). Every ROC point is used (`drop_intermediate=False`): the default
+    pruning drops points on straight ROC segments, one of which can be the best point under
+    the limit, and how it prunes has changed between scikit-learn releases.
+    """
     target = np.asarray(target)
     if len(np.unique(target)) < 2:
         return float("nan")
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, _ = roc_curve(target, score)
+    fpr, tpr, _ = roc_curve(target, score, drop_intermediate=False)
     return float(tpr[fpr <= max_fpr].max())
 
 
