@@ -59,7 +59,7 @@ import pandas as pd
 
 from core.config import deep_merge, save_config
 from core.datasource import FACE_EMBEDDINGS_FILE, DataPaths, resolve_data
-from core.folds import SOURCES_SEP, largest_group, split_groups
+from core.folds import SOURCES_SEP, identity_labels, largest_group, split_groups
 from core.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from core.io import atomic_path, write_csv, write_json, write_text
 from core.labels import LabelError, read_labels, safe_join
@@ -270,17 +270,18 @@ def read_originals(paths: DataPaths) -> pd.DataFrame:
     return df[cols].reset_index(drop=True)
 
 
-def donor_pools(table: pd.DataFrame, n_pools: int, seed: int) -> np.ndarray:
+def donor_pools(table: pd.DataFrame, n_pools: int, seed: int, identity: bool = False) -> np.ndarray:
     """Donor pool (0 .. n_pools-1) of every original: a seeded partition of its groups.
 
     Swapped faces and other images' backgrounds are drawn only from the target's pool, so
     every image that shares pixels with another stays inside one pool: random donors across
     a whole small set chain most of it into one group that no split can keep apart. A group
-    of the input (linked by parent and sources) never spans two pools. Groups go, in a
-    seeded random order, to the pool holding the fewest reals (then the fewest images), so
-    pools hold about as many donor candidates each.
+    of the input (linked by parent and sources and, with `identity`, by the `identity`
+    column: one person's photographs) never spans two pools. Groups go, in a seeded random
+    order, to the pool holding the fewest reals (then the fewest images), so pools hold
+    about as many donor candidates each.
     """
-    groups = split_groups(table)
+    groups = split_groups(table, identity)
     is_real = (table["target"] == 0).to_numpy()
     n_groups = int(groups.max()) + 1 if len(groups) else 0
     reals = np.bincount(groups, weights=is_real, minlength=n_groups)
@@ -294,6 +295,21 @@ def donor_pools(table: pd.DataFrame, n_pools: int, seed: int) -> np.ndarray:
         pool_reals[p] += reals[g]
         pool_images[p] += images[g]
     return pool_of_group[groups]
+
+
+def real_identities(table: pd.DataFrame, faces: dict[str, Face | None], distance: float) -> pd.Series:
+    """Person label per original ("" for fakes and faces without an embedding): the reals' face
+    embeddings joined within `distance`, transitively (`core.folds.identity_labels`)."""
+    embedded = [
+        i
+        for i, (src, target) in enumerate(zip(table["src_name"], table["target"], strict=True))
+        if target == 0 and faces.get(src) is not None and faces[src].embedding is not None
+    ]
+    vectors = np.array([faces[table["src_name"].iloc[i]].embedding for i in embedded], dtype=np.float32)
+    labels = identity_labels(vectors.reshape(len(embedded), EMBEDDING_DIM), distance)
+    people = pd.Series("", index=table.index)
+    people.iloc[embedded] = [f"person{k}" for k in labels]
+    return people
 
 
 def _table_hash(df: pd.DataFrame) -> str:
@@ -910,6 +926,26 @@ def _provenance_rows(jobs: list[Job], results: dict[str, Result]) -> tuple[list[
     return rows, failures
 
 
+def _pools(table: pd.DataFrame, faces: dict[str, Face | None], p: dict) -> np.ndarray:
+    """Donor pools that keep each person's photographs in one pool where there are people enough.
+
+    Then a split that also groups by identity still finds every group inside one pool. With
+    fewer than two people per pool (the demo has two in all) a pool could not offer a donor
+    of another person, so the partition then ignores people, and the log says so.
+    """
+    n_pools = int(p["donor_pools"])
+    people = real_identities(table, faces, float(p["identity_distance"]))
+    n_people = people[people != ""].nunique()
+    by_person = n_people >= 2 * n_pools
+    if not by_person:
+        log.info(
+            "donor pools: %d people for %d pools, fewer than two per pool: pools do not keep people together",
+            n_people,
+            n_pools,
+        )
+    return donor_pools(table.assign(identity=people), n_pools, int(p["seed"]), identity=by_person)
+
+
 def write_face_embeddings(table: pd.DataFrame, faces: dict[str, Face | None], path: Path) -> None:
     """`names` (prepared img_name) and `embeddings` (N x 128 float32) of every real original with a face.
 
@@ -1145,7 +1181,6 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
         build_demo(paths.train_labels.parent, progress=progress)
     table = read_originals(paths)
     log.info("read %d train images (%d fake) from %s", len(table), int(table["target"].sum()), paths.train_labels)
-    table["donor_pool"] = donor_pools(table, int(p["donor_pools"]), int(p["seed"]))
 
     _check_out(out)
     if force:
@@ -1168,6 +1203,7 @@ def prepare(cfg: dict, force: bool = False, progress: bool | None = None, worker
         n_found = len(faces) - len(no_face)
         log.info("faces: %d found, %d images without one, %d unreadable", n_found, len(no_face), len(unreadable))
         write_face_embeddings(table, faces, out / FACE_EMBEDDINGS_FILE)
+        table["donor_pool"] = _pools(table, faces, p)
         rows, failures = _run_edits(table, faces, cfg, out, steps, pool, progress, table_hash)
         sd_rows, sd_failures, sd_status = _run_diffusion(table, faces, cfg, out, steps, progress, table_hash)
         # Last: how many copies level the re-encoded shares depends on every other new image.

@@ -327,6 +327,16 @@ def test_donor_pools_partition_groups_evenly_and_by_seed() -> None:
     assert reals.sum() == 40 and reals.max() - reals.min() <= 2  # the joined groups hold two reals
     assert (stage.donor_pools(table, 8, seed=0) == pools).all()
     assert (stage.donor_pools(table, 8, seed=1) != pools).any()
+    # With identity, one person's photographs share a pool too.
+    table["identity"] = np.where(table.target == 0, [f"p{i % 12}" for i in range(len(table))], "")
+    by_person = stage.donor_pools(table, 8, seed=0, identity=True)
+    assert (pd.Series(by_person).groupby(split_groups(table, identity=True)).nunique() == 1).all()
+    assert (
+        pd.Series(by_person[table.target == 0]).groupby(table.identity[table.target == 0].to_numpy()).nunique() == 1
+    ).all()
+    assert (
+        pd.Series(pools[table.target == 0]).groupby(table.identity[table.target == 0].to_numpy()).nunique() > 1
+    ).any()
 
 
 def test_reencode_count_levels_the_shares() -> None:
