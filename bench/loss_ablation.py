@@ -122,7 +122,8 @@ def run_setting(args: argparse.Namespace, setting: str, work: Path, folds_csv: P
     for k in folds:
         fold_auc[k] = train.train_fold(cfg, k)["auc"]
     seconds = time.perf_counter() - start
-    oof, _, n_folds = member_predictions(out, cfg["name"])
+    oof, _ = member_predictions(out, cfg["name"], folds)
+    n_folds = len(folds)
     report = score_report(oof["target"], oof["y_pred"])
     return {
         "setting": setting,

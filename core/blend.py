@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from core.checkpoint import META_FILE
 from core.io import write_csv
 from core.metrics import score_report
 
@@ -15,19 +17,81 @@ class SubmissionError(ValueError):
     """Predictions are missing, duplicated or out of range; the message says which."""
 
 
-def member_predictions(outputs: str | Path, member: str) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """OOF predictions of all folds (concatenated) and test predictions averaged over folds."""
-    fold_dirs = sorted(p for p in (Path(outputs) / member).glob("fold*") if (p / "oof.csv").is_file())
-    if not fold_dirs:
-        raise SubmissionError(f"{Path(outputs) / member}: no finished fold (run train.py for this member first)")
-    oof = pd.concat([pd.read_csv(d / "oof.csv", dtype={"img_name": str}) for d in fold_dirs], ignore_index=True)
+def blend_members(cfg: dict, is_demo: bool) -> list[str]:
+    """The members the ensemble config blends for the configured data: `demo_members` on the
+    demo sample, `members` otherwise. ensemble.py and infer.py both ask here, so a leftover
+    demo member never joins a real ensemble."""
+    return list(cfg["demo_members"] if is_demo else cfg["members"])
+
+
+def expected_folds(folds_csv: str | Path) -> list[int] | None:
+    """The folds of the split the members were trained on (None when there is no folds file)."""
+    path = Path(folds_csv)
+    if not path.is_file():
+        return None
+    return sorted(int(f) for f in pd.read_csv(path, usecols=["fold"])["fold"].unique())
+
+
+def finished_folds(outputs: str | Path, member: str) -> list[int]:
+    """Folds of `member` whose meta.json says complete (train.py writes it last)."""
+    done = []
+    for meta in (Path(outputs) / member).glob(f"fold*/{META_FILE}"):
+        suffix = meta.parent.name.removeprefix("fold")
+        if suffix.isdigit() and json.loads(meta.read_text()).get("complete"):
+            done.append(int(suffix))
+    return sorted(done)
+
+
+def member_folds(outputs: str | Path, member: str, expected: list[int] | None, allow_partial: bool) -> list[int]:
+    """The folds of `member` to blend: every expected fold, finished. A member with a fold
+    missing is refused unless `allow_partial` (then its finished folds are used)."""
+    done = finished_folds(outputs, member)
+    if not done:
+        how = f"train.py --config configs/members/{member}.yaml --fold all"
+        raise SubmissionError(f"{Path(outputs) / member}: no finished fold (run {how})")
+    if expected is None:
+        return done
+    missing = sorted(set(expected) - set(done))
+    if missing and not allow_partial:
+        raise SubmissionError(
+            f"{member}: fold(s) {missing} of {expected} not finished; train them "
+            f"(train.py --config configs/members/{member}.yaml --fold all) or pass --allow-partial"
+        )
+    return [f for f in done if f in expected]
+
+
+def _read_fold_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise SubmissionError(f"{path}: missing, although the fold's meta.json says complete")
+    df = pd.read_csv(path, dtype={"img_name": str})
+    dupes = df["img_name"][df["img_name"].duplicated()].unique()
+    if len(dupes):
+        raise SubmissionError(f"{path}: duplicate img_name, e.g. {list(dupes[:3])}")
+    return df
+
+
+def member_predictions(outputs: str | Path, member: str, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """OOF predictions of `folds` (concatenated, with their `fold`) and test predictions
+    averaged over them, matched by img_name (NaN where a fold could not score an image)."""
+    dirs = {k: Path(outputs) / member / f"fold{k}" for k in folds}
+    oof = pd.concat([_read_fold_csv(d / "oof.csv").assign(fold=k) for k, d in dirs.items()], ignore_index=True)
     dupes = oof["img_name"][oof["img_name"].duplicated()].unique()
     if len(dupes):
         raise SubmissionError(f"{member}: images validated in more than one fold, e.g. {list(dupes[:3])}")
-    tests = [pd.read_csv(d / "test.csv", dtype={"img_name": str}) for d in fold_dirs]
-    test = tests[0].drop(columns="y_pred").copy()
-    test["y_pred"] = nan_weighted_mean(np.stack([t["y_pred"].to_numpy() for t in tests], axis=1))
-    return oof, test, len(fold_dirs)
+    tests = {k: _read_fold_csv(d / "test.csv") for k, d in dirs.items()}
+    first = next(iter(tests.values()))
+    names = set(first["img_name"])
+    for k, t in tests.items():
+        if set(t["img_name"]) != names:
+            odd = sorted(names.symmetric_difference(t["img_name"]))
+            raise SubmissionError(
+                f"{dirs[k] / 'test.csv'}: other test images than fold {folds[0]}'s, e.g. {odd[:3]}; "
+                "were the folds scored on different test lists? retrain with --force"
+            )
+    test = first.drop(columns="y_pred")
+    by_name = [t.set_index("img_name")["y_pred"].reindex(test["img_name"]).to_numpy() for t in tests.values()]
+    test["y_pred"] = nan_weighted_mean(np.stack(by_name, axis=1))
+    return oof, test
 
 
 def nan_weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -47,7 +111,7 @@ def weighted_mean(frames: dict[str, pd.DataFrame], weights: dict[str, float] | N
     w = np.array([1.0 if not weights else float(weights.get(n, 0.0)) for n in names])
     if w.sum() <= 0:
         raise SubmissionError(f"ensemble weights {weights} give no member a positive weight")
-    keys = [c for c in ("img_name", "target") if c in frames[names[0]].columns]
+    keys = [c for c in ("img_name", "target", "fold") if c in frames[names[0]].columns]
     merged = frames[names[0]][keys].copy()
     for n in names:
         merged = merged.merge(frames[n][["img_name", "y_pred"]].rename(columns={"y_pred": n}), on="img_name")
@@ -55,12 +119,56 @@ def weighted_mean(frames: dict[str, pd.DataFrame], weights: dict[str, float] | N
     return merged
 
 
+SCORES_NOTE = (
+    "pooled: every train image scored once, by the model whose fold held it out, and the metric taken over "
+    "all of them together;\nper fold: the metric within each validation fold, mean +- std (min..max), "
+    "as papers quote it.\nThe submission averages the models of every fold, which neither measures exactly."
+)
+
+
+def _scores(df: pd.DataFrame) -> dict:
+    ok = df["y_pred"].notna()
+    return score_report(df["target"][ok], df["y_pred"][ok])
+
+
 def metrics_table(oofs: dict[str, pd.DataFrame], blend: pd.DataFrame) -> pd.DataFrame:
+    """Per member and for the blend: pooled OOF AUC and TPR@1e-3, and the per-fold AUC spread
+    (folds from each frame's `fold` column; see SCORES_NOTE for which is which)."""
     rows = []
     for name, df in {**oofs, "blend": blend}.items():
-        ok = df["y_pred"].notna()
-        rows.append({"member": name, "n": int(ok.sum()), **score_report(df["target"][ok], df["y_pred"][ok])})
+        row = {"member": name, "n": int(df["y_pred"].notna().sum())}
+        row.update({f"pooled_{k}": v for k, v in _scores(df).items()})
+        per_fold = pd.DataFrame([_scores(part) for _, part in df.groupby("fold")]) if "fold" in df else None
+        if per_fold is not None and len(per_fold):
+            auc = per_fold["auc"]
+            row.update(
+                folds=len(per_fold),
+                fold_auc_mean=auc.mean(),
+                fold_auc_std=auc.std(ddof=0),
+                fold_auc_min=auc.min(),
+                fold_auc_max=auc.max(),
+                **{"fold_tpr@fpr1e-3_mean": per_fold["tpr@fpr1e-3"].mean()},
+            )
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _spread(row: dict) -> str:
+    if pd.isna(row.get("folds")):  # this row's predictions carried no fold column
+        return "-"
+    return (
+        f"{row['fold_auc_mean']:.4f} +- {row['fold_auc_std']:.4f} "
+        f"({row['fold_auc_min']:.4f}..{row['fold_auc_max']:.4f}, {int(row['folds'])} folds)"
+    )
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The metrics table as printed: pooled scores, then the per-fold AUC spread."""
+    lines = [f"{'member':<16} {'images':>7} {'pooled AUC':>11} {'pooled TPR@1e-3':>16}  per-fold AUC"]
+    for r in table.to_dict("records"):
+        pooled = f"{r['pooled_auc']:>11.4f} {r['pooled_tpr@fpr1e-3']:>16.4f}"
+        lines.append(f"{r['member']:<16} {r['n']:>7} {pooled}  {_spread(r)}")
+    return "\n".join(lines)
 
 
 def check_submission(sub: pd.DataFrame, test_names: list[str], fill_missing: float | None) -> pd.DataFrame:
