@@ -5,9 +5,10 @@
   python infer.py face.jpg --weights outputs/mff_demo/fold0/model.safetensors
   python infer.py --weights fold0/model.safetensors --weights fold1/model.safetensors face.jpg
 
-Models: every finished fold of the configured members under outputs/ (their folds
-averaged, then members blended as ensemble.py does), or the files given with --weights
-(safetensors only, each with the meta.json that train.py wrote beside it).
+Models: exactly what ensemble.py blends for the configured data (the demo members on the demo
+sample, the real ones otherwise; every fold of the split, finished; folds averaged, then
+members blended), named on stderr; or the files given with --weights (safetensors only,
+each with the meta.json that train.py wrote beside it).
 Folders are searched recursively for videos and for every file the decoder can open (any
 image format, by its name or its header); other files are counted in one line. A video is scored from
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
@@ -35,17 +36,20 @@ import pandas as pd
 import torch
 
 import models  # noqa: F401  (registers the members)
-from core.checkpoint import CheckpointError
+from core.blend import SubmissionError, blend_members, expected_folds, finished_folds, member_folds
+from core.checkpoint import WEIGHTS_FILE, CheckpointError
 from core.config import ConfigError, load_config
 from core.dataset import ImageDataset, make_loader
+from core.datasource import resolve_data
 from core.device import pick_device
 from core.imaging import ImageDecodeError, decode_image, is_image, is_video, opens_as_image, sample_video_frames
 from core.io import write_csv
+from core.labels import LabelError
 from core.predict import predict_arrays, predict_loader
 from core.transforms import build_transform
 from models.fusion import fold_batchnorm
 from models.onnx_export import onnx_network
-from models.zoo import Ensemble, find_trained, load_trained
+from models.zoo import Ensemble, load_trained
 
 NO_MODEL = 3
 
@@ -70,7 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a model.safetensors file to use instead of the outputs folder; repeat for several",
     )
     p.add_argument("--config", default="configs/ensemble.yaml", help="ensemble config (default: %(default)s)")
-    p.add_argument("--outputs", default="outputs", help="where train.py wrote the members (default: %(default)s)")
+    p.add_argument(
+        "--data-config",
+        default="configs/data.yaml",
+        help="data config: whether the demo or the real members are blended, and the split (default: %(default)s)",
+    )
+    p.add_argument("--outputs", help="where train.py wrote the members (default: paths.outputs of the data config)")
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="use a member whose folds are not all finished (default: refuse it, as ensemble.py does)",
+    )
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see README)")
@@ -121,18 +135,29 @@ def expand_inputs(inputs: list[str], report: Callable[[str], None]) -> list[Path
     return found
 
 
-def load_ensemble(args: argparse.Namespace) -> Ensemble:
-    cfg = load_config([args.config])
-    if args.weights:
-        paths = [Path(w) for w in args.weights]
-    else:
-        members = list(dict.fromkeys(cfg.get("members", []) + cfg.get("demo_members", [])))
-        paths = find_trained(args.outputs, members)
-    if not paths:
+def blended_weights(cfg: dict, args: argparse.Namespace) -> list[Path]:
+    """The weights files ensemble.py blends for the configured data: the members it names for
+    the demo or the real data, each with every fold of the split finished (or, with
+    --allow-partial, the folds it has). Says on stderr which members and folds are in use."""
+    outputs = Path(args.outputs or cfg["paths"]["outputs"])
+    members = blend_members(cfg, resolve_data(cfg, prepared=False).is_demo)
+    if not any(finished_folds(outputs, m) for m in members):
         raise FileNotFoundError(
-            f"no trained model under {args.outputs}/: run `bash run_all.sh` (or train.py for a member), "
-            "or give --weights outputs/<member>/fold<k>/model.safetensors"
+            f"no trained model of {', '.join(members)} under {outputs}/: run `bash run_all.sh` (or train.py for a "
+            "member), or give --weights outputs/<member>/fold<k>/model.safetensors"
         )
+    expected = expected_folds(cfg["paths"]["folds"])
+    paths = []
+    for member in members:
+        folds = member_folds(outputs, member, expected, args.allow_partial)
+        print(f"using {member}: fold(s) {','.join(map(str, folds))}", file=sys.stderr)
+        paths += [outputs / member / f"fold{k}" / WEIGHTS_FILE for k in folds]
+    return paths
+
+
+def load_ensemble(args: argparse.Namespace) -> Ensemble:
+    cfg = load_config([args.data_config, args.config])
+    paths = [Path(w) for w in args.weights] if args.weights else blended_weights(cfg, args)
     return Ensemble([load_trained(p) for p in paths], cfg.get("weights"))
 
 
@@ -277,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(str(err), file=sys.stderr)
         return NO_MODEL
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, LabelError, SubmissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     paths = expand_inputs(args.inputs, report)

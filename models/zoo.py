@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from core.blend import nan_weighted_mean
-from core.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_weights
+from core.checkpoint import META_FILE, CheckpointError, load_weights
 from models.registry import build_model
 
 
@@ -41,18 +41,6 @@ def load_trained(weights: str | Path) -> TrainedModel:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{weights}: does not fit {cfg['model']['name']} ({first})") from None
     return TrainedModel(cfg["name"], weights, cfg, model.eval())
-
-
-def find_trained(outputs: str | Path, members: list[str] | None = None) -> list[Path]:
-    """Weights files of finished folds under `outputs`, optionally only the named members."""
-    found = []
-    for meta_path in sorted(Path(outputs).glob(f"*/fold*/{META_FILE}")):
-        member = meta_path.parent.parent.name
-        if members is not None and member not in members:
-            continue
-        if json.loads(meta_path.read_text()).get("complete") and (meta_path.parent / WEIGHTS_FILE).is_file():
-            found.append(meta_path.parent / WEIGHTS_FILE)
-    return found
 
 
 class Ensemble:

@@ -48,9 +48,8 @@ def test_train_ensemble_infer_end_to_end(tiny_project, capsys):
     shutil.copytree(p["test_root"], folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out_csv = p["root"] / "results.csv"
-    rc = infer.main(
-        [str(folder), "--outputs", str(p["outputs"]), "--config", str(p["ensemble_cfg"]), "--out", str(out_csv)]
-    )
+    configs = ["--config", str(p["ensemble_cfg"]), "--data-config", str(p["data_cfg"])]
+    rc = infer.main([str(folder), *configs, "--out", str(out_csv)])
     captured = capsys.readouterr()
     assert rc == 1
     assert "broken.png" in captured.err and "broken.png" not in captured.out
