@@ -121,7 +121,8 @@ def weighted_mean(frames: dict[str, pd.DataFrame], weights: dict[str, float] | N
 
 SCORES_NOTE = (
     "pooled: every train image scored once, by the model whose fold held it out, and the metric taken over "
-    "all of them together;\nper fold: the metric within each validation fold, mean +- std (min..max), "
+    "all of them together;\nper fold: the metric within each validation fold, mean +- std over the folds "
+    "(population std) and (min..max), "
     "as papers quote it.\nThe submission averages the models of every fold, which neither measures exactly."
 )
 

@@ -26,6 +26,11 @@ def fake_probability(outputs: dict | torch.Tensor) -> torch.Tensor:
     where float32 would round p = 1 - 1e-9 and p = 1 - 2e-9 to one value.
     """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"the network returned {logits.dtype} logits, whose few distinct values tie the scores; "
+            "compute its classifier head with models.heads.fp32_head"
+        )
     return torch.softmax(logits.double(), dim=1)[:, 1]
 
 
