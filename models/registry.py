@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 _MODELS: dict[str, Callable[..., torch.nn.Module]] = {}
 _CRITERIA: dict[str, Callable[[dict], Callable]] = {}
+_RECIPES: dict[str, Callable[..., TrainData]] = {}
+
+
+@dataclass
+class TrainData:
+    """What a member's training-batch recipe gives the trainer.
+
+    `dataset`: `__len__`, `set_epoch(epoch)` and `__getitem__(index) -> dict`, deterministic in
+    (seed, epoch, index) so that any number of loader workers and a resume give the same
+    batches; an item that cannot be made carries `error` (a one-line reason) instead.
+    `collate(items) -> batch`: a dict with `errors` (the reasons, list of str) and, when any
+    item was good, `image` (N, 3, H, W), `target` (N,) and whatever tensors with first
+    dimension N the member's criterion reads (the trainer moves every tensor to the device).
+    """
+
+    dataset: Any
+    collate: Callable[[list[dict]], dict]
 
 
 def register_model(name: str) -> Callable:
@@ -22,6 +40,18 @@ def register_model(name: str) -> Callable:
 def register_criterion(name: str) -> Callable:
     def wrap(fn: Callable[[dict], Callable]) -> Callable[[dict], Callable]:
         _CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_recipe(name: str) -> Callable:
+    """Register a training-batch recipe: `fn(cfg, table, transform, seed) -> TrainData`, with
+    `cfg` the member config, `table` the training rows (img_name, path, target, method,
+    parent, ...), `transform` the member's training transform."""
+
+    def wrap(fn: Callable[..., TrainData]) -> Callable[..., TrainData]:
+        _RECIPES[name] = fn
         return fn
 
     return wrap
@@ -49,3 +79,9 @@ def build_criterion(cfg: dict) -> Callable:
     """The member's training objective: `criterion(model, batch) -> (loss, logits, logs)`."""
     loss_cfg = cfg.get("loss", {"name": "ce"})
     return _lookup(_CRITERIA, loss_cfg["name"], "loss")(loss_cfg)
+
+
+def build_train_data(cfg: dict, table: Any, transform: Callable, seed: int) -> TrainData:
+    """The member's training data: its `recipe` (default `images`: the table's files as they are)."""
+    recipe = cfg.get("recipe") or {"name": "images"}
+    return _lookup(_RECIPES, recipe["name"], "training-batch recipe")(cfg, table, transform, seed)

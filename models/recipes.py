@@ -1,0 +1,20 @@
+"""The default training-batch recipe: the training table's image files as they are.
+
+Members whose batches are made online (self-blends, synthesizer forgeries, frame clips)
+register their own recipe next to their network (see `models.registry.register_recipe`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+
+from core.dataset import ImageDataset, collate_skip_errors
+from models.registry import TrainData, register_recipe
+
+
+@register_recipe("images")
+def image_files(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int) -> TrainData:
+    """Every row's file, decoded and transformed with a per-(seed, epoch, index) seed."""
+    return TrainData(ImageDataset(table["path"], table["target"], transform, seed), collate_skip_errors)
