@@ -233,17 +233,14 @@ class Trainer:
         self.best_probs = np.full(len(val_ds), np.nan)
 
     # ---- state -------------------------------------------------------------------------
+    def _config_record(self) -> dict:
+        if self.fingerprint is None:
+            return {}
+        return {"config_hash": fingerprint_hash(self.fingerprint), "config": json.dumps(self.fingerprint)}
+
     def state(self) -> dict:
-        record = (
-            {}
-            if self.fingerprint is None
-            else {
-                "config_hash": fingerprint_hash(self.fingerprint),
-                "config": json.dumps(self.fingerprint, sort_keys=True),
-            }
-        )
         return {
-            **record,
+            **self._config_record(),
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
