@@ -19,6 +19,7 @@ The exact published losses are not public; `criterion` documents the ones chosen
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 
 import pandas as pd
@@ -148,7 +149,7 @@ class DeviceEmbedder:
     def __init__(self, file: str, mean: tuple, std: tuple):
         try:
             self.net = torch.export.load(file).module()
-        except (OSError, RuntimeError, ValueError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise ConfigError(f"{file}: cannot load the face embedder as a torch.export archive ({err})") from None
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
