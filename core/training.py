@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,7 @@ class TrainSettings:
     # BatchNorm statistics of the EMA weights: `recompute` them in a pass over the training
     # batches before each validation, or `average` the live statistics like the weights.
     ema_bn: str = "recompute"
+    ema_bn_batches: int | None = 200  # at most this many batches in the recompute pass (None: all)
     sync_bn: bool = True  # under torchrun, BatchNorm statistics over the global batch, not each slice
     amp: bool = True
     channels_last: bool = False
@@ -316,9 +318,11 @@ class Trainer:
 
     @torch.no_grad()
     def _recompute_bn_stats(self) -> None:
-        """Statistics of the weights now in the module: the plain average over one pass of this
-        epoch's training batches, with BatchNorm in training mode and everything else in eval
-        mode (no dropout, no drop-path); averaged over ranks under torchrun."""
+        """Statistics of the weights now in the module: the plain average over this epoch's
+        training batches (the first `ema_bn_batches` of them), with BatchNorm in training mode
+        and everything else in eval mode (no dropout, no drop-path); averaged over ranks under
+        torchrun. A few hundred batches estimate the statistics well, and a whole pass would
+        cost a third of an epoch where decoding dominates (the demo on a CPU)."""
         s = self.s
         momenta = [m.momentum for m in self.bn_layers]
         self.module.eval()
@@ -327,7 +331,11 @@ class Trainer:
             m.momentum = None  # cumulative average over the pass
             m.train()
         loader = make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler)
-        for batch in progress_bar(loader, desc="BatchNorm statistics", disable=not self.progress, leave=False):
+        n = len(loader) if s.ema_bn_batches is None else min(len(loader), s.ema_bn_batches)
+        batches = islice(loader, n)
+        for batch in progress_bar(
+            batches, desc="BatchNorm statistics", total=n, disable=not self.progress, leave=False
+        ):
             # unreadable files were reported in the training pass
             if not all_ranks_agree("image" in batch, self.dist, self.device):
                 continue
