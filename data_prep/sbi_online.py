@@ -125,11 +125,14 @@ class EmbedderSpec:
     the data stage's face cache) or `online` (embedded again here, after the same
     augmentation as its fake). models_dir: where dlib's .dat files are (null: the
     face_recognition_models package). file, size, mean, std: the torch network, its square
-    input size and its normalisation of [0, 1] pixels.
+    input size and its normalisation of [0, 1] pixels. share: the share of fakes embedded
+    (drawn per item); the others train without the guidance terms, and with dlib cost
+    nothing (a dlib descriptor costs several times a self-blend).
     """
 
     kind: str = "dlib"
     real: str = "cached"
+    share: float = 1.0
     models_dir: str | None = None
     file: str | None = None
     size: int = 112
@@ -147,6 +150,8 @@ class EmbedderSpec:
             raise ConfigError(f"loss.embedder.kind must be one of {list(EMBEDDER_KINDS)}, not {spec.kind!r}")
         if spec.real not in REAL_EMBEDDINGS:
             raise ConfigError(f"loss.embedder.real must be one of {list(REAL_EMBEDDINGS)}, not {spec.real!r}")
+        if not 0.0 < spec.share <= 1.0:
+            raise ConfigError(f"loss.embedder.share must be in (0, 1], not {spec.share}")
         if spec.kind == "torch" and not spec.file:
             raise ConfigError(
                 "loss.embedder.kind is torch but loss.embedder.file (a torch.export .pt2 archive) is not set"
@@ -259,7 +264,8 @@ def read_real_faces(
 
 class SBIPairs:
     """Items: one real and its self-blend (`real`, `fake`: normalised CHW float tensors), with
-    `guided` per image (whether its embedding or face crop exists: False for a mixed-in fake)
+    `guided` per image (whether its embedding or face crop exists: False for a mixed-in fake
+    and for a fake left out by `embedder.share`)
     and, with guidance, `embedding` (dlib, D floats per image) or `face` (uint8 crops for a
     torch embedder). A real that cannot be blended yields `error` (file and reason) instead.
 
@@ -311,15 +317,18 @@ class SBIPairs:
         real = self.reals[index]
         item_seed = sample_seed(self.seed, self.epoch, index)
         rng = np.random.default_rng(item_seed)
-        # A separate stream decides the mixing, so mix_ratio leaves every self-blend as it was.
+        # Separate streams decide the mixing and which fakes are embedded, so neither setting
+        # changes any self-blend.
         mix_rng = np.random.default_rng([item_seed, 1])
+        share = self.embedder.share if self.embedder else 0.0
+        guided = [share > 0, bool(np.random.default_rng([item_seed, 2]).random() < share)]
         try:
             s = sbi_frames(decode_image(real.path), real.landmarks, real.box, rng, self.sbi)
-            item = {"index": index, "real": self._tensor(s.real), "guided": [True, True]}
+            item = {"index": index, "real": self._tensor(s.real), "guided": guided}
             if self.mix_ratio and mix_rng.random() < self.mix_ratio:
                 path = self.mix_fakes[int(mix_rng.integers(len(self.mix_fakes)))]
                 item["fake"] = self.mix_transform(decode_image(path), int(mix_rng.integers(2**31)))
-                item["guided"] = [True, False]
+                item["guided"][1] = False
             else:
                 item["fake"] = self._tensor(s.fake)
             item.update(self._guidance(real, s, item["guided"][1]))

@@ -212,7 +212,7 @@ def test_item_is_the_normalised_sbi_sample(reals: list, recipe: object) -> None:
     mean, std = np.array([0.5, 0.25, 0.0]), np.array([0.5, 0.5, 0.25])
     expected = torch.from_numpy(((fake / 255.0 - mean) / std).transpose(2, 0, 1)).float()
     torch.testing.assert_close(item["fake"], expected)
-    assert item["real"].shape == (3, SIZE, SIZE) and item["guided"] == [True, True]
+    assert item["real"].shape == (3, SIZE, SIZE) and item["guided"] == [False, False]
 
 
 def test_a_broken_real_is_an_error_item_and_the_batch_keeps_the_rest(
@@ -237,7 +237,9 @@ def test_collate_puts_reals_first_then_their_fakes(reals: list, recipe: object) 
     assert batch["target"].tolist() == [0, 0, 0, 1, 1, 1]
     for i, item in enumerate(items):
         assert torch.equal(batch["image"][i], item["real"]) and torch.equal(batch["image"][i + 3], item["fake"])
-    assert batch["guided"].all()
+    assert not batch["guided"].any()  # no embedder, no embeddings
+    guided = collate_pairs([_pairs(reals, recipe, embedder=EmbedderSpec())[i] for i in range(3)])
+    assert guided["guided"].all() and guided["embedding"].shape == (6, 128)
 
 
 def test_mix_ratio_swaps_that_share_of_fakes_and_leaves_the_rest_alone(
@@ -251,7 +253,7 @@ def test_mix_ratio_swaps_that_share_of_fakes_and_leaves_the_rest_alone(
     swapped = [torch.equal(it["fake"], marker) for it in items]
     assert 8 <= sum(swapped) <= 22
     for i, it in enumerate(items):
-        assert it["guided"] == [True, not swapped[i]]
+        assert it["guided"] == [False, False]  # no embedder here
         assert torch.equal(it["real"], pure[i]["real"])
         if not swapped[i]:
             assert torch.equal(it["fake"], pure[i]["fake"])
@@ -279,6 +281,26 @@ def test_dlib_guidance_gives_the_fakes_embedding_and_the_cached_real(reals: list
     batch = collate_pairs([ds[0], ds[1]])
     assert batch["embedding"].shape == (4, 128)
     assert torch.equal(batch["embedding"][2], e_fake)
+
+
+def test_share_embeds_that_share_of_fakes_and_no_other(reals: list, recipe: object, prepared: dict) -> None:
+    fake = str(prepared["out"] / "edit" / "fake.png")
+    spec = EmbedderSpec(kind="torch", file="unused.pt2", size=16, share=0.5)  # cheap crops, the same draws
+    ds = _pairs(reals * 10, recipe, embedder=spec, mix_fakes=[fake], mix_ratio=0.3, mix_transform=lambda i, s: None)
+    full = _pairs(reals * 10, recipe, embedder=replace(spec, share=1.0))
+    items = [ds[i] for i in range(30)]
+    chosen = [it["guided"][1] for it in items]
+    assert all(it["guided"][0] for it in items) and 6 <= sum(chosen) <= 24
+    for i, it in enumerate(items):
+        if it["fake"] is None:  # mixed in: never embedded
+            assert not chosen[i]
+        elif chosen[i]:
+            assert torch.equal(it["face"][1], full[i]["face"][1])
+        else:
+            assert not it["face"][1].any()
+        assert torch.equal(it["real"], full[i]["real"])
+    with pytest.raises(ConfigError, match="share must be in"):
+        EmbedderSpec.from_cfg({"share": 0})
 
 
 def test_dlib_embedder_separates_people(reals: list) -> None:
