@@ -99,13 +99,16 @@ def report_experts(cfg: dict, folds: list[int]) -> None:
     def named(i: int) -> str:
         return f"expert {i} ({experts[i].get('backbone', experts[i])})"
 
+    where = f"{cfg['name']}: {len(folds)} folds in {cfg['paths']['folds']}"
+    if n == 1:  # one expert meant for every fold (the demo member): said, not warned
+        log.info("%s, all trained by %s", where, named(0))
+        return
     uses = ", ".join(f"fold {k} -> {named(k % n)}" for k in folds)
     unused = [named(i) for i in range(n) if i not in {k % n for k in folds}]
-    message = f"{cfg['name']}: {n} experts for {len(folds)} folds in {cfg['paths']['folds']}; {uses}"
+    message = f"{where} but {n} experts; {uses}"
     if unused:
         message += f"; unused: {', '.join(unused)}"
-    # One expert is meant for every fold (the demo member); several that do not match are a mistake.
-    (log.info if n == 1 else log.warning)("%s", message)
+    log.warning("%s", message)
 
 
 def expert_config(cfg: dict, fold: int) -> dict:

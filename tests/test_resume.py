@@ -79,7 +79,7 @@ def test_more_experts_than_folds_names_the_unused(train_log):
     (record,) = train_log.records
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
-        "m: 7 experts for 5 folds in folds.csv; fold 0 -> expert 0 (net0), fold 1 -> expert 1 (net1), "
+        "m: 5 folds in folds.csv but 7 experts; fold 0 -> expert 0 (net0), fold 1 -> expert 1 (net1), "
         "fold 2 -> expert 2 (net2), fold 3 -> expert 3 (net3), fold 4 -> expert 4 (net4); "
         "unused: expert 5 (net5), expert 6 (net6)"
     )
@@ -92,14 +92,10 @@ def test_fewer_experts_than_folds_shows_the_reuse_and_one_expert_is_no_warning(t
     assert [(r.levelno, r.getMessage()) for r in train_log.records] == [
         (
             logging.WARNING,
-            "m: 2 experts for 3 folds in folds.csv; fold 0 -> expert 0 (net0), "
+            "m: 3 folds in folds.csv but 2 experts; fold 0 -> expert 0 (net0), "
             "fold 1 -> expert 1 (net1), fold 2 -> expert 0 (net0)",
         ),
-        (
-            logging.INFO,
-            "m: 1 experts for 3 folds in folds.csv; fold 0 -> expert 0 (net0), "
-            "fold 1 -> expert 0 (net0), fold 2 -> expert 0 (net0)",
-        ),
+        (logging.INFO, "m: 3 folds in folds.csv, all trained by expert 0 (net0)"),
     ]
 
 
@@ -110,4 +106,7 @@ def test_train_reports_experts_against_the_folds_file(tiny_project, train_log):
     args = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "5", three]
     assert train.main(args) == 2  # fold 5 does not exist: the warning still comes first
     (warning,) = [r.getMessage() for r in train_log.records if r.levelno == logging.WARNING]
-    assert warning.startswith("tiny: 3 experts for 2 folds") and warning.endswith("unused: expert 2 (x)")
+    assert warning.startswith("tiny: 2 folds in ") and warning.endswith(
+        "but 3 experts; fold 0 -> expert 0 "
+        "(test_resnet.r160_in1k), fold 1 -> expert 1 (test_resnet.r160_in1k); unused: expert 2 (x)"
+    )
