@@ -102,6 +102,9 @@ class TrainSettings:
             raise ConfigError(f"unknown train setting(s) {unknown}; known: {sorted(known)}")
         if cfg.get("ema_bn", cls.ema_bn) not in EMA_BN_MODES:
             raise ConfigError(f"train.ema_bn must be one of {list(EMA_BN_MODES)}, not {cfg['ema_bn']!r}")
+        batches = cfg.get("ema_bn_batches", cls.ema_bn_batches)
+        if batches is not None and (not isinstance(batches, int) or batches < 1):
+            raise ConfigError(f"train.ema_bn_batches must be a positive integer or null, not {batches!r}")
         return cls(**cfg)
 
 

@@ -77,6 +77,8 @@ def test_ema_bn_setting_is_checked():
     assert TrainSettings.from_cfg({"ema_bn": "average"}).ema_bn == "average"
     with pytest.raises(ConfigError, match=r"train.ema_bn must be one of \['recompute', 'average'\], not 'live'"):
         TrainSettings.from_cfg({"ema_bn": "live"})
+    with pytest.raises(ConfigError, match="train.ema_bn_batches must be a positive integer or null, not 0"):
+        TrainSettings.from_cfg({"ema_bn_batches": 0})
 
 
 def test_fingerprint_leaves_out_only_keys_that_cannot_change_the_result():
