@@ -344,3 +344,14 @@ def test_embedder_spec_refuses_bad_settings() -> None:
         EmbedderSpec.from_cfg({"kind": "dlib", "dim": 128})
     with pytest.raises(ConfigError, match="real must be one of"):
         EmbedderSpec.from_cfg({"real": "never"})
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_the_registered_recipe_builds_these_pairs(prepared: dict, guidance: bool) -> None:
+    import models
+
+    cfg = {**_member_cfg(prepared), "model": {"guidance": guidance}}
+    data = models.build_train_data(cfg, prepared["table"], lambda img, seed: None, 5)
+    assert isinstance(data.dataset, SBIPairs) and data.collate is collate_pairs
+    assert len(data.dataset) == 3 and data.dataset.seed == 5
+    assert (data.dataset.embedder is not None) == guidance

@@ -1,0 +1,172 @@
+"""Ablation of the sbi_fed member: plain SBI, SBI + guidance, each guidance loss off, and the
+winning solution's NCE and KL terms added (`loss.add`), out of fold, over several seeds.
+
+  python -m bench.sbi_ablation                                    # demo member, every fold, seeds 0 1 2
+  python -m bench.sbi_ablation --seeds 0 --folds 0 1 --settings plain guided
+  python -m bench.sbi_ablation --out bench/results/sbi_ablation_demo.json --keep ablation_runs
+
+Each setting trains the member on every chosen fold of a label-stratified split built first
+in the work folder (as bench.loss_ablation does; nothing under outputs/ is read or written),
+once per seed (`train.seed`: the network's initialisation, every self-blend and the batch
+order). A setting's out-of-fold (OOF) predictions are its folds' oof.csv files together; the
+rows give their ROC-AUC and TPR at FPR = 1e-3 per seed, and the summary their mean and
+sample standard deviation over seeds. Only validation folds are scored. Prints a JSON object,
+then a markdown table. `key=value` overrides apply to every setting (e.g. train.epochs=4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+import train
+from bench.loss_ablation import make_split
+from core.blend import SubmissionError, member_predictions
+from core.config import ConfigError, load_config
+from core.datasource import resolve_data
+from core.folds import FoldError
+from core.io import write_json
+from core.labels import LabelError
+from core.metrics import score_report
+
+NO_GUIDANCE = ["model.guidance=false"]
+# The winning solution's weights for its NCE and KL terms (configs/members/mff.yaml).
+NCE_KL = ["+loss.add.nce=0.1", "+loss.add.kl=1.0"]
+SETTINGS: dict[str, list[str]] = {
+    "plain": NO_GUIDANCE,
+    "guided": [],
+    "guided-distill": ["loss.distill=0"],
+    "guided-recon": ["loss.recon=0"],
+    "guided-artifact_ce": ["loss.artifact_ce=0"],
+    "guided-residual_ce": ["loss.residual_ce=0"],
+    "plain+nce+kl": NO_GUIDANCE + NCE_KL,
+    "guided+nce+kl": NCE_KL,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/members/sbi_fed_demo.yaml", help="member config (default: %(default)s)")
+    p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
+    p.add_argument("--folds", type=int, nargs="+", help="validation folds to run (default: all)")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="default: all")
+    p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder, removed)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
+    """Train `setting` with `seed` on every fold; its OOF scores."""
+    out = work / f"{setting}-seed{seed}"
+    overrides = [
+        *args.overrides,
+        *SETTINGS[setting],
+        f"train.seed={seed}",
+        f"paths.outputs={out}",
+        f"paths.folds={folds_csv}",
+        "+train.progress=false",
+    ]
+    cfg = load_config([args.data_config, args.config], overrides)
+    start = time.perf_counter()
+    fold_auc = {str(k): train.train_fold(cfg, k)["auc"] for k in folds}
+    oof, _ = member_predictions(out, cfg["name"], folds)
+    report = score_report(oof["target"], oof["y_pred"])
+    return {
+        "setting": setting,
+        "seed": seed,
+        "overrides": SETTINGS[setting],
+        "n_oof": len(oof),
+        "oof_auc": report["auc"],
+        "oof_tpr@fpr1e-3": report["tpr@fpr1e-3"],
+        "fold_auc": fold_auc,
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation over seeds, per setting, in the order run."""
+    table = pd.DataFrame(rows)
+    out = []
+    for setting, group in table.groupby("setting", sort=False):
+        entry = {"setting": setting, "seeds": len(group)}
+        for key in ("oof_auc", "oof_tpr@fpr1e-3"):
+            values = group[key].to_numpy(dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        entry["train_seconds"] = float(group["train_seconds"].mean())
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = [
+        "| setting | seeds | OOF AUC (mean +- std) | OOF TPR@FPR=1e-3 (mean +- std) | train s / seed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['setting']} | {s['seeds']} | {s['oof_auc']:.4f} +- {s['oof_auc_std']:.4f} "
+            f"| {s['oof_tpr@fpr1e-3']:.4f} +- {s['oof_tpr@fpr1e-3_std']:.4f} | {s['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sbi_ablation_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        folds_csv = make_split(work, args.data_config, args.overrides)
+        available = sorted(pd.read_csv(folds_csv, usecols=["fold"])["fold"].unique().tolist())
+        folds = args.folds if args.folds is not None else available
+        unknown = sorted(set(folds) - set(available))
+        if unknown:
+            raise FoldError(f"fold(s) {unknown} not in the split (folds: {available})")
+        rows = [run_one(args, s, seed, work, folds_csv, folds) for s in args.settings for seed in args.seeds]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    cfg = load_config([args.data_config, args.config], args.overrides)
+    return {
+        "config": args.config,
+        "overrides": list(args.overrides),
+        "epochs": cfg["train"]["epochs"],
+        "folds": folds,
+        "seeds": args.seeds,
+        "split": "stratified",
+        "train_labels": str(resolve_data(cfg).train_labels),
+        "summary": summarise(rows),
+        "rows": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ConfigError, LabelError, FoldError, SubmissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_json(result, args.out)
+    print(json.dumps(result, indent=2))
+    print()
+    print(markdown(result["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
