@@ -201,6 +201,21 @@ def test_items_depend_only_on_seed_epoch_and_index(reals: list, recipe: object) 
     assert not torch.equal(again[0]["fake"], first[1]["fake"])
 
 
+def test_batches_do_not_depend_on_the_number_of_workers(reals: list, recipe: object) -> None:
+    from torch.utils.data import DataLoader
+
+    ds = _pairs(reals * 2, recipe, embedder=EmbedderSpec(kind="torch", file="unused.pt2", size=16, share=0.5))
+    ds.set_epoch(1)
+    batches = [[2, 0], [5, 1], [3, 4]]
+    runs = [
+        list(DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate_pairs)) for workers in (0, 2)
+    ]
+    for one, other in zip(*runs, strict=True):
+        assert one.keys() == other.keys()
+        for key in ("image", "target", "guided", "face", "index"):
+            assert torch.equal(one[key], other[key])
+
+
 def test_item_is_the_normalised_sbi_sample(reals: list, recipe: object) -> None:
     ds = SBIPairs(reals, recipe, (0.5, 0.25, 0.0), (0.5, 0.5, 0.25), seed=3)
     item = ds[1]
