@@ -149,12 +149,22 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     model = models.build_model(cfg["model"])
-    train_ds = ImageDataset(
-        train_df["path"], train_df["target"], build_transform(cfg["data"], train=True), settings.seed
-    )
+    train_data = models.build_train_data(cfg, train_df, build_transform(cfg["data"], train=True), settings.seed)
     val_ds = ImageDataset(val_df["path"], val_df["target"], build_transform(cfg["data"], train=False))
     criterion = models.build_criterion(cfg)
-    trainer = Trainer(model, criterion, train_ds, val_ds, settings, out_dir, device, dist, on_epoch, config=cfg)
+    trainer = Trainer(
+        model,
+        criterion,
+        train_data.dataset,
+        val_ds,
+        settings,
+        out_dir,
+        device,
+        dist,
+        on_epoch,
+        config=cfg,
+        collate=train_data.collate,
+    )
     trainer.resume_if_possible()  # before config.yaml is replaced: a changed config is refused here
     if dist.is_main:
         save_config(cfg, out_dir / "config.yaml")
@@ -210,6 +220,7 @@ def score_test(
         batch_size=settings.eval_batch_size,
         num_workers=settings.num_workers,
         channels_last=settings.channels_last,
+        amp=settings.amp,
         progress=settings.progress and dist.is_main,
     )[:, 0]
     return gather_rows(local, idx, len(paths), dist)

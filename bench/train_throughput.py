@@ -48,7 +48,7 @@ import models
 from core.config import ConfigError, load_config
 from core.dataset import ImageDataset, make_loader
 from core.datasource import read_train_table, resolve_data
-from core.device import autocast, pick_device
+from core.device import pick_device
 from core.distributed import DistInfo, GlobalBatchSampler
 from core.labels import LabelError
 from core.training import Trainer, TrainSettings
@@ -157,13 +157,11 @@ def time_step(
     trainer.model.train()
     fmt = trainer.memory_format
     images = torch.randn(b, 3, size, size, device=device).contiguous(memory_format=fmt)
-    target = (torch.arange(b) % 2).to(device)  # half real, so the contrastive term has anchors
+    batch = {"image": images, "target": (torch.arange(b) % 2).to(device)}  # half real: the contrastive term has anchors
 
     def one_step() -> float:
-        with autocast(device, settings.amp):
-            loss, _, _ = trainer.criterion(trainer.model, images, target)
-        loss.backward()
-        trainer._optimizer_step()
+        loss = trainer._backward(batch)
+        trainer._optimizer_step([batch])
         return loss.item()  # the Trainer reads the loss every step, which waits for the device
 
     for _ in range(warmup):

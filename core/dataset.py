@@ -81,10 +81,11 @@ def make_loader(
     drop_last: bool = False,
     seed: int = 0,
     batch_sampler: torch.utils.data.Sampler | None = None,
+    collate: Callable[[list[dict]], dict] | None = None,
 ) -> DataLoader:
-    """A loader whose batches carry the bad files' messages (see `collate_skip_errors`).
-    With `batch_sampler`, it decides batches and order; `batch_size`, `shuffle`, `drop_last`
-    are then unused."""
+    """A loader whose batches carry the bad items' messages (`collate`, default
+    `collate_skip_errors`). With `batch_sampler`, it decides batches and order; `batch_size`,
+    `shuffle`, `drop_last` are then unused."""
     batching = (
         {"batch_sampler": batch_sampler}
         if batch_sampler is not None
@@ -94,7 +95,7 @@ def make_loader(
         dataset,
         **batching,
         num_workers=num_workers,
-        collate_fn=collate_skip_errors,
+        collate_fn=collate or collate_skip_errors,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,  # workers must see set_epoch() of the new epoch
         pin_memory=torch.cuda.is_available(),

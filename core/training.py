@@ -46,10 +46,14 @@ from core.log import get_logger
 from core.metrics import score_report
 from core.predict import predict_loader
 from core.progress import progress_bar
+from core.sam import SAM, linear_decay_after
 
 log = get_logger("train")
 
-Criterion = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple]
+Criterion = Callable[[torch.nn.Module, dict], tuple]
+Collate = Callable[[list[dict]], dict]
+OPTIMIZERS = ("adamw", "sam_sgd")
+SCHEDULES = ("warmup_cosine", "linear_decay_after")
 STATE_FILE = "last_state.safetensors"
 EMA_BN_MODES = ("recompute", "average")
 
@@ -93,6 +97,15 @@ class TrainSettings:
     amp: bool = True
     channels_last: bool = False
     progress: bool = True
+    # `sam_sgd`: sharpness-aware minimisation over SGD (core/sam.py, as SBI trains), two
+    # forward/backward passes per step; `adamw` otherwise.
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # sam_sgd only
+    sam_rho: float = 0.05  # sam_sgd only: radius of SAM's ascent step
+    # `warmup_cosine` (warmup_steps, then cosine to min_lr_ratio) or `linear_decay_after`
+    # (constant, then linear to 0 over the last 1 - decay_start of the steps: SBI's schedule).
+    schedule: str = "warmup_cosine"
+    decay_start: float = 0.75
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> TrainSettings:
@@ -100,8 +113,9 @@ class TrainSettings:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"unknown train setting(s) {unknown}; known: {sorted(known)}")
-        if cfg.get("ema_bn", cls.ema_bn) not in EMA_BN_MODES:
-            raise ConfigError(f"train.ema_bn must be one of {list(EMA_BN_MODES)}, not {cfg['ema_bn']!r}")
+        for key, allowed in (("ema_bn", EMA_BN_MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if cfg.get(key, getattr(cls, key)) not in allowed:
+                raise ConfigError(f"train.{key} must be one of {list(allowed)}, not {cfg[key]!r}")
         batches = cfg.get("ema_bn_batches", cls.ema_bn_batches)
         if batches is not None and (not isinstance(batches, int) or batches < 1):
             raise ConfigError(f"train.ema_bn_batches must be a positive integer or null, not {batches!r}")
@@ -135,6 +149,19 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def build_optimizer(module: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    groups = param_groups(module, s.weight_decay)
+    if s.optimizer == "sam_sgd":
+        return SAM(groups, torch.optim.SGD, rho=s.sam_rho, lr=s.lr, momentum=s.momentum)
+    return torch.optim.AdamW(groups, lr=s.lr)
+
+
+def lr_factor(total_steps: int, s: TrainSettings) -> Callable[[int], float]:
+    if s.schedule == "linear_decay_after":
+        return linear_decay_after(total_steps, s.decay_start)
+    return warmup_cosine(total_steps, s.warmup_steps, s.min_lr_ratio)
 
 
 def config_fingerprint(cfg: dict) -> dict[str, object]:
@@ -196,6 +223,7 @@ class Trainer:
         dist: DistInfo | None = None,
         on_epoch: Callable[[int, dict], None] | None = None,
         config: dict | None = None,
+        collate: Collate | None = None,
     ):
         self.s = settings
         self.dist = dist or DistInfo()
@@ -213,14 +241,13 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.criterion = criterion
         self.train_ds, self.val_ds = train_ds, val_ds
+        self.collate = collate
         self.sampler = GlobalBatchSampler(len(train_ds), settings.batch_size, self.dist, settings.seed)
         # whole global batches only, and only whole accumulation groups step the optimiser
         self.steps_per_epoch = len(self.sampler) // settings.accum_steps
         total = max(1, self.steps_per_epoch * settings.epochs)
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, settings.weight_decay), lr=settings.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(total, settings.warmup_steps, settings.min_lr_ratio)
-        )
+        self.optimizer = build_optimizer(self.module, settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(total, settings))
         self.bn_layers = [m for m in self.module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
         averaged = list(self.module.parameters())
         if settings.ema_bn == "average":
@@ -333,7 +360,7 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the pass
             m.train()
-        loader = make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler)
+        loader = self._train_loader()
         n = len(loader) if s.ema_bn_batches is None else min(len(loader), s.ema_bn_batches)
         batches = islice(loader, n)
         for batch in progress_bar(
@@ -342,14 +369,22 @@ class Trainer:
             # unreadable files were reported in the training pass
             if not all_ranks_agree("image" in batch, self.dist, self.device):
                 continue
-            images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             with autocast(self.device, s.amp):
-                self.module(images)
+                self.module(self._on_device(batch)["image"])
         for m, momentum in zip(self.bn_layers, momenta, strict=True):
             m.momentum = momentum
         average_across_ranks([t for m in self.bn_layers for t in (m.running_mean, m.running_var)], self.dist)
 
     # ---- loops -------------------------------------------------------------------------
+    def _train_loader(self) -> torch.utils.data.DataLoader:
+        s = self.s
+        return make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler, collate=self.collate)
+
+    def _on_device(self, batch: dict) -> dict:
+        """Every tensor of the batch on the device; the images in the training memory format."""
+        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        moved["image"] = moved["image"].contiguous(memory_format=self.memory_format)
+        return moved
 
     def train_epoch(self) -> float:
         s = self.s
@@ -358,10 +393,11 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         # Everything random in this epoch (dropout, noise) derives from (seed, epoch, rank).
         torch.manual_seed((s.seed * 100_003 + self.epoch) * 1009 + self.dist.rank)
-        loader = make_loader(self.train_ds, s.batch_size, s.num_workers, batch_sampler=self.sampler)
+        loader = self._train_loader()
         losses: list[float] = []
         bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
+        group: list[dict] = []  # the batches of this accumulation group (SAM's second pass reruns them)
         for i, batch in enumerate(bar):
             for message in batch["errors"]:
                 log.warning("skipped %s", message)
@@ -372,23 +408,43 @@ class Trainer:
                         "batch %d of epoch %d skipped by every process: no readable image in a share", i, self.epoch + 1
                     )
                 continue
-            images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            target = batch["target"].to(self.device, non_blocking=True)
-            with autocast(self.device, s.amp):
-                loss, _, _ = self.criterion(self.model, images, target)
-            (loss / s.accum_steps).backward()
+            batch = self._on_device(batch)
+            loss = self._backward(batch)
+            group.append(batch)
             if (i + 1) % s.accum_steps == 0:
-                self._optimizer_step()
+                self._optimizer_step(group)
+                group = []
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         local = np.array([np.sum(losses), len(losses)], dtype=float)
         total = gather_rows(local[None], np.array([self.dist.rank]), self.dist.world, self.dist).sum(0)
         return float(total[0] / total[1]) if total[1] else float("nan")
 
-    def _optimizer_step(self) -> None:
+    def _backward(self, batch: dict) -> torch.Tensor:
+        with autocast(self.device, self.s.amp):
+            loss, _, _ = self.criterion(self.model, batch)
+        (loss / self.s.accum_steps).backward()
+        return loss
+
+    def _clip(self) -> None:
         if self.s.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.s.clip_grad)
-        self.optimizer.step()
+
+    def _optimizer_step(self, group: list[dict]) -> None:
+        """One update from the gradients of `group`. Under SAM the gradient at the perturbed
+        weights comes from the same batches again (the same augmented images; a criterion's
+        own random draws, such as the KL term's noise, are drawn afresh)."""
+        self._clip()
+        if isinstance(self.optimizer, SAM):
+
+            def again() -> torch.Tensor:
+                losses = [self._backward(batch).detach() for batch in group]
+                self._clip()
+                return torch.stack(losses).mean()
+
+            self.optimizer.step(again)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema:
@@ -400,7 +456,12 @@ class Trainer:
         idx = shard(len(self.val_ds), self.dist)
         loader = make_loader(self.val_ds.subset(idx.tolist()), self.s.eval_batch_size, self.s.num_workers)
         local = predict_loader(
-            [self.module], loader, self.device, channels_last=self.s.channels_last, progress=self.progress
+            [self.module],
+            loader,
+            self.device,
+            channels_last=self.s.channels_last,
+            amp=self.s.amp,
+            progress=self.progress,
         )[:, 0]
         probs = gather_rows(local, idx, len(self.val_ds), self.dist)
         ok = ~np.isnan(probs)

@@ -1,16 +1,23 @@
 """Training objectives. Each criterion runs the forward pass itself, because some need
 more than one (a noisy view for the KL term, a synthesiser step for SLADD).
 
-A criterion is `criterion(model, images, target) -> (loss, logits, logs)`.
+A criterion is `criterion(model, batch) -> (loss, logits, logs)`: `batch` is the member's
+training batch with every tensor on the device (`image`, `target` and what its recipe adds).
+`build_criterion` adds the winning solution's feature-level NCE and noise-KL terms to any
+member's criterion by config (`loss.add: {nce: w, kl: w}`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from core.config import ConfigError
 from core.distributed import gather_with_grad, world_size
-from models.registry import register_criterion
+from models.registry import member_criterion, register_criterion
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -76,46 +83,99 @@ def add_noise(images: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
     raise ValueError(f"noise kind must be gaussian or uniform, not {kind!r}")
 
 
-@register_criterion("ce")
-def build_ce(cfg: dict):
-    smoothing = float(cfg.get("label_smoothing", 0.0))
-
-    def criterion(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor):
-        out = model(images)
-        loss = cross_entropy(out["logits"], target, smoothing)
-        return loss, out["logits"], {"ce": loss.detach()}
+def _ce(weight: float, smoothing: float) -> Callable:
+    def criterion(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        out = model(batch["image"])
+        ce = cross_entropy(out["logits"], batch["target"], smoothing)
+        return weight * ce, out["logits"], {"ce": ce.detach()}
 
     return criterion
+
+
+@register_criterion("ce")
+def build_ce(cfg: dict) -> Callable:
+    """L = L_ce."""
+    return _ce(1.0, float(cfg.get("label_smoothing", 0.0)))
 
 
 @register_criterion("mff")
-def build_mff(cfg: dict):
+def build_mff(cfg: dict) -> Callable:
     """The winning solution's objective: w_ce L_ce + w_nce L_nce + w_kl L_kl.
 
     The published figure gives the three terms, not their exact forms or weights: the forms
-    are documented on each function above, the weights live in the member config.
+    are documented on each function above, the weights live in the member config. It is CE
+    with the NCE and KL terms added the way `loss.add` adds them to any member.
     """
-    w_ce, w_nce, w_kl = (float(cfg.get(k, d)) for k, d in (("ce", 1.0), ("nce", 0.1), ("kl", 1.0)))
-    temperature = float(cfg.get("temperature", 0.1))
-    noise_kind, noise_scale = cfg.get("noise", "gaussian"), float(cfg.get("noise_scale", 0.1))
-    smoothing = float(cfg.get("label_smoothing", 0.0))
+    w_ce = float(cfg.get("ce", 1.0))
+    added = {"nce": cfg.get("nce", 0.1), "kl": cfg.get("kl", 1.0)}
+    added.update({k: cfg[k] for k in ("temperature", "noise", "noise_scale") if k in cfg})
+    return add_terms(_ce(w_ce, float(cfg.get("label_smoothing", 0.0))), added)
 
-    def criterion(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor):
+
+class FirstForward:
+    """Stands in for the network inside a criterion. Its first call runs the network once on
+    the images and, when the KL term is on, their noisy copy in the same batch (DDP expects one
+    forward per backward), returns the clean half and keeps what the added terms read. Later
+    calls go straight to the network."""
+
+    def __init__(self, model: nn.Module, noise: tuple[str, float] | None):
+        self.model = model
+        self.noise = noise
+        self.clean: dict | None = None
+        self.noisy_logits: torch.Tensor | None = None
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        if self.clean is not None:
+            return self.model(images)
+        if self.noise is None:
+            self.clean = self.model(images)
+            return self.clean
         n = len(images)
-        if w_kl:
-            # One forward over clean and noisy views together: DDP expects one forward per
-            # backward, and one large batch is faster than two small ones.
-            both = model(torch.cat([images, add_noise(images, noise_kind, noise_scale)]))
-            out = {k: v[:n] for k, v in both.items()}
-        else:
-            out = model(images)
-        logs = {"ce": cross_entropy(out["logits"], target, smoothing)}
-        if w_nce:
-            logs["nce"] = real_contrastive(out["features"], target, temperature)
-        if w_kl:
-            logs["kl"] = noise_consistency(out["logits"], both["logits"][n:])
-        weights = {"ce": w_ce, "nce": w_nce, "kl": w_kl}
-        loss = sum(weights[k] * v for k, v in logs.items())
-        return loss, out["logits"], {k: v.detach() for k, v in logs.items()}
+        both = self.model(torch.cat([images, add_noise(images, *self.noise)]))
+        self.clean = {k: v[:n] for k, v in both.items()}
+        self.noisy_logits = both["logits"][n:]
+        return self.clean
 
-    return criterion
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+ADD_KEYS = ("nce", "kl", "temperature", "noise", "noise_scale")
+
+
+def add_terms(criterion: Callable, add: dict) -> Callable:
+    """`criterion` plus w_nce L_nce on the network's pooled `features` and w_kl L_kl between
+    its clean and noisy predictions, both from the criterion's first network call, which must
+    be on `batch["image"]` (its targets `batch["target"]`). `noise_scale` is in the units of the
+    member's input (normalised pixels for ImageNet mean/std, [0, 1] for members that only
+    divide by 255)."""
+    unknown = sorted(set(add) - set(ADD_KEYS))
+    if unknown:
+        raise ConfigError(f"loss.add: unknown key(s) {unknown}; known: {list(ADD_KEYS)}")
+    w_nce, w_kl = float(add.get("nce", 0.0)), float(add.get("kl", 0.0))
+    temperature = float(add.get("temperature", 0.1))
+    noise = (str(add.get("noise", "gaussian")), float(add.get("noise_scale", 0.1))) if w_kl else None
+
+    def criterion_with_terms(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        tap = FirstForward(model, noise)
+        loss, logits, logs = criterion(tap, batch)
+        if tap.clean is None:
+            raise RuntimeError("loss.add: the member's criterion never ran the network")
+        if w_nce:
+            if "features" not in tap.clean:
+                raise ConfigError("loss.add.nce needs a network that returns `features`; this one does not")
+            nce = real_contrastive(tap.clean["features"], batch["target"], temperature)
+            loss, logs["nce"] = loss + w_nce * nce, nce.detach()
+        if w_kl:
+            kl = noise_consistency(tap.clean["logits"], tap.noisy_logits)
+            loss, logs["kl"] = loss + w_kl * kl, kl.detach()
+        return loss, logits, logs
+
+    return criterion_with_terms
+
+
+def build_criterion(cfg: dict) -> Callable:
+    """The member's training objective (`loss.name`), with `loss.add` terms when configured."""
+    loss_cfg = cfg.get("loss", {"name": "ce"})
+    criterion = member_criterion(loss_cfg)
+    return add_terms(criterion, loss_cfg["add"]) if loss_cfg.get("add") else criterion

@@ -1,4 +1,4 @@
-"""Members are built by name from config: `build_model(cfg["model"])`, `build_criterion(cfg)`."""
+"""Members are built by name from config: their network, criterion and training-batch recipe."""
 
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def build_model(model_cfg: dict, *, pretrained: bool | None = None) -> torch.nn.
     return _lookup(_MODELS, cfg.pop("name"), "model")(**cfg)
 
 
-def build_criterion(cfg: dict) -> Callable:
-    """The member's training objective: `criterion(model, batch) -> (loss, logits, logs)`."""
-    loss_cfg = cfg.get("loss", {"name": "ce"})
+def member_criterion(loss_cfg: dict) -> Callable:
+    """The criterion registered as `loss_cfg["name"]`: `criterion(model, batch) -> (loss, logits,
+    logs)`. `models.build_criterion` adds the configured `loss.add` terms around it."""
     return _lookup(_CRITERIA, loss_cfg["name"], "loss")(loss_cfg)
 
 

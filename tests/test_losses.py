@@ -1,11 +1,14 @@
-"""Each loss against a value computed by hand on a small batch."""
+"""Each loss against a value computed by hand on a small batch, and `loss.add` on any criterion."""
 
 import math
 
 import pytest
 import torch
 
+import models
+from core.config import ConfigError
 from models.losses import add_noise, cross_entropy, noise_consistency, real_contrastive
+from tests.tiny_training import TinyBatchNormNet
 
 
 def test_cross_entropy_by_hand():
@@ -55,3 +58,61 @@ def test_noise_kinds():
     assert add_noise(x, "uniform", 0.1).abs().max().item() <= 0.1
     with pytest.raises(ValueError, match="noise kind"):
         add_noise(x, "salt", 0.1)
+
+
+# --- loss.add: the NCE and KL terms on any member's criterion --------------------------------
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, images):
+        self.calls += 1
+        return self.net(images)
+
+
+def _batch(n: int = 8) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"image": torch.randn(n, 3, 12, 12, generator=g), "target": torch.arange(n) % 2}
+
+
+def test_mff_is_ce_with_nce_and_kl_added_in_one_forward():
+    weights = {"nce": 0.3, "kl": 0.7, "temperature": 0.2, "noise_scale": 0.05}
+    mff = models.build_criterion({"loss": {"name": "mff", "ce": 1.0, **weights}})
+    added = models.build_criterion({"loss": {"name": "ce", "add": weights}})
+    net = _Counting(TinyBatchNormNet().eval())
+    torch.manual_seed(0)
+    loss_a, logits_a, logs_a = mff(net, _batch())
+    assert net.calls == 1  # clean and noisy views in one batch: DDP sees one forward per backward
+    torch.manual_seed(0)
+    loss_b, logits_b, logs_b = added(net, _batch())
+    assert torch.equal(loss_a, loss_b) and torch.equal(logits_a, logits_b)
+    assert set(logs_b) == {"ce", "nce", "kl"} and logs_b["kl"] > 0
+    expected = logs_b["ce"] + 0.3 * logs_b["nce"] + 0.7 * logs_b["kl"]
+    assert loss_b.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_added_terms_change_the_gradient_only_by_their_own():
+    net = TinyBatchNormNet().eval()
+    plain = models.build_criterion({"loss": {"name": "ce"}})
+    with_nce = models.build_criterion({"loss": {"name": "ce", "add": {"nce": 1.0}}})
+    l_plain = plain(net, _batch())[0]
+    l_nce, _, logs = with_nce(net, _batch())
+    direct = real_contrastive(net(_batch()["image"])["features"], _batch()["target"], 0.1)
+    assert l_nce.item() == pytest.approx(l_plain.item() + direct.item(), rel=1e-6)
+    assert logs["nce"].item() == pytest.approx(direct.item(), rel=1e-6)
+
+
+def test_loss_add_refuses_unknown_keys_and_networks_without_features():
+    with pytest.raises(ConfigError, match=r"loss.add: unknown key\(s\) \['nec'\]"):
+        models.build_criterion({"loss": {"name": "ce", "add": {"nec": 0.1}}})
+
+    class LogitsOnly(torch.nn.Module):
+        def forward(self, images):
+            return {"logits": images.mean((2, 3))[:, :2]}
+
+    criterion = models.build_criterion({"loss": {"name": "ce", "add": {"nce": 0.1}}})
+    with pytest.raises(ConfigError, match="needs a network that returns `features`"):
+        criterion(LogitsOnly(), _batch())

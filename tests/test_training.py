@@ -90,3 +90,46 @@ def test_fingerprint_leaves_out_only_keys_that_cannot_change_the_result():
     other = config_fingerprint({**cfg, "train": {**cfg["train"], "lr": 0.002}, "loss": {"kl": 1.0}})
     assert fingerprint_hash(other) != fingerprint_hash(fp)
     assert describe_changes(fp, other) == "loss.kl: (unset) -> 1.0, train.lr: 0.001 -> 0.002"
+
+
+def test_sam_sgd_step_is_sam_on_the_same_batch(tmp_path):
+    """One epoch of one batch with `sam_sgd` equals SAM done by hand: the gradient at
+    w + rho g/||g||, from the same images, applied to w by SGD."""
+    ds = tiny_dataset(tmp_path, 8)
+    settings = TrainSettings(
+        epochs=1, batch_size=8, lr=0.1, weight_decay=0.0, warmup_steps=0, clip_grad=None, ema_decay=None,
+        num_workers=0, progress=False, amp=False, optimizer="sam_sgd", sam_rho=0.5, momentum=0.9,
+        schedule="linear_decay_after", decay_start=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(
+        TinyBatchNormNet(), models.build_criterion({}), ds, ds, settings, tmp_path / "out", torch.device("cpu")
+    )
+    start = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    trainer.train_epoch()
+
+    net = TinyBatchNormNet()
+    net.load_state_dict(start)
+    net.train()
+    ds.set_epoch(0)
+    order = next(iter(GlobalBatchSampler(len(ds), 8, DistInfo(), settings.seed)))
+    images = torch.stack([ds[i]["image"] for i in order])
+    target = torch.tensor([ds[i]["target"] for i in order])
+    params = [p for p in net.parameters()]
+    loss = torch.nn.functional.cross_entropy(net(images)["logits"], target)
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(0.5 * g / norm)
+    again = torch.autograd.grad(torch.nn.functional.cross_entropy(net(images)["logits"], target), params)
+    named = dict(trainer.module.named_parameters())
+    for (name, _), g in zip(net.named_parameters(), again, strict=True):
+        assert torch.allclose(named[name], start[name] - 0.1 * g, atol=1e-6), name
+
+
+def test_unknown_optimizer_or_schedule_is_refused():
+    with pytest.raises(ConfigError, match=r"train.optimizer must be one of \['adamw', 'sam_sgd'\], not 'sgd'"):
+        TrainSettings.from_cfg({"optimizer": "sgd"})
+    with pytest.raises(ConfigError, match="train.schedule must be one of"):
+        TrainSettings.from_cfg({"schedule": "step"})
