@@ -51,7 +51,6 @@ class SBIFedNet(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, 2))
         self.guidance = guidance
         self.width = width
-        self.embedding_dim = embedding_dim
         if guidance:
             self.project = nn.Linear(width, width + identity_dim)
             self.discrepancy = nn.Linear(width, 1)
@@ -164,10 +163,6 @@ class DeviceEmbedder:
             return self.net((faces.float() / 255.0 - self.mean) / self.std).float()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @register_criterion("sbi_fed")
 def build_sbi_fed_loss(cfg: dict) -> Callable:
     """L = w_ce L_ce + w_distill L_distill + w_recon L_recon + w_artifact_ce L_artifact_ce
@@ -200,10 +195,10 @@ def build_sbi_fed_loss(cfg: dict) -> Callable:
         logs = {"ce": cross_entropy(out["logits"], target)}
         if "artifact" in out:
             emb = embeddings(batch)
-            if emb.shape[1] != _unwrap(model).embedding_dim:
+            if emb.shape[1] != out["reconstruction"].shape[1]:
                 raise ConfigError(
                     f"the face embedder gives {emb.shape[1]}-d embeddings but model.embedding_dim is "
-                    f"{_unwrap(model).embedding_dim}"
+                    f"{out['reconstruction'].shape[1]}"
                 )
             guided = batch["guided"]
             logs["distill"] = distill_loss(out["discrepancy"], pair_discrepancy(emb), guided, scale)

@@ -180,3 +180,13 @@ def test_torch_embedder_runs_on_the_face_crops(tmp_path: Path) -> None:
     (tmp_path / "bad.pt2").write_bytes(b"not an archive")
     with pytest.raises(ConfigError, match="bad.pt2: cannot load the face embedder"):
         models.build_criterion({"loss": {"name": "sbi_fed", "embedder": {**spec, "file": str(tmp_path / "bad.pt2")}}})
+
+
+def test_loss_add_puts_nce_and_kl_on_the_guided_criterion() -> None:
+    net = _net().train()
+    cfg = {"name": "sbi_fed", **WEIGHTS, "add": {"nce": 0.1, "kl": 1.0, "noise_scale": 0.05}}
+    loss, logits, logs = models.build_criterion({"loss": cfg})(net, _batch())
+    assert set(logs) == {*WEIGHTS, "nce", "kl"} and logits.shape == (6, 2)
+    expected = sum(w * logs[k] for k, w in WEIGHTS.items()) + 0.1 * logs["nce"] + 1.0 * logs["kl"]
+    torch.testing.assert_close(loss.detach(), expected)
+    assert logs["kl"] > 0 and logs["nce"] > 0
