@@ -1,0 +1,98 @@
+"""Smoke test of bench.sbi_ablation on a tiny face set: each setting and seed trains with its
+overrides, every out-of-fold image is scored, seeds are summarised, outputs/ is left alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from skimage import data
+
+from bench import sbi_ablation
+from data_prep.faces import FaceAnalyzer
+
+pytest.importorskip("dlib")
+
+
+@pytest.fixture
+def face_project(tmp_path: Path) -> dict:
+    """Labels over face photographs (reals: crops of the astronaut; fakes: the same crops with a
+    pasted patch), their faces cached where the data stage would put them, configs to match."""
+    root, prep = tmp_path / "data", tmp_path / "prepared"
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    astro = data.astronaut()
+    rows = []
+    for i in range(8):
+        crop = np.ascontiguousarray(astro[8 * i : 300 + 8 * i, 60 + 6 * i : 360 + 6 * i])
+        fake = crop.copy()
+        fake[120:160, 120:180] = 255
+        Image.fromarray(crop).save(root / "train" / f"r{i}.png")
+        Image.fromarray(fake).save(root / "train" / f"f{i}.png")
+        rows += [(f"r{i}.png", 0), (f"f{i}.png", 1)]
+    labels = pd.DataFrame(rows, columns=["img_name", "target"])
+    labels.to_csv(root / "train_labels.csv", index=False)
+    Image.fromarray(astro[:300, 60:360]).save(root / "test" / "t0.png")
+    pd.DataFrame({"img_name": ["t0.png"]}).to_csv(root / "test_list.csv", index=False)
+    names = labels["img_name"].tolist()
+    FaceAnalyzer(embed=True, detector="hog", upsample=1, pick="score").analyze_files(
+        [root / "train" / n for n in names], names, cache_dir=prep / "faces", progress=False
+    )
+    data_cfg = {
+        "data": {
+            "train_labels": str(root / "train_labels.csv"),
+            "train_root": str(root / "train"),
+            "test_list": str(root / "test_list.csv"),
+            "test_root": str(root / "test"),
+            "use_prepared": False,
+        },
+        "prep": {"out": str(prep)},
+        "paths": {"outputs": str(tmp_path / "outputs"), "folds": str(tmp_path / "outputs" / "folds.csv")},
+        "split": {"mode": "stratified", "n_folds": 2, "seed": 0},
+    }
+    member = yaml.safe_load(Path("configs/members/sbi_fed_demo.yaml").read_text())
+    member["data"]["image_size"] = member["sbi"]["output_size"] = 32
+    member["train"].update(epochs=1, batch_size=2, num_workers=0)
+    paths = {"data_cfg": tmp_path / "data.yaml", "member_cfg": tmp_path / "member.yaml"}
+    paths["data_cfg"].write_text(yaml.safe_dump(data_cfg))
+    paths["member_cfg"].write_text(yaml.safe_dump(member))
+    return {**paths, "outputs": tmp_path / "outputs", "n_train": len(labels)}
+
+
+@pytest.mark.slow  # eight one-epoch trainings: about a minute
+def test_settings_and_seeds_train_and_summarise(face_project: dict, capsys: pytest.CaptureFixture, tmp_path: Path):
+    work, out = tmp_path / "ablation", tmp_path / "ablation.json"
+    argv = ["--config", str(face_project["member_cfg"]), "--data-config", str(face_project["data_cfg"])]
+    argv += ["--settings", "plain", "guided-recon", "--seeds", "0", "1", "--folds", "0", "1"]
+    argv += ["--keep", str(work), "--out", str(out), "loss.distill=0.5"]
+    assert sbi_ablation.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert json.loads(printed[: printed.rindex("}") + 1]) == result
+
+    assert [(r["setting"], r["seed"]) for r in result["rows"]] == [
+        ("plain", 0),
+        ("plain", 1),
+        ("guided-recon", 0),
+        ("guided-recon", 1),
+    ]
+    for row in result["rows"]:
+        assert row["n_oof"] == face_project["n_train"] and set(row["fold_auc"]) == {"0", "1"}
+        assert 0.0 <= row["oof_auc"] <= 1.0
+    resolved = yaml.safe_load((work / "guided-recon-seed1" / "sbi_fed_demo" / "fold0" / "config.yaml").read_text())
+    assert resolved["loss"]["recon"] == 0 and resolved["loss"]["distill"] == 0.5 and resolved["train"]["seed"] == 1
+    assert resolved["model"]["guidance"] is True
+    plain = yaml.safe_load((work / "plain-seed0" / "sbi_fed_demo" / "fold1" / "config.yaml").read_text())
+    assert plain["model"]["guidance"] is False
+
+    summary = {s["setting"]: s for s in result["summary"]}
+    runs = [r["oof_auc"] for r in result["rows"] if r["setting"] == "plain"]
+    assert summary["plain"]["oof_auc"] == pytest.approx(np.mean(runs))
+    assert summary["plain"]["oof_auc_std"] == pytest.approx(np.std(runs, ddof=1))
+    assert "| guided-recon | 2 |" in printed
+    assert not face_project["outputs"].exists()
