@@ -190,3 +190,21 @@ def test_loss_add_puts_nce_and_kl_on_the_guided_criterion() -> None:
     expected = sum(w * logs[k] for k, w in WEIGHTS.items()) + 0.1 * logs["nce"] + 1.0 * logs["kl"]
     torch.testing.assert_close(loss.detach(), expected)
     assert logs["kl"] > 0 and logs["nce"] > 0
+
+
+@pytest.mark.parametrize("member", ["sbi_fed", "sbi_fed_demo"])
+def test_shipped_configs_build(member: str) -> None:
+    from core.config import load_config
+    from core.training import TrainSettings
+    from data_prep.sbi_online import EmbedderSpec, sbi_config
+
+    cfg = load_config(["configs/data.yaml", f"configs/members/{member}.yaml"])
+    assert sbi_config(cfg).output_size == cfg["data"]["image_size"]
+    assert EmbedderSpec.from_cfg(cfg["loss"]["embedder"]).kind == "dlib"
+    assert TrainSettings.from_cfg(cfg["train"]).epochs > 0
+    assert cfg["recipe"]["name"] == "sbi" and cfg["data"]["mean"] == [0.0, 0.0, 0.0]
+    net = models.build_model(cfg["model"], pretrained=False).train()
+    size = 64 if member == "sbi_fed" else cfg["data"]["image_size"]
+    batch = {**_batch(2, dim=cfg["model"]["embedding_dim"]), "image": torch.rand(4, 3, size, size)}
+    loss, _, logs = models.build_criterion(cfg)(net, batch)
+    assert torch.isfinite(loss) and set(logs) == set(WEIGHTS)
