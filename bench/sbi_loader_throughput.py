@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import os
 
-# One core means one thread for every library that could spread out, set before they load.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
+# One core means one thread for every library that could spread out, set before they load;
+# only as a program: importing the module (its test does) must not change the environment
+# that later subprocesses inherit.
+if __name__ == "__main__":
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -137,8 +140,18 @@ def _descriptor_ms(face: RealFace, n: int) -> float:
 
 
 def run(n: int, size: int, descriptor_n: int = 20) -> dict:
+    """Every mode's rates on one thread; the caller's thread settings come back afterwards."""
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    try:
+        return _run(n, size, descriptor_n)
+    finally:
+        cv2.setNumThreads(cv_threads)
+        torch.set_num_threads(threads)
+
+
+def _run(n: int, size: int, descriptor_n: int) -> dict:
     recipe = load_sbi_config(output_size=size)
     with tempfile.TemporaryDirectory(prefix="sbi_loader_") as tmp:
         faces = _faces(Path(tmp))
