@@ -30,6 +30,7 @@ import pandas as pd
 import train
 from bench.loss_ablation import make_split
 from core.blend import SubmissionError, member_predictions
+from core.checkpoint import META_FILE
 from core.config import ConfigError, load_config
 from core.datasource import resolve_data
 from core.folds import FoldError
@@ -69,6 +70,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def fold_auc_of(cfg: dict, fold: int) -> float:
+    """Train the fold, or read a fold finished under the same config (a --keep folder resumes
+    an interrupted ablation; its train_seconds then count only the folds trained now)."""
+    out_dir = train.fold_dir(cfg, fold)
+    if train.is_finished(out_dir) and not train.finished_config_changes(cfg, fold, out_dir):
+        return float(json.loads((out_dir / META_FILE).read_text())["val"]["auc"])
+    return float(train.train_fold(cfg, fold)["auc"])
+
+
 def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
     """Train `setting` with `seed` on every fold; its OOF scores."""
     out = work / f"{setting}-seed{seed}"
@@ -82,7 +92,7 @@ def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds
     ]
     cfg = load_config([args.data_config, args.config], overrides)
     start = time.perf_counter()
-    fold_auc = {str(k): train.train_fold(cfg, k)["auc"] for k in folds}
+    fold_auc = {str(k): fold_auc_of(cfg, k) for k in folds}
     oof, _ = member_predictions(out, cfg["name"], folds)
     report = score_report(oof["target"], oof["y_pred"])
     return {
