@@ -1,10 +1,13 @@
 """Self-blended images guided by facial-embedding discrepancy (`sbi_fed`, METHODS.md section 2).
 
-The network is the published inference network, EfficientNet-B4 (advprop weights) -> 1792
--> BatchNorm -> FC(2), plus training-only parts that the guidance losses read (built with
-`guidance: true`; the inference path never touches them):
+The network is the published one, efficientnet_pytorch's EfficientNet-B4 (advprop weights,
+`num_classes=2`), here timm's `tf_efficientnet_b4.ap_in1k`: the head convolution to 1792
+channels and its BatchNorm inside the backbone, average pooling, dropout 0.4, FC(2). Nothing
+sits between the pooling and the FC, so SBI's released weights map onto it key by key.
+Training adds parts that the guidance losses read (built with `guidance: true`; the
+inference path never touches them):
 
-    f (1792, pooled) --> BatchNorm -> FC(2)                      logits (inference)
+    f (1792, pooled) --> Dropout -> FC(2)                        logits (inference)
       `--> project: Linear(1792, 1792 + 512) --> a (1792): artifact features
                                                `-> z (512):  identity features
     a --> discrepancy: Linear(1792, 1)    predicts the real-to-fake identity shift
@@ -44,11 +47,18 @@ class SBIFedNet(nn.Module):
     which `loss.add` terms read) always, and in training mode with guidance also `artifact`
     (a), `discrepancy`, `artifact_logits`, `residual_score` and `reconstruction`, all fp32."""
 
-    def __init__(self, backbone: nn.Module, guidance: bool, identity_dim: int = 512, embedding_dim: int = 128):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        guidance: bool,
+        identity_dim: int = 512,
+        embedding_dim: int = 128,
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         self.backbone = backbone
         width = backbone.num_features
-        self.head = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, 2))
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, 2))
         self.guidance = guidance
         self.width = width
         if guidance:
@@ -85,9 +95,10 @@ def build_sbi_fed(
     guidance: bool = True,
     identity_dim: int = 512,
     embedding_dim: int = 128,
+    drop_rate: float = 0.0,
 ) -> SBIFedNet:
     net = create_backbone(backbone, pretrained=pretrained, weights=weights, allow_mismatch=allow_mismatch)
-    return SBIFedNet(net, guidance, identity_dim, embedding_dim)
+    return SBIFedNet(net, guidance, identity_dim, embedding_dim, drop_rate)
 
 
 # --------------------------------------------------------------------------- losses

@@ -41,11 +41,15 @@ def _batch(pairs: int = 3, dim: int = 16, seed: int = 0) -> dict:
     }
 
 
-def test_inference_path_is_bn_then_fc_and_returns_fp32_logits() -> None:
+def test_inference_path_is_the_published_network_and_returns_fp32_logits() -> None:
+    """EfficientNet's own head (conv to the feature width, BatchNorm, pooling), then dropout
+    and FC(2) and nothing else: SBI's released weights must map key by key."""
     net = _net().eval()
-    head = list(net.head)
-    assert isinstance(head[0], torch.nn.BatchNorm1d) and isinstance(head[1], torch.nn.Linear)
-    assert head[1].out_features == 2 and head[0].num_features == net.backbone.num_features
+    dropout, fc = list(net.head)
+    assert isinstance(dropout, torch.nn.Dropout) and isinstance(fc, torch.nn.Linear)
+    assert (fc.in_features, fc.out_features) == (net.backbone.num_features, 2)
+    assert isinstance(net.backbone.bn2, torch.nn.BatchNorm2d)  # the BatchNorm after the head convolution
+    assert net.backbone.bn2.num_features == net.backbone.num_features
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.rand(2, 3, 32, 32))
     assert set(out) == {"logits", "features"}  # nothing training-only at inference
