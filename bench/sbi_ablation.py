@@ -21,7 +21,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,13 +69,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fold_auc_of(cfg: dict, fold: int) -> float:
-    """Train the fold, or read a fold finished under the same config (a --keep folder resumes
-    an interrupted ablation; its train_seconds then count only the folds trained now)."""
+def fold_result(cfg: dict, fold: int) -> tuple[float, float]:
+    """The fold's validation AUC and its epochs' seconds (from its meta.json, so a fold read
+    back counts as much as one trained now); trained unless it finished under the same config
+    (a --keep folder resumes an interrupted ablation)."""
     out_dir = train.fold_dir(cfg, fold)
-    if train.is_finished(out_dir) and not train.finished_config_changes(cfg, fold, out_dir):
-        return float(json.loads((out_dir / META_FILE).read_text())["val"]["auc"])
-    return float(train.train_fold(cfg, fold)["auc"])
+    if not (train.is_finished(out_dir) and not train.finished_config_changes(cfg, fold, out_dir)):
+        train.train_fold(cfg, fold)
+    meta = json.loads((out_dir / META_FILE).read_text())
+    return float(meta["val"]["auc"]), float(sum(epoch.get("seconds", 0.0) for epoch in meta["history"]))
 
 
 def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
@@ -91,8 +92,7 @@ def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds
         "+train.progress=false",
     ]
     cfg = load_config([args.data_config, args.config], overrides)
-    start = time.perf_counter()
-    fold_auc = {str(k): fold_auc_of(cfg, k) for k in folds}
+    results = {str(k): fold_result(cfg, k) for k in folds}
     oof, _ = member_predictions(out, cfg["name"], folds)
     report = score_report(oof["target"], oof["y_pred"])
     return {
@@ -102,8 +102,8 @@ def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds
         "n_oof": len(oof),
         "oof_auc": report["auc"],
         "oof_tpr@fpr1e-3": report["tpr@fpr1e-3"],
-        "fold_auc": fold_auc,
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "fold_auc": {k: auc for k, (auc, _) in results.items()},
+        "train_seconds": round(sum(seconds for _, seconds in results.values()), 1),
     }
 
 

@@ -99,17 +99,22 @@ def test_settings_and_seeds_train_and_summarise(face_project: dict, capsys: pyte
 
 
 def test_a_fold_finished_under_the_same_config_is_read_not_retrained(tmp_path: Path, monkeypatch) -> None:
-    """A --keep folder resumes an interrupted ablation: finished folds give their stored AUC,
-    a fold finished under another config is trained again."""
+    """A --keep folder resumes an interrupted ablation: finished folds give their stored AUC
+    and epoch seconds, a fold finished under another config is trained again."""
     import train
 
     cfg = {"name": "m", "paths": {"outputs": str(tmp_path)}, "train": {"lr": 1.0}}
     out_dir = train.fold_dir(cfg, 0)
     out_dir.mkdir(parents=True)
-    meta = {"complete": True, "val": {"auc": 0.625}, "config": train.expert_config(cfg, 0)}
-    (out_dir / "meta.json").write_text(json.dumps(meta))
+
+    def write_meta(c: dict, auc: float) -> None:
+        history = [{"epoch": 1, "seconds": 2.5}, {"epoch": 2, "seconds": 1.5}]
+        meta = {"complete": True, "val": {"auc": auc}, "history": history, "config": train.expert_config(c, 0)}
+        (out_dir / "meta.json").write_text(json.dumps(meta))
+
+    write_meta(cfg, 0.625)
     trained = []
-    monkeypatch.setattr(train, "train_fold", lambda c, k: trained.append(k) or {"auc": 0.5})
-    assert sbi_ablation.fold_auc_of(cfg, 0) == 0.625 and trained == []
+    monkeypatch.setattr(train, "train_fold", lambda c, k: trained.append(k) or write_meta(c, 0.5))
+    assert sbi_ablation.fold_result(cfg, 0) == (0.625, 4.0) and trained == []
     changed = {**cfg, "train": {"lr": 2.0}}
-    assert sbi_ablation.fold_auc_of(changed, 0) == 0.5 and trained == [0]
+    assert sbi_ablation.fold_result(changed, 0) == (0.5, 4.0) and trained == [0]
