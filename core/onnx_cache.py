@@ -6,7 +6,9 @@ checked against PyTorch then, not at every load. Beside the weights it leaves:
 - `model.onnx`: the export, with the cache key in its metadata;
 - `model.onnx.json`, the tag: the key, the verdict (`verified`: ONNX Runtime gave PyTorch's
   outputs; `failed`: the export failed or disagreed, with the reason) and the fingerprint of
-  the weights file it was made from.
+  the weights file it was made from;
+- `model.optimized.onnx`: the graph as ONNX Runtime optimised it on this kind of machine
+  (written at the first load, named in the tag by `machine_id`), so later loads skip that step.
 
 The key covers what an export depends on: the weights' bytes, the input size, the torch and
 ONNX Runtime versions and the export recipe. A changed weights file (other size or
@@ -19,15 +21,17 @@ does not read hundreds of megabytes of weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import platform
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from core.io import write_json
+from core.io import atomic_path, write_json
 from core.log import get_logger
 
 log = get_logger("onnx")
@@ -100,16 +104,36 @@ def write_tag(weights: Path, tag: dict) -> None:
         log.warning("%s: cannot record the export (%s); it is redone at each load", tag_path(weights), err.strerror)
 
 
-def make_session(model: bytes | str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session (`threads` 0: ONNX Runtime's choice, one per physical core)."""
+def make_session(model: bytes | str | Path, threads: int = 0, *, optimized: bool = False, save_to: Path | None = None):
+    """An ONNX Runtime CPU session (`threads` 0: ONNX Runtime's choice, one per physical core).
+    `optimized`: the model is a graph ONNX Runtime already optimised (`save_to` writes one)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its notes on unused initialisers are noise here
+    if optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if save_to is not None:
+        options.optimized_model_filepath = str(save_to)
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def optimized_path(weights: Path) -> Path:
+    return weights.with_suffix(".optimized.onnx")
+
+
+def machine_id() -> str:
+    """What an optimised graph is specific to: ONNX Runtime picks its fused kernels and blocked
+    layouts for the processor's instruction set, so a graph optimised on one machine is used on
+    that kind of machine only."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    parts = [platform.machine(), platform.system(), flags, _version("onnxruntime")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 class OrtNetwork:
@@ -142,17 +166,42 @@ class CachedExport:
     network: OrtNetwork | None = field(default=None, repr=False)
 
 
-def _open_export(weights: Path, key: str, keys: list[str] | None, threads: int) -> OrtNetwork | None:
-    """The cached export as a network, if it is readable and carries `key`."""
+def _optimized_session(weights: Path, tag: dict, threads: int):
+    """The session of the graph ONNX Runtime optimised on this kind of machine, if there is one.
+    Building a session from it skips the graph optimisation: 0.13 s instead of 0.4-0.5 s for
+    B4 at 512 px on 2 cores, for the same forward pass."""
+    path = optimized_path(weights)
+    if tag.get("optimized_for") != machine_id() or not path.is_file():
+        return None
+    try:
+        return make_session(path, threads, optimized=True)
+    except Exception:  # noqa: BLE001 (unreadable: optimised again from the export below)
+        return None
+
+
+def _session_optimizing(weights: Path, tag: dict, threads: int):
+    """A session of the export that also writes its optimised graph for the next loads (recorded
+    in the tag); an unwritable folder only costs that saving."""
+    try:
+        with atomic_path(optimized_path(weights)) as tmp:
+            session = make_session(onnx_path(weights), threads, save_to=tmp)
+    except OSError:
+        return make_session(onnx_path(weights), threads)
+    write_tag(weights, {**tag, "optimized_for": machine_id()})
+    return session
+
+
+def _open_export(weights: Path, tag: dict, keys: list[str] | None, threads: int) -> OrtNetwork | None:
+    """The cached export as a network, if it is readable and carries the tag's key."""
     path = onnx_path(weights)
     if not path.is_file():
         return None
     try:
-        session = make_session(path, threads)
+        session = _optimized_session(weights, tag, threads) or _session_optimizing(weights, tag, threads)
     except Exception as err:  # noqa: BLE001 (any unreadable cache is redone, never fatal)
         log.warning("%s: unreadable cached export (%s); exporting again", path, str(err).splitlines()[0])
         return None
-    if session.get_modelmeta().custom_metadata_map.get(KEY_FIELD) != key:
+    if session.get_modelmeta().custom_metadata_map.get(KEY_FIELD) != tag["key"]:
         return None
     return OrtNetwork(session, keys)
 
@@ -165,10 +214,11 @@ def lookup(weights: Path, size: int, threads: int = 0) -> CachedExport:
     if tag.get("key") != key or tag.get("verdict") not in (VERIFIED, FAILED):
         return CachedExport("stale", weights, key, stamp)
     if tag.get("weights") != stamp:  # same bytes, new file time: record it so the next load skips the hash
-        write_tag(weights, {**tag, "weights": stamp})
+        tag = {**tag, "weights": stamp}
+        write_tag(weights, tag)
     if tag["verdict"] == FAILED:
         return CachedExport(FAILED, weights, key, stamp, reason=str(tag.get("reason", "unknown")))
-    network = _open_export(weights, key, tag.get("keys"), threads)
+    network = _open_export(weights, tag, tag.get("keys"), threads)
     return CachedExport(VERIFIED if network else "stale", weights, key, stamp, network=network)
 
 

@@ -120,6 +120,22 @@ def test_changed_weights_are_exported_again_and_touched_ones_are_not(cached, mon
     assert not list(weights.parent.glob(".*.tmp"))  # written atomically
 
 
+def test_the_optimised_graph_is_saved_at_the_first_load_and_scores_alike(cached, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    first = lookup(cached, SIZE)  # builds the session from the export, saving the optimised graph
+    optimised = onnx_cache.optimized_path(cached)
+    assert optimised.is_file() and json.loads(tag_path(cached).read_text())["optimized_for"] == onnx_cache.machine_id()
+    sessions = []
+    real = onnx_cache.make_session
+    monkeypatch.setattr(onnx_cache, "make_session", lambda *a, **k: sessions.append(k) or real(*a, **k))
+    second = lookup(cached, SIZE)
+    assert sessions == [{"optimized": True}]  # read as optimised, not optimised again
+    np.testing.assert_allclose(second.network(x)["logits"], first.network(x)["logits"], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(onnx_cache, "machine_id", lambda: "another-processor")
+    assert lookup(cached, SIZE).state == "verified" and "save_to" in sessions[-1]  # optimised anew here
+    assert json.loads(tag_path(cached).read_text())["optimized_for"] == "another-processor"
+
+
 def test_a_corrupt_cache_is_exported_again(expert, cached, capsys, monkeypatch):
     weights = cached
     weights.with_suffix(".onnx").write_bytes(b"not an onnx model")
