@@ -15,9 +15,16 @@ image format, by its name or its header); other files are counted in one line. A
 frame's score is the highest face score and the video's the mean over frames. Still images
 are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
 
-On a CPU the networks run in ONNX Runtime (exported once per checkpoint and cached beside its
-weights as model.onnx; each export is checked against PyTorch before use); on a GPU in PyTorch
-with bf16 autocast. --runtime torch uses PyTorch on the CPU as well.
+On a CPU the networks run in ONNX Runtime: each is exported once per checkpoint, checked
+against PyTorch then, and cached beside its weights as model.onnx with the verdict in
+model.onnx.json; later runs load it without importing torch. A network whose export failed or
+disagreed is scored with PyTorch (one line on stderr) and not exported again until its weights,
+torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 autocast.
+--runtime torch uses PyTorch on the CPU as well.
+
+--json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
+(the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
+null)}.
 
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
@@ -26,30 +33,38 @@ stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trai
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 
-import models  # noqa: F401  (registers the members)
-from core.blend import SubmissionError, blend_members, expected_folds, finished_folds, member_folds
-from core.checkpoint import WEIGHTS_FILE, CheckpointError
+# Only light modules here: on a CPU whose networks all have a verified ONNX export, scoring
+# imports neither torch nor timm (seconds of a one-image run); the PyTorch side is imported
+# where it is needed (`--runtime torch`, a GPU, an export to make).
 from core.config import ConfigError, load_config
-from core.dataset import ImageDataset, make_loader
 from core.datasource import resolve_data
-from core.device import pick_device
+from core.device import gpu_may_be_present
 from core.imaging import ImageDecodeError, decode_image, is_image, is_video, opens_as_image, sample_video_frames
 from core.io import write_csv
 from core.labels import LabelError
-from core.predict import predict_arrays, predict_loader
-from core.transforms import build_transform
-from models.fusion import fold_batchnorm
-from models.onnx_export import onnx_network
-from models.zoo import Ensemble, load_trained
+from core.onnx_cache import VERIFIED, lookup
+from core.preprocess import Preprocessing
+from core.scoring import ArrayScorer, Group, Network
+from core.trained import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    Ensemble,
+    ModelFile,
+    SubmissionError,
+    blend_members,
+    expected_folds,
+    finished_folds,
+    member_folds,
+    read_model_file,
+)
 
 NO_MODEL = 3
 
@@ -86,9 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use a member whose folds are not all finished (default: refuse it, as ensemble.py does)",
     )
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input (JSON lines)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see README)")
-    p.add_argument("--workers", type=int, help="decoding processes (default: 0 on CPU, 8 on GPU)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decoding processes with PyTorch, threads with ONNX Runtime (default: 0 on CPU, 8 on GPU)",
+    )
     p.add_argument(
         "--runtime",
         choices=RUNTIMES,
@@ -156,9 +176,10 @@ def blended_weights(cfg: dict, args: argparse.Namespace) -> list[Path]:
 
 
 def load_ensemble(args: argparse.Namespace) -> Ensemble:
+    """The models to score with, read from their meta.json files (no network is built here)."""
     cfg = load_config([args.data_config, args.config])
     paths = [Path(w) for w in args.weights] if args.weights else blended_weights(cfg, args)
-    return Ensemble([load_trained(p) for p in paths], cfg.get("weights"))
+    return Ensemble([read_model_file(p) for p in paths], cfg.get("weights"))
 
 
 def face_crops(frame: np.ndarray, analyzer, size: int = 512) -> list[np.ndarray]:
@@ -167,25 +188,17 @@ def face_crops(frame: np.ndarray, analyzer, size: int = 512) -> list[np.ndarray]
     return [align_crop(frame, face, size) for face in analyzer.detect(frame)]
 
 
-def prepare_network(
-    model: torch.nn.Module, size: int, device: torch.device, runtime: str, weights: Path | None = None
-) -> torch.nn.Module:
-    """The network as scored, in eval mode. `onnx` (CPU): exported to ONNX Runtime, the export
-    cached beside `weights`. `torch`: BatchNorm folded into the convolutions and weights in
-    channels_last. Either rewrite is checked to give `model`'s outputs on a random image of the
-    input size; where the ONNX export fails that check, the `torch` preparation is used (logged).
-    May return a new module; drop the old one."""
-    model = model.to(device).eval()
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    if runtime == "onnx":
-        network = onnx_network(model, example, weights)
-        if network is not model:
-            return network
-    return fold_batchnorm(model, example).to(memory_format=torch.channels_last)
+def resolve_device(name: str) -> str:
+    """The device to score on; torch is asked only where a GPU may be present."""
+    if name == "cpu" or (name == "auto" and not gpu_may_be_present()):
+        return "cpu"
+    from core.device import pick_device
+
+    return str(pick_device(name))
 
 
-def pick_runtime(requested: str, device: torch.device) -> str:
-    kind = "cuda" if device.type == "cuda" else "cpu"
+def pick_runtime(requested: str, device: object) -> str:
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
     if requested == "auto":
         return DEVICE_DEFAULTS[kind]["runtime"]
     if requested == "onnx" and kind != "cpu":
@@ -193,30 +206,51 @@ def pick_runtime(requested: str, device: torch.device) -> str:
     return requested
 
 
+def cpu_network(trained: ModelFile, size: int) -> Network:
+    """ONNX Runtime's network for `trained`: its verified cached export, read without torch;
+    else (no export yet, or a failed one) torch is imported to export or to score it."""
+    cached = lookup(trained.weights, size)
+    if cached.state == VERIFIED:
+        return cached.network
+    from models.scoring import cpu_network as export_or_fallback
+
+    return export_or_fallback(trained, size, cached)
+
+
+def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int) -> ArrayScorer:
+    groups = []
+    for idx in ensemble.groups().values():
+        preprocessing = Preprocessing.from_config(ensemble.trained[idx[0]].config)
+        networks = [cpu_network(ensemble.trained[i], preprocessing.size) for i in idx]
+        groups.append(Group(preprocessing, networks, idx))
+    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers)
+
+
 class Scorer:
+    """Scores inputs with `ensemble`: per row, the blend, then each member's probability (its
+    folds averaged), in the order of `ensemble.members`; NaN where the input was not scored."""
+
     def __init__(self, ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]):
         self.ensemble = ensemble
-        self.device = pick_device(args.device)
-        defaults = DEVICE_DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
+        self.device = resolve_device(args.device)
+        defaults = DEVICE_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
         self.batch_size = args.batch_size or defaults["batch_size"]
         self.workers = defaults["workers"] if args.workers is None else args.workers
         self.runtime = pick_runtime(args.runtime, self.device)
-        # PyTorch runs these convnets faster in channels_last on CPU and GPU alike (README);
-        # ONNX Runtime takes NCHW.
-        self.channels_last = self.runtime == "torch"
         self.frames = args.frames
         self.crop_faces = args.crop_faces
         self.report = report
         self._analyzer = None
-        self.groups = []
-        for idx in ensemble.groups().values():
-            data_cfg = ensemble.trained[idx[0]].config["data"]
-            size = int(data_cfg["image_size"])
-            for i in idx:  # replaced, not copied: one network per model in memory
-                trained = ensemble.trained[i]
-                trained.model = prepare_network(trained.model, size, self.device, self.runtime, trained.weights)
-            networks = [ensemble.trained[i].model for i in idx]
-            self.groups.append((build_transform(data_cfg, train=False), networks, idx))
+        if self.runtime == "onnx":
+            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers)
+        else:
+            from models.scoring import TorchScorer
+
+            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers)
+
+    @property
+    def columns(self) -> list[str]:
+        return ["blend", *self.ensemble.members]
 
     @property
     def analyzer(self):
@@ -226,37 +260,17 @@ class Scorer:
             self._analyzer = FaceAnalyzer(embed=False)
         return self._analyzer
 
+    def _table(self, probs: np.ndarray) -> np.ndarray:
+        return np.column_stack([self.ensemble.blend(probs), self.ensemble.member_probs(probs)])
+
     def score_files(self, paths: list[Path]) -> np.ndarray:
-        probs = np.full((len(paths), len(self.ensemble.trained)), np.nan)
-        for transform, group_models, idx in self.groups:
-            loader = make_loader(
-                ImageDataset([str(p) for p in paths], transform=transform), self.batch_size, self.workers
-            )
-            probs[:, idx] = predict_loader(
-                group_models,
-                loader,
-                self.device,
-                channels_last=self.channels_last,
-                progress=len(paths) > self.batch_size,
-                on_error=self.report,
-            )
-        return self.ensemble.blend(probs)
+        return self._table(self.engine.score_files(paths, self.report))
 
     def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
-        probs = np.full((len(arrays), len(self.ensemble.trained)), np.nan)
-        for transform, group_models, idx in self.groups:
-            probs[:, idx] = predict_arrays(
-                group_models,
-                arrays,
-                transform,
-                self.device,
-                batch_size=self.batch_size,
-                channels_last=self.channels_last,
-            )
-        return self.ensemble.blend(probs)
+        return self._table(self.engine.score_arrays(arrays))
 
-    def score_faces(self, path: Path, frames: list[np.ndarray]) -> float:
-        """Max over the faces of a frame, mean over frames; NaN (reported) when no face."""
+    def score_faces(self, path: Path, frames: list[np.ndarray]) -> np.ndarray | None:
+        """Per column, max over the faces of a frame, mean over frames; None (reported) when no face."""
         crops, owner = [], []
         for f, frame in enumerate(frames):
             for crop in face_crops(frame, self.analyzer):
@@ -264,24 +278,48 @@ class Scorer:
                 owner.append(f)
         if not crops:
             self.report(f"{path}: no face found in {len(frames)} frame(s)")
-            return float("nan")
-        scores = pd.Series(self.score_arrays(crops)).groupby(owner).max()
-        return float(scores.mean())
+            return None
+        scores = np.asarray(self.score_arrays(crops), dtype=float).reshape(len(crops), -1)
+        owner = np.asarray(owner)
+        return np.mean([scores[owner == f].max(axis=0) for f in np.unique(owner)], axis=0)
 
     def score(self, paths: list[Path]) -> np.ndarray:
-        out = np.full(len(paths), np.nan)
+        out = np.full((len(paths), len(self.columns)), np.nan)
         stills = [i for i, p in enumerate(paths) if not is_video(p)]
         if stills and not self.crop_faces:
             out[stills] = self.score_files([paths[i] for i in stills])
         for i, p in enumerate(paths):
             try:
                 if is_video(p):
-                    out[i] = self.score_faces(p, sample_video_frames(p, self.frames))
+                    pooled = self.score_faces(p, sample_video_frames(p, self.frames))
                 elif self.crop_faces:
-                    out[i] = self.score_faces(p, [decode_image(p)])
+                    pooled = self.score_faces(p, [decode_image(p)])
+                else:
+                    continue
             except ImageDecodeError as err:
                 self.report(str(err))
+                continue
+            if pooled is not None:
+                out[i] = pooled
         return out
+
+
+def skip_reason(path: str, problems: list[str]) -> str | None:
+    """The last problem reported for `path` (messages start with the path), without the path."""
+    prefix = f"{path}: "
+    found = [m.removeprefix(prefix) for m in problems if m.startswith(prefix)]
+    return found[-1] if found else None
+
+
+def json_line(path: str, row: np.ndarray | None, columns: list[str], problems: list[str]) -> str:
+    def value(x: float) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    scored = row is not None and not np.isnan(row[0])
+    members = {} if row is None else {m: value(x) for m, x in zip(columns[1:], row[1:], strict=True)}
+    reason = None if scored else skip_reason(path, problems) or "no member could score it"
+    obj = {"path": path, "probability": value(row[0]) if scored else None, "members": members, "skipped": reason}
+    return json.dumps(obj)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {message}", file=sys.stderr)
 
     try:  # bad --device / --runtime: fail before loading any model
-        pick_runtime(args.runtime, pick_device(args.device))
+        pick_runtime(args.runtime, resolve_device(args.device))
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -306,14 +344,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     paths = expand_inputs(args.inputs, report)
+    if args.json:  # inputs that are not there get their object too
+        for raw in args.inputs:
+            if not Path(raw).exists():
+                print(json_line(str(Path(raw)), None, [], problems))
     if not paths:
         print("error: no image or video to score", file=sys.stderr)
         return 2
-    probs = Scorer(ensemble, args, report).score(paths)
-    for path, p in zip(paths, probs, strict=True):
-        if not np.isnan(p):
-            print(f"{p:.4f}\t{path}")
+    try:
+        scorer = Scorer(ensemble, args, report)
+    except CheckpointError as err:  # weights that do not fit the architecture in their meta.json
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = scorer.score(paths)
+    probs = table[:, 0]
+    for path, row in zip(paths, table, strict=True):
+        if args.json:
+            print(json_line(str(path), row, scorer.columns, problems))
+        elif not np.isnan(row[0]):
+            print(f"{row[0]:.4f}\t{path}")
     if args.out:
+        import pandas as pd
+
         write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
     if np.isnan(probs).all():
         return 2

@@ -17,9 +17,9 @@ What is measured, every contender on the same photographs:
 - `pure_forward_*`: the network alone on decoded, resized, normalised tensors already on the
   device, for batch size x network.
 - `pure_forward_eager`: the PyTorch network as built, at infer's batch size in NCHW: what
-  `infer.prepare_network` gains.
+  `models.scoring.prepare_network` gains.
 
-The networks are the expert as `infer.prepare_network` readies it: `onnx` (exported to ONNX
+The networks are the expert as `models.scoring.prepare_network` readies it: `onnx` (exported to ONNX
 Runtime; CPU only), `channels_last` (PyTorch, BatchNorm folded, weights in channels_last) and
 `nchw` (the same folded network in NCHW). The naive loop uses the expert as the released code
 did. The expert's random weights are saved once, and the ONNX export is made and timed once,
@@ -70,6 +70,7 @@ from core.predict import fake_probability, predict_loader
 from core.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from models import build_model
 from models.onnx_export import OnnxNetwork
+from models.scoring import prepare_network
 from models.zoo import Ensemble, TrainedModel
 
 SPEEDUP_TARGET = {"cpu": 1.5, "cuda": 10.0}
@@ -195,13 +196,13 @@ def input_format(network: str) -> torch.memory_format:
 
 
 def prepared(model: torch.nn.Module, network: str, size: int, device: torch.device, weights: str) -> torch.nn.Module:
-    """`model` as `infer.prepare_network` readies it for the named network."""
+    """`model` as `models.scoring.prepare_network` readies it for the named network."""
     if network == "onnx":
-        net = infer.prepare_network(model, size, device, "onnx", Path(weights))
+        net = prepare_network(model, size, device, "onnx", Path(weights))
         if not isinstance(net, OnnxNetwork):
             raise RuntimeError("the ONNX export failed or disagreed with PyTorch (see the log above)")
         return net
-    net = infer.prepare_network(model, size, device, "torch")
+    net = prepare_network(model, size, device, "torch")
     return net if network == "channels_last" else net.to(memory_format=torch.contiguous_format)
 
 

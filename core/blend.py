@@ -2,62 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core.checkpoint import META_FILE
 from core.io import write_csv
 from core.metrics import score_report
 
-
-class SubmissionError(ValueError):
-    """Predictions are missing, duplicated or out of range; the message says which."""
-
-
-def blend_members(cfg: dict, is_demo: bool) -> list[str]:
-    """The members the ensemble config blends for the configured data: `demo_members` on the
-    demo sample, `members` otherwise. ensemble.py and infer.py both ask here, so a leftover
-    demo member never joins a real ensemble."""
-    return list(cfg["demo_members"] if is_demo else cfg["members"])
-
-
-def expected_folds(folds_csv: str | Path) -> list[int] | None:
-    """The folds of the split the members were trained on (None when there is no folds file)."""
-    path = Path(folds_csv)
-    if not path.is_file():
-        return None
-    return sorted(int(f) for f in pd.read_csv(path, usecols=["fold"])["fold"].unique())
-
-
-def finished_folds(outputs: str | Path, member: str) -> list[int]:
-    """Folds of `member` whose meta.json says complete (train.py writes it last)."""
-    done = []
-    for meta in (Path(outputs) / member).glob(f"fold*/{META_FILE}"):
-        suffix = meta.parent.name.removeprefix("fold")
-        if suffix.isdigit() and json.loads(meta.read_text()).get("complete"):
-            done.append(int(suffix))
-    return sorted(done)
-
-
-def member_folds(outputs: str | Path, member: str, expected: list[int] | None, allow_partial: bool) -> list[int]:
-    """The folds of `member` to blend: every expected fold, finished. A member with a fold
-    missing is refused unless `allow_partial` (then its finished folds are used)."""
-    done = finished_folds(outputs, member)
-    if not done:
-        how = f"train.py --config configs/members/{member}.yaml --fold all"
-        raise SubmissionError(f"{Path(outputs) / member}: no finished fold (run {how})")
-    if expected is None:
-        return done
-    missing = sorted(set(expected) - set(done))
-    if missing and not allow_partial:
-        raise SubmissionError(
-            f"{member}: fold(s) {missing} of {expected} not finished; train them "
-            f"(train.py --config configs/members/{member}.yaml --fold all) or pass --allow-partial"
-        )
-    return [f for f in done if f in expected]
+# Re-exported: the fold selection lives in core.trained, which infer.py's fast path reads
+# without pandas; ensemble.py and the tests ask here.
+from core.trained import SubmissionError as SubmissionError
+from core.trained import blend_members as blend_members
+from core.trained import expected_folds as expected_folds
+from core.trained import finished_folds as finished_folds
+from core.trained import member_folds as member_folds
+from core.trained import nan_weighted_mean
 
 
 def _read_fold_csv(path: Path) -> pd.DataFrame:
@@ -92,17 +52,6 @@ def member_predictions(outputs: str | Path, member: str, folds: list[int]) -> tu
     by_name = [t.set_index("img_name")["y_pred"].reindex(test["img_name"]).to_numpy() for t in tests.values()]
     test["y_pred"] = nan_weighted_mean(np.stack(by_name, axis=1))
     return oof, test
-
-
-def nan_weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise weighted mean of (N, M) `values` over the columns that are not NaN; NaN
-    where a row has none. A member that could not score an image does not pull it to 0."""
-    values = np.asarray(values, dtype=float)
-    w = np.ones(values.shape[1]) if weights is None else np.asarray(weights, dtype=float)
-    ok = ~np.isnan(values)
-    den = ok @ w
-    num = np.where(ok, values, 0.0) @ w
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 def weighted_mean(frames: dict[str, pd.DataFrame], weights: dict[str, float] | None) -> pd.DataFrame:

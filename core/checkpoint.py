@@ -17,20 +17,13 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from core.io import atomic_path
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
+# Re-exported: defined where infer.py's fast path reads them without importing torch.
+from core.trained import META_FILE as META_FILE
+from core.trained import WEIGHTS_FILE as WEIGHTS_FILE
+from core.trained import CheckpointError as CheckpointError
+from core.trained import is_safetensors
+
 _SEP = "/"  # separator of flattened keys; state-dict keys use dots, so no clash
-
-
-class CheckpointError(ValueError):
-    """A weights file is missing, unsafe or does not fit; the message names it."""
-
-
-def _is_safetensors(path: Path) -> bool:
-    # safetensors: 8-byte little-endian header size, then a JSON header starting with '{'.
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
@@ -52,7 +45,7 @@ def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, t
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    if _is_safetensors(path):
+    if is_safetensors(path):
         try:
             return load_file(str(path))
         except SafetensorError as err:
@@ -114,7 +107,7 @@ def save_state(state: dict, path: str | Path) -> Path:
 def load_state(path: str | Path) -> dict:
     """Inverse of `save_state`."""
     path = Path(path)
-    if not path.is_file() or not _is_safetensors(path):
+    if not path.is_file() or not is_safetensors(path):
         raise CheckpointError(f"{path}: not a safetensors training state")
     with safe_open(str(path), framework="pt") as fh:
         rest = json.loads(fh.metadata()["structure"])

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from core.labels import LabelError, read_labels
+
+# pandas is imported where a table is read (see core.labels): infer.py resolves the data
+# config without reading one.
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ def read_train_table(paths: DataPaths) -> pd.DataFrame:
     `sources` (the other images that gave an image pixels, `;`-joined) is optional in a
     manifest and empty where absent.
     """
+    import pandas as pd
+
     df = read_labels(paths.train_labels, paths.train_root)
     if paths.manifest and paths.manifest.is_file():
         man = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)

@@ -8,8 +8,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # only named in a signature: importing pandas costs infer.py's fast path ~0.5 s
+    import pandas as pd
 
 
 @contextmanager

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-import pandas as pd
+# pandas is imported where a table is read: infer.py reaches LabelError through the data
+# config without reading any table, and importing pandas would cost its fast path ~0.5 s.
+if TYPE_CHECKING:
+    import pandas as pd
 
 SHOW = 5  # how many offending names an error message lists
 DELIMITERS = (",", "\t", ";")  # what spreadsheets export: CSV, tab-separated text, European-locale CSV
@@ -62,6 +66,8 @@ def read_table(path: Path, required: list[str]) -> pd.DataFrame:
     """A label-like CSV as strings, whatever a spreadsheet made of it: comma, tab or semicolon
     separated, spaces around the values, a byte-order mark. Raises LabelError naming what was
     found and what is expected when the required columns are not there."""
+    import pandas as pd
+
     text = _decode(path)
     header = text.split("\n", 1)[0]
     sep = _delimiter(header, required)
@@ -94,6 +100,8 @@ def read_labels(
     Raises LabelError for a missing or empty file, missing columns, duplicate names,
     targets other than 0/1, names escaping `image_root`, or images that do not exist.
     """
+    import pandas as pd
+
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise LabelError(f"{csv_path}: no such label file")

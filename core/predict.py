@@ -3,9 +3,7 @@ in a read-ahead thread where there are none)."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +11,7 @@ import torch
 from core.dataset import ImageDataset, make_loader
 from core.device import autocast
 from core.log import get_logger
+from core.prefetch import read_ahead
 from core.progress import progress_bar
 
 log = get_logger("predict")
@@ -71,52 +70,6 @@ def _forward(
     with autocast(device, amp):
         outputs = [m(images) for m in models]
     return torch.stack([fake_probability(o) for o in outputs], dim=1).cpu().numpy()
-
-
-def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
-    """The items of `items`, fetched by a background thread up to `depth` ahead of the caller.
-
-    With no loader workers, this overlaps decoding the next images with the forward pass
-    (PIL, OpenCV and ONNX Runtime release the GIL) without a worker process taking a core
-    from the network: measured 1.04x the pure forward pass against 0.95x without it for
-    B4 at 512 px on 2 cores (README, Benchmarks). An error in the thread is raised here;
-    leaving the loop early stops the thread after the item it is fetching.
-    """
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def hand_over(entry: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not hand_over(("item", item)):
-                    return
-        except Exception as err:  # noqa: BLE001 (re-raised in the caller's thread)
-            hand_over(("error", err))
-            return
-        hand_over(("done", None))
-
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "error":
-                raise value
-            if kind == "done":
-                return
-            yield value
-    finally:
-        stop.set()
-        thread.join()
 
 
 @torch.inference_mode()

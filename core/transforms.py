@@ -11,18 +11,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Shared with core.preprocess, the same evaluation preprocessing without albumentations.
+from core.preprocess import IMAGENET_MEAN as IMAGENET_MEAN
+from core.preprocess import IMAGENET_STD as IMAGENET_STD
+from core.preprocess import RESIZE_INTERPOLATION
 
 
 def _resize(size: int) -> A.Resize:
-    # INTER_AREA for the usual downscale of 512-1024 px photographs: no aliasing.
-    return A.Resize(size, size, interpolation=cv2.INTER_AREA)
+    return A.Resize(size, size, interpolation=RESIZE_INTERPOLATION)
 
 
 def _normalize(cfg: Mapping) -> list:

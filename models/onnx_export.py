@@ -1,21 +1,26 @@
-"""A trained network exported to ONNX and run by ONNX Runtime: infer.py's CPU path.
+"""A trained network exported to ONNX, checked against PyTorch once, and cached: infer.py's CPU path.
 
 On a CPU, ONNX Runtime runs the same network much faster than PyTorch eager (its own
 depthwise-convolution kernels, convolutions fused with their norm and activation): for
 EfficientNet-B4 at 512 px on 2 cores, well over the 1.5x target over the naive loop
 (README, Benchmarks). Exporting takes a while (torch.export traces the network: about 20 s
-for B4), so the ONNX file is cached beside the weights (`model.safetensors` ->
-`model.onnx`), tagged with a key made of the weights' hash, the input size and the torch
-version; a file whose key does not match is exported again.
+for B4), so the export is made once per checkpoint and cached beside the weights
+(`model.safetensors` -> `model.onnx`) with a tag recording whether it gave PyTorch's outputs
+(`core.onnx_cache`); infer.py then loads a verified export without importing torch, and
+scores a network whose export failed or disagreed with PyTorch without trying again.
 
-Every exported network is checked against PyTorch on a random image before it is used. An
-export that fails or disagrees is logged and the PyTorch network is scored instead, so the
-fast path can never change a probability beyond float tolerance.
+The network is traced with a two-image example. With one image, torch.export specialises
+the batch size in ConvNeXt(V2): the convolution after each block's channels-last MLP asks
+which memory layout its input has, which for a batch of one depends on the batch size, so
+the trace adds the guard `batch <= 1` and the export fails its dynamic-batch constraint
+(`Invalid ranges [2:1]`). Any example batch above one avoids the question.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -24,13 +29,26 @@ from torch import nn
 
 from core.io import write_with
 from core.log import get_logger
-from models.fusion import flat_outputs, outputs_match
+from core.onnx_cache import (
+    FAILED,
+    KEY_FIELD,
+    VERIFIED,
+    CachedExport,
+    OrtNetwork,
+    lookup,
+    make_session,
+    new_tag,
+    onnx_path,
+    write_tag,
+)
+from models.fusion import flat_outputs
 
 log = get_logger("onnx")
 
-# Bumped when the export recipe changes, so caches written by an older one are redone.
-EXPORT_VERSION = "1"
-KEY_FIELD = "export_key"
+EXAMPLE_BATCH = 2  # see the module docstring
+# ONNX Runtime against PyTorch on the same inputs; the scores, a softmax of the logits, move
+# by less than that.
+RTOL, ATOL = 1e-3, 1e-4
 
 
 class _Tupled(nn.Module):
@@ -47,37 +65,51 @@ class _Tupled(nn.Module):
 
 
 class OnnxNetwork(nn.Module):
-    """An ONNX Runtime session behind the interface of the network it was exported from:
-    takes a float image batch (N, 3, H, W) on the CPU, returns the same dict (or tensor)."""
+    """An `OrtNetwork` behind the torch interface of the network it was exported from: takes a
+    float image batch (N, 3, H, W) on the CPU, returns the same dict (or tensor)."""
 
-    def __init__(self, session, keys: list[str] | None):
+    def __init__(self, network: OrtNetwork):
         super().__init__()
-        self.session = session
-        self.keys = keys
-        self.input_name = session.get_inputs()[0].name
+        self.network = network
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        outputs = [torch.from_numpy(o) for o in self.session.run(None, {self.input_name: array})]
-        return dict(zip(self.keys, outputs, strict=True)) if self.keys else outputs[0]
+        out = self.network(images.detach().to("cpu", torch.float32).contiguous().numpy())
+        if isinstance(out, dict):
+            return {k: torch.from_numpy(v) for k, v in out.items()}
+        return torch.from_numpy(out)
 
 
-def export_key(weights: Path, size: int) -> str:
-    """What the cached export depends on: the weights' bytes, the input size, the exporter."""
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"|{size}|{torch.__version__}|{EXPORT_VERSION}".encode())
-    return digest.hexdigest()
+def _examples(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tracing example (two images) and the check's inputs (one image, then three)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(EXAMPLE_BATCH, 3, size, size, generator=gen), torch.randn(3, 3, size, size, generator=gen)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, keys: list[str] | None, key: str) -> bytes:
-    """The eval-mode `model` as an ONNX model (batch size free, input size fixed by `example`)."""
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.export reports a failure as hundreds of log and print lines before raising it;
+    the caller logs one line with the exception's first line instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            # torch.export's notes on tracing are about its own internals, not the network.
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model: nn.Module, size: int, keys: list[str] | None, key: str) -> bytes:
+    """The eval-mode `model` as an ONNX model (batch size free, input size `size`), tagged with `key`."""
+    example, _ = _examples(size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        # torch.export's notes on tracing are about its own internals, not the network.
-        warnings.simplefilter("ignore")
+    with _quiet_exporter():
         program = torch.onnx.export(
             _Tupled(model, keys).eval(),
             (example,),
@@ -93,61 +125,81 @@ def export_onnx(model: nn.Module, example: torch.Tensor, keys: list[str] | None,
     return proto.SerializeToString()
 
 
-def make_session(model_bytes: bytes | str, threads: int):
-    import onnxruntime as ort
+def compare(model: nn.Module, network: OrtNetwork, size: int) -> float | None:
+    """Largest difference between `network` and `model` on one and on three random images (so
+    the free batch size is checked too); None where any output is out of tolerance."""
+    _, images = _examples(size)
+    worst = 0.0
+    for x in (images[:1], images):
+        with torch.inference_mode():
+            expected = flat_outputs(model(x))
+        got = network(x.numpy())
+        got = [torch.from_numpy(v) for v in (got.values() if isinstance(got, dict) else [got])]
+        if len(got) != len(expected):
+            return None
+        for a, b in zip(expected, got, strict=True):
+            if not torch.allclose(a.float(), b.float(), rtol=RTOL, atol=ATOL):
+                return None
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+    return worst
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: its notes on unused initialisers are noise here
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+def _output_keys(model: nn.Module, size: int) -> list[str] | None:
+    with torch.inference_mode():
+        out = model(_examples(size)[0])
+    return list(out) if isinstance(out, dict) else None
 
 
-def _cached_session(cache: Path, key: str, threads: int):
-    """The session of a cached export whose key matches, else None."""
-    if not cache.is_file():
-        return None
+def _store(path: Path, model_bytes: bytes) -> bool:
     try:
-        session = make_session(str(cache), threads)
-    except Exception as err:  # noqa: BLE001 (any unreadable cache is redone, never fatal)
-        log.warning("%s: unreadable cached export (%s); exporting again", cache, str(err).splitlines()[0])
-        return None
-    return session if session.get_modelmeta().custom_metadata_map.get(KEY_FIELD) == key else None
-
-
-def _store(cache: Path, model_bytes: bytes) -> None:
-    try:
-        write_with(cache, lambda tmp: Path(tmp).write_bytes(model_bytes))
+        write_with(path, lambda tmp: Path(tmp).write_bytes(model_bytes))
     except OSError as err:
-        log.warning("%s: cannot cache the export (%s); it is redone at each load", cache, err.strerror)
+        log.warning("%s: cannot cache the export (%s); it is redone at each load", path, err.strerror)
+        return False
+    return True
 
 
-def onnx_network(model: nn.Module, example: torch.Tensor, weights: Path | None = None) -> nn.Module:
-    """`model` (eval mode, on the CPU) as an `OnnxNetwork` for inputs of `example`'s image size,
-    exported or read from the cache beside `weights`; `model` itself if the export fails or its
-    outputs differ from PyTorch's on `example` (logged)."""
-    size = example.shape[-1]
-    with torch.inference_mode():
-        reference = model(example)
-    keys = list(reference) if isinstance(reference, dict) else None
-    threads = torch.get_num_threads()
-    key = export_key(weights, size) if weights is not None else "uncached"
-    cache = weights.with_suffix(".onnx") if weights is not None else None
-    session = _cached_session(cache, key, threads) if cache is not None else None
-    name = type(model).__name__
-    if session is None:
-        log.info("exporting %s to ONNX for the CPU (once per checkpoint)", name)
-        try:
-            model_bytes = export_onnx(model, example, keys, key)
-            session = make_session(model_bytes, threads)
-        except Exception as err:  # noqa: BLE001 (an op without an ONNX form: score with PyTorch)
-            log.warning("ONNX export of %s failed (%s); scoring with PyTorch", name, str(err).splitlines()[0])
-            return model
-        if cache is not None:
-            _store(cache, model_bytes)
-    network = OnnxNetwork(session, keys)
-    with torch.inference_mode():
-        if not outputs_match(flat_outputs(reference), flat_outputs(network(example))):
-            log.warning("the ONNX export of %s gives different outputs; scoring with PyTorch", name)
-            return model
-    return network
+def export_and_check(
+    model: nn.Module, size: int, name: str, cached: CachedExport | None = None, threads: int = 0
+) -> tuple[OrtNetwork | None, str]:
+    """Export `model` (eval mode, CPU) and compare it with PyTorch: the network, or None and the
+    reason. With `cached` (the cache state of its weights file), the export and the verdict are
+    recorded beside the weights, a failure included, so neither is redone at the next load."""
+    keys = _output_keys(model, size)
+    network, reason, details = None, "", {}
+    try:
+        model_bytes = export_onnx(model, size, keys, cached.key if cached else "uncached")
+        network = OrtNetwork(make_session(model_bytes, threads), keys)
+    except Exception as err:  # noqa: BLE001 (an op without an ONNX form: score with PyTorch)
+        reason = f"export failed: {str(err).strip().splitlines()[0]}"
+    if network is not None:
+        worst = compare(model, network, size)
+        if worst is None:
+            network, reason = None, "its outputs differ from PyTorch's"
+        else:
+            details = {"keys": keys, "max_abs_diff": worst}
+    if cached is not None:
+        stored = network is None or _store(onnx_path(cached.weights), model_bytes)
+        if stored:
+            verdict = VERIFIED if network is not None else FAILED
+            write_tag(cached.weights, new_tag(cached, size, verdict, reason=reason, **details))
+    if network is None:
+        log.warning("%s: no ONNX export (%s); scoring with PyTorch", name, reason)
+    return network, reason
+
+
+def onnx_network(model: nn.Module, size: int, weights: Path | None = None, threads: int = 0) -> OrtNetwork | None:
+    """`model` (eval mode, on the CPU) as an ONNX Runtime network for `size` px inputs: the
+    verified export cached beside `weights`, or a new one checked against PyTorch now and
+    cached with its verdict; None where the export failed or disagreed (now or, recorded, before)."""
+    name = str(weights) if weights is not None else type(model).__name__
+    if weights is None:
+        return export_and_check(model, size, name, threads=threads)[0]
+    cached = lookup(weights, size, threads)
+    if cached.state == VERIFIED:
+        return cached.network
+    if cached.state == FAILED:
+        log.warning("%s: no ONNX export (%s, recorded in its tag); scoring with PyTorch", name, cached.reason)
+        return None
+    log.info("%s: exporting to ONNX for the CPU and checking it against PyTorch (once per checkpoint)", name)
+    return export_and_check(model, size, name, cached, threads)[0]

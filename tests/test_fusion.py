@@ -7,8 +7,8 @@ import timm
 import torch
 from torch import nn
 
-from infer import prepare_network
 from models.fusion import fold_batchnorm
+from models.scoring import prepare_network
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -63,8 +63,8 @@ def test_a_member_with_a_missing_fold_is_refused_unless_allowed(project, capsys)
 def test_only_the_configured_members_are_loaded(project, capsys, monkeypatch):
     finished_fold(project / "outputs", "real", 1)
     loaded = []
-    original = infer.load_trained
-    monkeypatch.setattr(infer, "load_trained", lambda p: loaded.append(p) or original(p))
+    original = infer.read_model_file
+    monkeypatch.setattr(infer, "read_model_file", lambda p: loaded.append(p) or original(p))
     assert run(project) == 0
     err = capsys.readouterr().err
     assert "using real: fold(s) 0,1" in err and "real_demo" not in err

@@ -1,0 +1,116 @@
+"""Scoring images with networks that take and give NumPy arrays (ONNX Runtime on a CPU).
+
+infer.py's ONNX path: each image is decoded once (in a read-ahead thread, or `workers`
+threads), preprocessed once per input recipe (`core.preprocess`), and every network of that
+recipe scores the batch; softmax in float64 as `core.predict.fake_probability` does. No
+torch import: a network is any callable `images (N, 3, H, W) float32 -> outputs`, the
+outputs a dict with `logits` (N, 2) or the logits array itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from core.imaging import ImageDecodeError, decode_image
+from core.prefetch import read_ahead
+from core.preprocess import Preprocessing
+
+Network = Callable[[np.ndarray], "dict[str, np.ndarray] | np.ndarray"]
+
+
+def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
+    """Softmax probability of class 1 (fake) from a 2-class output, in float64 (see
+    `core.predict.fake_probability` for why float64)."""
+    logits = np.asarray(outputs["logits"] if isinstance(outputs, dict) else outputs, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp[:, 1] / exp.sum(axis=1)
+
+
+@dataclass
+class Group:
+    """Networks fed by one preprocessing recipe, and their columns in the ensemble."""
+
+    preprocessing: Preprocessing
+    networks: list[Network]
+    columns: list[int]
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """`map(fn, items)` computed ahead of the caller: in one read-ahead thread (`workers` 0), or
+    by `workers` threads with at most twice as many items in flight, in order."""
+    if workers <= 0:
+        yield from read_ahead(map(fn, items))
+        return
+    items = iter(items)
+    with ThreadPoolExecutor(workers) as pool:
+        pending = [pool.submit(fn, item) for item in islice(items, 2 * workers)]
+        while pending:
+            result = pending.pop(0).result()
+            pending += [pool.submit(fn, item) for item in islice(items, 1)]
+            yield result
+
+
+class ArrayScorer:
+    """Fake probability of every network for every image, shape (N, n_models); NaN where an
+    image could not be read."""
+
+    def __init__(self, groups: Sequence[Group], n_models: int, batch_size: int = 1, workers: int = 0):
+        self.groups = list(groups)
+        self.n_models = n_models
+        self.batch_size = batch_size
+        self.workers = workers
+
+    def _inputs(self, image: np.ndarray) -> list[np.ndarray]:
+        return [g.preprocessing(image) for g in self.groups]
+
+    def _score(self, items: Iterable[tuple[int, list[np.ndarray] | str]], n: int, on_error, progress: bool):
+        probs = np.full((n, self.n_models), np.nan)
+        batches = _batches(items, self.batch_size, on_error)
+        if progress:
+            from core.progress import progress_bar  # tqdm: only where a bar is shown
+
+            batches = progress_bar(batches, desc="predict", total=-(-n // self.batch_size), leave=False)
+        for index, inputs in batches:
+            for g, group in enumerate(self.groups):
+                x = np.stack([one[g] for one in inputs])
+                scores = [fake_probability(network(x)) for network in group.networks]
+                probs[np.ix_(index, group.columns)] = np.stack(scores, axis=1)
+        return probs
+
+    def score_files(self, paths: Sequence[str | Path], on_error: Callable[[str], None]) -> np.ndarray:
+        def load(item: tuple[int, str | Path]) -> tuple[int, list[np.ndarray] | str]:
+            i, path = item
+            try:
+                return i, self._inputs(decode_image(path))
+            except ImageDecodeError as err:
+                return i, str(err)
+
+        items = ordered_map(load, enumerate(paths), self.workers)
+        return self._score(items, len(paths), on_error, progress=len(paths) > self.batch_size)
+
+    def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        items = ((i, self._inputs(a)) for i, a in enumerate(arrays))
+        return self._score(items, len(arrays), on_error=None, progress=False)
+
+
+def _batches(items: Iterable[tuple[int, list[np.ndarray] | str]], size: int, on_error) -> Iterator:
+    """(indices, per-image inputs) of up to `size` readable images; unreadable ones go to `on_error`."""
+    index, inputs = [], []
+    for i, item in items:
+        if isinstance(item, str):
+            on_error(item)
+            continue
+        index.append(i)
+        inputs.append(item)
+        if len(index) == size:
+            yield index, inputs
+            index, inputs = [], []
+    if index:
+        yield index, inputs

@@ -1,0 +1,146 @@
+"""Trained models on disk and how their scores blend, with no deep-learning import.
+
+`outputs/<member>/fold<k>/{model.safetensors, meta.json}`: which folds a member has finished,
+which of them a blend uses, what each one's meta.json says, and the blend of their
+probabilities. infer.py's ONNX path reads all of this without importing torch or pandas
+(each costs seconds on a small CPU), so nothing here may import them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A weights file is missing, unsafe or does not fit; the message names it."""
+
+
+class SubmissionError(ValueError):
+    """Predictions are missing, duplicated or out of range; the message says which."""
+
+
+def blend_members(cfg: dict, is_demo: bool) -> list[str]:
+    """The members the ensemble config blends for the configured data: `demo_members` on the
+    demo sample, `members` otherwise. ensemble.py and infer.py both ask here, so a leftover
+    demo member never joins a real ensemble."""
+    return list(cfg["demo_members"] if is_demo else cfg["members"])
+
+
+def expected_folds(folds_csv: str | Path) -> list[int] | None:
+    """The folds of the split the members were trained on (None when there is no folds file)."""
+    path = Path(folds_csv)
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        return sorted({int(row["fold"]) for row in csv.DictReader(fh)})
+
+
+def finished_folds(outputs: str | Path, member: str) -> list[int]:
+    """Folds of `member` whose meta.json says complete (train.py writes it last)."""
+    done = []
+    for meta in (Path(outputs) / member).glob(f"fold*/{META_FILE}"):
+        suffix = meta.parent.name.removeprefix("fold")
+        if suffix.isdigit() and json.loads(meta.read_text()).get("complete"):
+            done.append(int(suffix))
+    return sorted(done)
+
+
+def member_folds(outputs: str | Path, member: str, expected: list[int] | None, allow_partial: bool) -> list[int]:
+    """The folds of `member` to blend: every expected fold, finished. A member with a fold
+    missing is refused unless `allow_partial` (then its finished folds are used)."""
+    done = finished_folds(outputs, member)
+    if not done:
+        how = f"train.py --config configs/members/{member}.yaml --fold all"
+        raise SubmissionError(f"{Path(outputs) / member}: no finished fold (run {how})")
+    if expected is None:
+        return done
+    missing = sorted(set(expected) - set(done))
+    if missing and not allow_partial:
+        raise SubmissionError(
+            f"{member}: fold(s) {missing} of {expected} not finished; train them "
+            f"(train.py --config configs/members/{member}.yaml --fold all) or pass --allow-partial"
+        )
+    return [f for f in done if f in expected]
+
+
+def nan_weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise weighted mean of (N, M) `values` over the columns that are not NaN; NaN
+    where a row has none. A member that could not score an image does not pull it to 0."""
+    values = np.asarray(values, dtype=float)
+    w = np.ones(values.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    ok = ~np.isnan(values)
+    den = ok @ w
+    num = np.where(ok, values, 0.0) @ w
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def is_safetensors(path: Path) -> bool:
+    # safetensors: 8-byte little-endian header size, then a JSON header starting with '{'.
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+@dataclass
+class ModelFile:
+    """A trained network as stored: its member, weights file and the config from its meta.json."""
+
+    member: str
+    weights: Path
+    config: dict
+
+
+def read_model_file(weights: str | Path) -> ModelFile:
+    """The meta.json beside `weights`: which member and architecture it holds, and how it was fed.
+    The weights file must be there and be safetensors (a pickle is refused before any is read)."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: no such weights file")
+    if not is_safetensors(weights):
+        raise CheckpointError(f"{weights}: not a safetensors file; refusing to load a pickle checkpoint")
+    meta_path = weights.parent / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{weights}: no {META_FILE} beside it to say which architecture it holds")
+    try:
+        cfg = json.loads(meta_path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path}: not a meta.json written by train.py ({err!r})") from None
+    return ModelFile(cfg["name"], weights, cfg)
+
+
+class Ensemble:
+    """Trained models grouped by member; a member's folds are averaged first, then members
+    are blended with `weights` (equal by default), as ensemble.py does for the submission."""
+
+    def __init__(self, trained: Iterable[ModelFile], weights: dict[str, float] | None = None):
+        self.trained = list(trained)
+        if not self.trained:
+            raise CheckpointError("no trained model given")
+        self.members = sorted({t.member for t in self.trained})
+        self.weights = np.array([1.0 if not weights else float(weights.get(m, 0.0)) for m in self.members])
+
+    def groups(self) -> dict[str, list[int]]:
+        """Indices of models sharing one evaluation transform, so each image is decoded and
+        resized once per input size rather than once per model."""
+        out: dict[str, list[int]] = {}
+        for i, t in enumerate(self.trained):
+            out.setdefault(json.dumps(t.config["data"], sort_keys=True), []).append(i)
+        return out
+
+    def member_probs(self, probs: np.ndarray) -> np.ndarray:
+        """(N, n_models) per-model probabilities -> (N, n_members): each member's folds averaged."""
+        columns = [[i for i, t in enumerate(self.trained) if t.member == m] for m in self.members]
+        return np.stack([nan_weighted_mean(probs[:, c]) for c in columns], axis=1)
+
+    def blend(self, probs: np.ndarray) -> np.ndarray:
+        """(N, n_models) per-model probabilities -> (N,) ensemble probability (NaN-aware)."""
+        return nan_weighted_mean(self.member_probs(probs), self.weights)

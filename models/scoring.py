@@ -1,0 +1,128 @@
+"""Trained networks readied for scoring in PyTorch: infer.py's GPU and `--runtime torch` path,
+and the CPU path's export (or PyTorch fallback) for a network without a verified ONNX export.
+
+infer.py imports this module only when it needs torch; a CPU run whose networks all have a
+verified export (`core.onnx_cache`) never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.dataset import ImageDataset, make_loader
+from core.log import get_logger
+from core.onnx_cache import FAILED, CachedExport
+from core.predict import predict_arrays, predict_loader
+from core.trained import Ensemble, ModelFile
+from core.transforms import build_transform
+from models.fusion import fold_batchnorm
+from models.onnx_export import OnnxNetwork, export_and_check, onnx_network
+from models.zoo import load_trained
+
+log = get_logger("scoring")
+
+
+def _example(size: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def torch_network(model: torch.nn.Module, size: int, device: torch.device) -> torch.nn.Module:
+    """The network as PyTorch scores it, in eval mode: BatchNorm folded into the convolutions
+    (checked to give `model`'s outputs) and weights in channels_last. May return a new module."""
+    model = model.to(device).eval()
+    return fold_batchnorm(model, _example(size, device)).to(memory_format=torch.channels_last)
+
+
+def prepare_network(
+    model: torch.nn.Module, size: int, device: torch.device, runtime: str, weights: Path | None = None
+) -> torch.nn.Module:
+    """The network as scored, in eval mode. `onnx` (CPU): the ONNX Runtime export, cached beside
+    `weights` and checked against PyTorch when it was made; where there is none (the export
+    failed or disagreed), the `torch` preparation (logged). May return a new module."""
+    if runtime == "onnx":
+        network = onnx_network(model.to(device).eval(), size, weights)
+        if network is not None:
+            return OnnxNetwork(network)
+    return torch_network(model, size, device)
+
+
+class NumpyIn:
+    """A PyTorch network on the CPU behind the NumPy interface of `core.scoring`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
+        x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        if isinstance(out, dict):
+            return {k: v.float().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return out.float().numpy()
+
+
+def _loaded(trained: ModelFile) -> torch.nn.Module:
+    """The network of `trained`: already built (a `models.zoo.TrainedModel`) or loaded now."""
+    model = getattr(trained, "model", None)
+    return model if model is not None else load_trained(trained.weights).model
+
+
+def cpu_network(trained: ModelFile, size: int, cached: CachedExport) -> Callable[[np.ndarray], object]:
+    """For infer.py's CPU path, a network without a verified export in the cache: exported and
+    checked now (the verdict recorded beside its weights), or, where the export fails or
+    disagrees now or did before, the PyTorch network (one line on stderr either way)."""
+    model = _loaded(trained).eval()
+    name = str(trained.weights)
+    if cached.state == FAILED:
+        log.warning("%s: no ONNX export (%s, recorded in its tag); scoring with PyTorch", name, cached.reason)
+    else:
+        log.info("%s: exporting to ONNX and checking it against PyTorch (once per checkpoint)", name)
+        network, _ = export_and_check(model, size, name, cached)
+        if network is not None:
+            return network
+    return NumpyIn(torch_network(model, size, torch.device("cpu")))
+
+
+class TorchScorer:
+    """Fake probability of every model of `ensemble` for every image, (N, n_models), in PyTorch
+    on `device`: loader workers decode, batches run under bf16 autocast on a GPU."""
+
+    def __init__(self, ensemble: Ensemble, device: str, batch_size: int, workers: int):
+        self.device = torch.device(device)
+        self.n_models = len(ensemble.trained)
+        self.batch_size = batch_size
+        self.workers = workers
+        self.groups = []
+        for idx in ensemble.groups().values():
+            data_cfg = ensemble.trained[idx[0]].config["data"]
+            size = int(data_cfg["image_size"])
+            networks = [torch_network(_loaded(ensemble.trained[i]), size, self.device) for i in idx]
+            self.groups.append((build_transform(data_cfg, train=False), networks, idx))
+
+    def score_files(self, paths: Sequence[str | Path], on_error: Callable[[str], None]) -> np.ndarray:
+        probs = np.full((len(paths), self.n_models), np.nan)
+        for transform, networks, idx in self.groups:
+            loader = make_loader(
+                ImageDataset([str(p) for p in paths], transform=transform), self.batch_size, self.workers
+            )
+            probs[:, idx] = predict_loader(
+                networks,
+                loader,
+                self.device,
+                channels_last=True,
+                progress=len(paths) > self.batch_size,
+                on_error=on_error,
+            )
+        return probs
+
+    def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        probs = np.full((len(arrays), self.n_models), np.nan)
+        for transform, networks, idx in self.groups:
+            probs[:, idx] = predict_arrays(
+                networks, arrays, transform, self.device, batch_size=self.batch_size, channels_last=True
+            )
+        return probs
