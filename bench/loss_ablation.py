@@ -23,7 +23,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,25 @@ def make_split(work: Path, data_config: str, overrides: Sequence[str]) -> Path:
     return folds
 
 
+@contextmanager
+def split_work(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, Path, list[int]]]:
+    """The ablation's work folder (`args.keep`, kept; else a temporary one, removed afterwards),
+    its stratified split, and the folds to run (`args.folds`, checked against the split; or all)."""
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        folds_csv = make_split(work, args.data_config, args.overrides)
+        available = sorted(pd.read_csv(folds_csv, usecols=["fold"])["fold"].unique().tolist())
+        folds = args.folds if args.folds is not None else available
+        unknown = sorted(set(folds) - set(available))
+        if unknown:
+            raise FoldError(f"fold(s) {unknown} not in the split (folds: {available})")
+        yield work, folds_csv, folds
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def run_setting(args: argparse.Namespace, setting: str, work: Path, folds_csv: Path, folds: list[int]) -> dict:
     base = load_config([args.data_config, args.config], args.overrides)
     out = work / setting
@@ -153,19 +173,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="loss_ablation_"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        folds_csv = make_split(work, args.data_config, args.overrides)
-        available = sorted(pd.read_csv(folds_csv, usecols=["fold"])["fold"].unique().tolist())
-        folds = args.folds if args.folds is not None else available
-        unknown = sorted(set(folds) - set(available))
-        if unknown:
-            raise FoldError(f"fold(s) {unknown} not in the split (folds: {available})")
+    with split_work(args, "loss_ablation_") as (work, folds_csv, folds):
         rows = [run_setting(args, s, work, folds_csv, folds) for s in args.settings]
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     cfg = load_config([args.data_config, args.config], args.overrides)
     return {
         "config": args.config,

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 import train
-from bench.loss_ablation import make_split
+from bench.loss_ablation import split_work
 from core.blend import SubmissionError, member_predictions
 from core.checkpoint import META_FILE
 from core.config import ConfigError, load_config
@@ -136,19 +134,8 @@ def markdown(summary: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sbi_ablation_"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        folds_csv = make_split(work, args.data_config, args.overrides)
-        available = sorted(pd.read_csv(folds_csv, usecols=["fold"])["fold"].unique().tolist())
-        folds = args.folds if args.folds is not None else available
-        unknown = sorted(set(folds) - set(available))
-        if unknown:
-            raise FoldError(f"fold(s) {unknown} not in the split (folds: {available})")
+    with split_work(args, "sbi_ablation_") as (work, folds_csv, folds):
         rows = [run_one(args, s, seed, work, folds_csv, folds) for s in args.settings for seed in args.seeds]
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     cfg = load_config([args.data_config, args.config], args.overrides)
     return {
         "config": args.config,
