@@ -32,6 +32,7 @@ null)}.
 
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
+With --serve: 0 once stopped by SIGINT or SIGTERM, 1 when the service could not start.
 """
 
 from __future__ import annotations

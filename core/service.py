@@ -115,15 +115,21 @@ class MicroBatcher:
         while True:
             batch = await self._collect()
             try:
-                rows = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.score, [p.image for p in batch]
-                )
-            except Exception as err:  # noqa: BLE001 (handed to every waiting request, which answers 500)
-                for p in batch:
-                    p.done.set_exception(err)
-                continue
-            self.stats.record(len(batch))
-            for p, row in zip(batch, np.asarray(rows, dtype=float), strict=True):
+                await self._score(batch)
+            except Exception:  # noqa: BLE001 (scored again one by one: only the input that fails gets the error)
+                for one in batch:
+                    try:
+                        await self._score([one])
+                    except Exception as err:  # noqa: BLE001 (its request answers 500 with the reason)
+                        if not one.done.done():
+                            one.done.set_exception(err)
+
+    async def _score(self, batch: list[_Pending]) -> None:
+        images = [p.image for p in batch]
+        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.score, images)
+        self.stats.record(len(batch))
+        for p, row in zip(batch, np.asarray(rows, dtype=float), strict=True):
+            if not p.done.done():  # its request may have been cancelled meanwhile
                 p.done.set_result((row, len(batch)))
 
     async def _collect(self) -> list[_Pending]:
@@ -285,6 +291,7 @@ def build_app(
         ImageDecodeError: lambda request, err: error(400, str(err)),
         NoFace: lambda request, err: error(422, str(err)),
         HTTPException: lambda request, err: error(err.status_code, err.detail),
+        Exception: lambda request, err: error(500, f"scoring failed: {err!r}"),
     }
     routes = [Route("/", home), Route("/health", health), Route("/predict", predict, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
@@ -298,12 +305,14 @@ def run_server(
     max_upload_mb: float,
     batch_window_ms: float,
 ) -> int:
-    """Serve until SIGINT or SIGTERM, then finish the open requests and return 0."""
+    """Serve until SIGINT or SIGTERM, then finish the open requests and return 0; 1 when the
+    service could not start (the port taken, the models failing their first call)."""
     app = build_app(model, int(max_upload_mb * 2**20), batch_window_ms / 1000)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     # uvicorn shuts down gracefully on these signals, then raises the signal again under the
     # handlers it found; these handlers make that a normal exit instead of a kill or a traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
-    uvicorn.Server(config).run()
-    return 0
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -24,10 +25,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
+from starlette.testclient import TestClient
 
 import infer
 import models
 from core.checkpoint import save_weights
+from core.service import MicroBatcher, ServedModel, build_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -298,3 +301,51 @@ def test_the_page_scores_a_demo_photograph_in_a_browser(server, project, tmp_pat
         browser.quit()
     assert float(shown) == pytest.approx(expected, abs=5e-5)
     assert "alpha" in members and "beta" in members
+
+
+# In-process checks of the service's parts, with a stand-in model: a dark image makes it fail.
+
+
+def stand_in(images: list[np.ndarray]) -> np.ndarray:
+    if any(image.mean() < 10 for image in images):
+        raise ValueError("cannot score a dark image")
+    return np.array([[image.mean() / 255, image.mean() / 255] for image in images])
+
+
+def png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 20, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_batch_that_fails_is_scored_again_one_by_one():
+    async def scenario() -> list:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(stand_in, pool, window_s=0.2, max_batch=8)
+            worker = asyncio.create_task(batcher.run())
+            images = [np.full((4, 4, 3), v, np.uint8) for v in (51, 0, 102)]
+            results = await asyncio.gather(*map(batcher.submit, images), return_exceptions=True)
+            worker.cancel()
+            return [results, batcher.stats]
+
+    (bright, dark, brighter), stats = asyncio.run(scenario())
+    assert isinstance(dark, ValueError)
+    assert bright[0][0] == pytest.approx(0.2) and brighter[0][0] == pytest.approx(0.4)
+    assert bright[1] == brighter[1] == 1  # scored alone, after the batch of three failed
+    assert (stats.scored, stats.batches) == (2, 2)
+
+
+def test_a_scoring_error_is_a_json_500_and_the_next_request_is_served():
+    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, frames=1, crop_faces=False)
+    with TestClient(build_app(model, 2**20, 0.001), raise_server_exceptions=False) as client:
+        failed = client.post("/predict", files={"file": ("dark.png", png(0))})
+        assert failed.status_code == 500 and "cannot score a dark image" in failed.json()["error"]
+        served = client.post("/predict", files={"file": ("grey.png", png(51))})
+        assert served.status_code == 200 and served.json()["probability"] == pytest.approx(0.2)
+
+
+def test_a_face_cropped_input_without_a_face_is_422():
+    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, frames=1, crop_faces=True)
+    with TestClient(build_app(model, 2**20, 0.001)) as client:
+        r = client.post("/predict", files={"file": ("wall.png", png(90))})
+    assert r.status_code == 422 and r.json()["error"] == "wall.png: no face found in 1 frame(s)"
