@@ -8,8 +8,9 @@
 
 Errors are JSON `{"error": reason}`: 413 for an upload over the size limit (counted while the
 body arrives, so an oversized upload is never held whole), 400 for a file that is not a
-readable image or video or a form without the file, 422 for a face-cropped input with no face.
-A bad request fails alone; the service goes on serving.
+readable image or video or a form without the file, 422 for a face-cropped input with no face,
+500 with the exception when scoring fails (a batch that fails is scored again one input at a
+time, so only the input at fault fails). A bad request fails alone; the service goes on serving.
 
 Micro-batching: a still image is decoded in memory on a thread of its own, then waits up to
 `batch_window_s` for other requests, and all that arrived are scored in one call (at most
@@ -182,15 +183,15 @@ def error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
 
-async def read_upload(request: Request) -> tuple[str, bytes]:
-    """The name and bytes of the form's file field; HTTPException 400 when there is none."""
+async def read_upload(request: Request) -> tuple[str, bytes, str]:
+    """The name, bytes and content type of the form's file field; HTTPException 400 when there is none."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPException(400, f"send the file as multipart/form-data in the field '{FIELD}'")
     async with request.form(max_files=1, max_fields=10) as form:
         upload = form.get(FIELD)
         if not isinstance(upload, UploadFile):
             raise HTTPException(400, f"no file in the form field '{FIELD}'")
-        return upload.filename or "upload", await upload.read()
+        return upload.filename or "upload", await upload.read(), upload.content_type or ""
 
 
 class Service:
@@ -222,7 +223,7 @@ class Service:
             return self.faces(name, frames)
 
     async def score(self, name: str, data: bytes, content_type: str) -> tuple[str, np.ndarray, int]:
-        """(kind, row, batch size) of one upload."""
+        """(kind, row, batch size) of one upload: a video by its name or its declared type."""
         if is_video(name) or content_type.startswith("video/"):
             return "video", await self.on_thread(self.video, name, data), 1
         image = await asyncio.to_thread(decode_image_bytes, data, name)
@@ -280,8 +281,8 @@ def build_app(
 
     async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        name, data = await read_upload(request)
-        kind, row, batch = await service.score(name, data, request.headers.get("content-type", ""))
+        name, data, content_type = await read_upload(request)
+        kind, row, batch = await service.score(name, data, content_type)
         if np.isnan(row[0]):
             return error(422, f"{name}: no member could score it")
         return JSONResponse(result(name, kind, row, model.columns, time.perf_counter() - started, batch))

@@ -176,6 +176,8 @@ def test_bad_uploads_get_the_reason_and_the_service_goes_on(server, project):
     for name, (content, status, reason) in cases.items():
         r = post(server.url, name, content)
         assert (r.status_code, r.json()["error"][: len(reason)]) == (status, reason), name
+    typed_video = httpx.post(f"{server.url}/predict", files={"file": ("noname", b"junk", "video/mp4")})
+    assert typed_video.status_code == 400 and typed_video.json()["error"] == "noname: cannot open as a video"
     not_a_form = httpx.post(f"{server.url}/predict", content=png, headers={"content-type": "image/png"})
     assert not_a_form.status_code == 400 and "multipart/form-data" in not_a_form.json()["error"]
     wrong_field = httpx.post(f"{server.url}/predict", files={"image": ("a.png", png)})
