@@ -22,12 +22,17 @@ disagreed is scored with PyTorch (one line on stderr) and not exported again unt
 torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 autocast.
 --runtime torch uses PyTorch on the CPU as well.
 
+--serve runs an HTTP service instead (models loaded once, uploads scored in micro-batches):
+POST /predict with a multipart file field `file`, GET /health, and an upload page at /; see
+core/service.py. --host, --port, --max-upload-mb and --batch-window-ms set it up.
+
 --json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
 null)}.
 
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
+With --serve: 0 once stopped by SIGINT or SIGTERM, 1 when the service could not start.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ RUNTIMES = ("auto", "onnx", "torch")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="images, videos or folders")
+    p.add_argument("inputs", nargs="*", help="images, videos or folders")
     p.add_argument(
         "--weights",
         action="append",
@@ -117,7 +122,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
-    return p.parse_args(argv)
+    serving = p.add_argument_group("HTTP service (--serve; see core/service.py)")
+    serving.add_argument("--serve", action="store_true", help="load the models once and score uploads over HTTP")
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serving.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serving.add_argument(
+        "--max-upload-mb", type=float, default=50.0, help="larger uploads get 413 (default: %(default)s)"
+    )
+    serving.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="how long an upload waits for others to be scored with it (default: %(default)s)",
+    )
+    args = p.parse_args(argv)
+    if args.serve and args.inputs:
+        p.error("--serve takes no inputs: upload them to the service")
+    if not args.serve and not args.inputs:
+        p.error("the following arguments are required: inputs")
+    return args
 
 
 def scan_folder(folder: Path) -> tuple[list[Path], Counter[str]]:
@@ -322,6 +345,19 @@ def json_line(path: str, row: np.ndarray | None, columns: list[str], problems: l
     return json.dumps(obj)
 
 
+def serve(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]) -> int:
+    """Runs the HTTP service until it is told to stop (starlette and uvicorn only imported here)."""
+    from core.service import ServedModel, run_server
+
+    try:
+        scorer = Scorer(ensemble, args, report)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    model = ServedModel(scorer.columns, scorer.score_arrays, scorer.score_faces, scorer.frames, scorer.crop_faces)
+    return run_server(model, args.host, args.port, args.max_upload_mb, args.batch_window_ms)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problems: list[str] = []
@@ -343,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, LabelError, SubmissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.serve:
+        return serve(ensemble, args, report)
     paths = expand_inputs(args.inputs, report)
     if args.json:  # inputs that are not there get their object too
         for raw in args.inputs:

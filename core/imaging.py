@@ -7,6 +7,7 @@ Every decoder returns RGB uint8 arrays of shape (H, W, 3) whatever the file hold
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -51,26 +52,37 @@ def decode_image(path: str | Path) -> np.ndarray:
         raise ImageDecodeError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageDecodeError(f"{path}: empty file")
+    return _decode(path, str(path))
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """`decode_image` for an image held in memory (an upload); errors name it `name`."""
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise ImageDecodeError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
+                    raise ImageDecodeError(f"{name}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageDecodeError(f"{path}: decompression bomb ({err})") from None
+        raise ImageDecodeError(f"{name}: decompression bomb ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:
         # PIL reports truncation and unknown formats as OSError / UnidentifiedImageError.
         reason = "not an image or unsupported format" if "cannot identify" in str(err) else str(err)
-        raise ImageDecodeError(f"{path}: {reason}") from None
+        raise ImageDecodeError(f"{name}: {reason}") from None
     if min(rgb.size) < MIN_SIDE:
-        raise ImageDecodeError(f"{path}: {rgb.size[0]}x{rgb.size[1]} is smaller than {MIN_SIDE} px")
+        raise ImageDecodeError(f"{name}: {rgb.size[0]}x{rgb.size[1]} is smaller than {MIN_SIDE} px")
     return np.asarray(rgb, dtype=np.uint8)
 
 

@@ -106,3 +106,12 @@ def test_video_frames_are_spread_over_the_whole_video(tmp_path):
     frames = imaging.sample_video_frames(path, 5)
     levels = [int(round(f.mean() / 5)) for f in frames]
     assert len(frames) == 5 and levels[0] == 0 and levels[-1] >= 48  # first and last, not the first five
+
+
+def test_an_upload_in_memory_decodes_as_its_file_does(tmp_path, photo):
+    path = save(photo.convert("RGBA"), tmp_path / "x.png")
+    assert np.array_equal(imaging.decode_image_bytes(path.read_bytes(), "upload.png"), decode_image(path))
+    with pytest.raises(ImageDecodeError, match=r"^upload\.jpg: not an image or unsupported format$"):
+        imaging.decode_image_bytes(b"not a picture", "upload.jpg")
+    with pytest.raises(ImageDecodeError, match=r"^upload\.png: empty file$"):
+        imaging.decode_image_bytes(b"", "upload.png")
