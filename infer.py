@@ -4,11 +4,15 @@
   python infer.py a.jpg b.png folder/ clip.mp4 --out results.csv
   python infer.py face.jpg --weights outputs/mff_demo/fold0/model.safetensors
   python infer.py --weights fold0/model.safetensors --weights fold1/model.safetensors face.jpg
+  python infer.py face.jpg --weights outputs/mff_published     # every finished fold of a member
 
 Models: exactly what ensemble.py blends for the configured data (the demo members on the demo
 sample, the real ones otherwise; every fold of the split, finished; folds averaged, then
 members blended), named on stderr; or the files given with --weights (safetensors only,
-each with the meta.json that train.py wrote beside it).
+each with the meta.json that train.py or models.import_published wrote beside it; a member's
+folder stands for its finished folds). Each network is fed as its meta.json records; a
+checkpoint that takes face crops (imported SBI) scores each face's crop and keeps the highest,
+and an image where it finds no face is reported and scored by the other members only.
 Folders are searched recursively for videos and for every file the decoder can open (any
 image format, by its name or its header); other files are counted in one line. A video is scored from
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
@@ -87,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weights",
         action="append",
         metavar="FILE",
-        help="a model.safetensors file to use instead of the outputs folder; repeat for several",
+        help="a model.safetensors file, or a member's folder (all its finished folds), to use instead of the "
+        "outputs folder; repeat for several",
     )
     p.add_argument("--config", default="configs/ensemble.yaml", help="ensemble config (default: %(default)s)")
     p.add_argument(

@@ -71,8 +71,8 @@ def weights_files(path: str | Path) -> list[Path]:
 def is_imported(outputs: str | Path, member: str, fold: int) -> bool:
     """Whether the fold came from a published release (`models.import_published`): its folds are
     its authors' models, not folds of this project's split."""
-    meta = json.loads((Path(outputs) / member / f"fold{fold}" / META_FILE).read_text())
-    return meta.get("imported") is not None
+    meta = Path(outputs) / member / f"fold{fold}" / META_FILE
+    return meta.is_file() and json.loads(meta.read_text()).get("imported") is not None
 
 
 def member_folds(outputs: str | Path, member: str, expected: list[int] | None, allow_partial: bool) -> list[int]:

@@ -69,16 +69,19 @@ def read_pickle(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        if "weights_only" not in text.lower() and "Weights only" not in text:
-            raise CheckpointError(f"{path}: not a PyTorch file ({text.splitlines()[0]})") from None
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        detail = f": it needs {found.group(1)}" if found else ""
+        # torch's weights-only unpickler names the class or function the file would need.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) cannot read it: not a PyTorch checkpoint, or one that "
+                "holds more than tensors and plain containers"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True){detail}; only tensors and plain containers are read"
+            f"{path}: refused by torch.load(weights_only=True): it needs {found.group(1)}; only tensors and plain "
+            "containers are read"
         ) from None
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
 
 
 def _tensor_dict(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:

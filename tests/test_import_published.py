@@ -21,9 +21,10 @@ from torch_ema import ExponentialMovingAverage
 from torchvision import transforms as T
 
 import infer
+from core.blend import member_predictions
 from core.config import ConfigError
 from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from core.trained import member_folds
+from core.trained import CheckpointError, SubmissionError, member_folds, weights_files
 from core.transforms import build_transform
 from data_prep.blending import load_sbi_config, sbi_test_crop
 from data_prep.faces import FaceAnalyzer
@@ -370,3 +371,24 @@ def test_sbi_b4_at_380_converts(tmp_path):
     x = torch.rand(2, 3, 380, 380, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (network(x)["logits"] - replica(x)).abs().max().item() < TOL
+
+
+def test_ensemble_says_why_it_cannot_blend_an_imported_member(winner):
+    with pytest.raises(SubmissionError, match="mff_published: imported from a published release"):
+        member_predictions(winner["out"].parent, "mff_published", [0, 1, 2])
+
+
+def test_weights_names_a_member_folder_or_a_fold_folder(winner, tmp_path):
+    folds = [winner["out"] / f"fold{k}" / "model.safetensors" for k in range(3)]
+    assert weights_files(winner["out"]) == folds
+    assert weights_files(winner["out"] / "fold1") == [folds[1]]
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor a finished fold"):
+        weights_files(tmp_path)
+
+
+def test_a_file_that_is_not_a_pytorch_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "FFc23.tar").write_bytes(b"not a checkpoint at all")
+    assert import_main(["sbi", str(tmp_path / "FFc23.tar"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path / 'FFc23.tar'}: torch.load(weights_only")
+    assert "not a PyTorch checkpoint" in err
