@@ -102,7 +102,16 @@ class ArrayScorer:
     def _inputs(self, image: np.ndarray) -> list[np.ndarray | None]:
         return [g.inputs(image) for g in self.groups]
 
-    def _score(self, items: Iterable[tuple[int, list[np.ndarray] | str]], n: int, on_error, progress: bool, names=None):
+    def _score(
+        self,
+        items: Iterable[tuple[int, list[np.ndarray | None] | str]],
+        n: int,
+        on_error,
+        progress: bool,
+        names: Sequence[str | Path] | None = None,
+    ):
+        """(n, n_models) probabilities of `items`; with `names` (files), an image in which a
+        face-cropping group found no face is reported by name."""
         probs = np.full((n, self.n_models), np.nan)
         batches = _batches(items, self.batch_size, on_error)
         if progress:
