@@ -4,11 +4,15 @@
   python infer.py a.jpg b.png folder/ clip.mp4 --out results.csv
   python infer.py face.jpg --weights outputs/mff_demo/fold0/model.safetensors
   python infer.py --weights fold0/model.safetensors --weights fold1/model.safetensors face.jpg
+  python infer.py face.jpg --weights outputs/mff_published     # every finished fold of a member
 
 Models: exactly what ensemble.py blends for the configured data (the demo members on the demo
 sample, the real ones otherwise; every fold of the split, finished; folds averaged, then
 members blended), named on stderr; or the files given with --weights (safetensors only,
-each with the meta.json that train.py wrote beside it).
+each with the meta.json that train.py or models.import_published wrote beside it; a member's
+folder stands for its finished folds). Each network is fed as its meta.json records; a
+checkpoint that takes face crops (imported SBI) scores each face's crop and keeps the highest,
+and an image where it finds no face is reported and scored by the other members only.
 Folders are searched recursively for videos and for every file the decoder can open (any
 image format, by its name or its header); other files are counted in one line. A video is scored from
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
@@ -57,7 +61,7 @@ from core.io import write_csv
 from core.labels import LabelError
 from core.onnx_cache import VERIFIED, lookup
 from core.preprocess import Preprocessing
-from core.scoring import ArrayScorer, Group, Network
+from core.scoring import ArrayScorer, Crop, Group, Network
 from core.trained import (
     WEIGHTS_FILE,
     CheckpointError,
@@ -69,6 +73,7 @@ from core.trained import (
     finished_folds,
     member_folds,
     read_model_file,
+    weights_files,
 )
 
 NO_MODEL = 3
@@ -91,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weights",
         action="append",
         metavar="FILE",
-        help="a model.safetensors file to use instead of the outputs folder; repeat for several",
+        help="a model.safetensors file, or a member's folder (all its finished folds), to use instead of the "
+        "outputs folder; repeat for several",
     )
     p.add_argument("--config", default="configs/ensemble.yaml", help="ensemble config (default: %(default)s)")
     p.add_argument(
@@ -201,7 +207,7 @@ def blended_weights(cfg: dict, args: argparse.Namespace) -> list[Path]:
 def load_ensemble(args: argparse.Namespace) -> Ensemble:
     """The models to score with, read from their meta.json files (no network is built here)."""
     cfg = load_config([args.data_config, args.config])
-    paths = [Path(w) for w in args.weights] if args.weights else blended_weights(cfg, args)
+    paths = [p for w in args.weights for p in weights_files(w)] if args.weights else blended_weights(cfg, args)
     return Ensemble([read_model_file(p) for p in paths], cfg.get("weights"))
 
 
@@ -240,12 +246,26 @@ def cpu_network(trained: ModelFile, size: int) -> Network:
     return export_or_fallback(trained, size, cached)
 
 
+def face_cropper(preprocessing: Preprocessing) -> Crop | None:
+    """The face crops of checkpoints whose meta.json asks for them (an imported SBI network)."""
+    if preprocessing.face_crop is None:
+        return None
+    from data_prep.face_crop import FaceCropper
+    from data_prep.faces import FaceModelError
+
+    try:
+        return FaceCropper(preprocessing.face_crop, preprocessing.size)
+    except FaceModelError as err:
+        raise ConfigError(f"{err}; checkpoints that take face crops need it") from None
+
+
 def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int) -> ArrayScorer:
     groups = []
     for idx in ensemble.groups().values():
         preprocessing = Preprocessing.from_config(ensemble.trained[idx[0]].config)
         networks = [cpu_network(ensemble.trained[i], preprocessing.size) for i in idx]
-        groups.append(Group(preprocessing, networks, idx))
+        label = ", ".join(sorted({ensemble.trained[i].member for i in idx}))
+        groups.append(Group(preprocessing, networks, idx, face_cropper(preprocessing), label))
     return ArrayScorer(groups, len(ensemble.trained), batch_size, workers)
 
 
@@ -269,7 +289,7 @@ class Scorer:
         else:
             from models.scoring import TorchScorer
 
-            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers)
+            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, face_cropper)
 
     @property
     def columns(self) -> list[str]:
@@ -391,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         scorer = Scorer(ensemble, args, report)
-    except CheckpointError as err:  # weights that do not fit the architecture in their meta.json
+    except (CheckpointError, ConfigError) as err:  # weights that do not fit their meta.json, or a recipe unknown
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = scorer.score(paths)

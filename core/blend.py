@@ -16,8 +16,8 @@ from core.trained import SubmissionError as SubmissionError
 from core.trained import blend_members as blend_members
 from core.trained import expected_folds as expected_folds
 from core.trained import finished_folds as finished_folds
+from core.trained import is_imported, nan_weighted_mean
 from core.trained import member_folds as member_folds
-from core.trained import nan_weighted_mean
 
 
 def _read_fold_csv(path: Path) -> pd.DataFrame:
@@ -33,6 +33,11 @@ def _read_fold_csv(path: Path) -> pd.DataFrame:
 def member_predictions(outputs: str | Path, member: str, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """OOF predictions of `folds` (concatenated, with their `fold`) and test predictions
     averaged over them, matched by img_name (NaN where a fold could not score an image)."""
+    if folds and is_imported(outputs, member, folds[0]):
+        raise SubmissionError(
+            f"{member}: imported from a published release, so it has no out-of-fold or test predictions on "
+            "this data to blend; infer.py scores with it (--weights outputs/<member>)"
+        )
     dirs = {k: Path(outputs) / member / f"fold{k}" for k in folds}
     oof = pd.concat([_read_fold_csv(d / "oof.csv").assign(fold=k) for k, d in dirs.items()], ignore_index=True)
     dupes = oof["img_name"][oof["img_name"].duplicated()].unique()

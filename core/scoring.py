@@ -5,6 +5,11 @@ threads), preprocessed once per input recipe (`core.preprocess`), and every netw
 recipe scores the batch; softmax in float64 as `core.predict.fake_probability` does. No
 torch import: a network is any callable `images (N, 3, H, W) float32 -> outputs`, the
 outputs a dict with `logits` (N, 2) or the logits array itself.
+
+A group whose checkpoints take face crops (`Preprocessing.face_crop`) is given a `crop`
+callable: an image -> the crops its networks take, one per face. The group scores every crop
+and keeps the highest probability (the published recipe for an image with several faces); an
+image with no face is NaN for that group alone, reported with the group's `label`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from core.prefetch import read_ahead
 from core.preprocess import Preprocessing
 
 Network = Callable[[np.ndarray], "dict[str, np.ndarray] | np.ndarray"]
+Crop = Callable[[np.ndarray], list[np.ndarray]]
 
 
 def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
@@ -35,11 +41,37 @@ def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
 
 @dataclass
 class Group:
-    """Networks fed by one preprocessing recipe, and their columns in the ensemble."""
+    """Networks fed by one preprocessing recipe, and their columns in the ensemble; `crop` and
+    `label` for networks that take face crops (see the module docstring)."""
 
     preprocessing: Preprocessing
     networks: list[Network]
     columns: list[int]
+    crop: Crop | None = None
+    label: str = ""
+
+    def inputs(self, image: np.ndarray) -> np.ndarray | None:
+        """The image's network input (3, S, S), or its face crops' (n_faces, 3, S, S); None: no face."""
+        if self.crop is None:
+            return self.preprocessing(image)
+        crops = self.crop(image)
+        return np.stack([self.preprocessing(c) for c in crops]) if crops else None
+
+    def probabilities(self, inputs: list[np.ndarray | None]) -> np.ndarray:
+        """(n_images, n_networks) fake probabilities of a batch of `inputs`; with a crop, the
+        highest over each image's faces, NaN for an image without one."""
+        if self.crop is None:
+            x = np.stack(inputs)
+            return np.stack([fake_probability(network(x)) for network in self.networks], axis=1)
+        out = np.full((len(inputs), len(self.networks)), np.nan)
+        found = [i for i, x in enumerate(inputs) if x is not None]
+        if found:
+            x = np.concatenate([inputs[i] for i in found])
+            owner = np.repeat(found, [len(inputs[i]) for i in found])
+            scores = np.stack([fake_probability(network(x)) for network in self.networks], axis=1)
+            for i in found:
+                out[i] = scores[owner == i].max(axis=0)
+        return out
 
 
 def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
@@ -67,10 +99,19 @@ class ArrayScorer:
         self.batch_size = batch_size
         self.workers = workers
 
-    def _inputs(self, image: np.ndarray) -> list[np.ndarray]:
-        return [g.preprocessing(image) for g in self.groups]
+    def _inputs(self, image: np.ndarray) -> list[np.ndarray | None]:
+        return [g.inputs(image) for g in self.groups]
 
-    def _score(self, items: Iterable[tuple[int, list[np.ndarray] | str]], n: int, on_error, progress: bool):
+    def _score(
+        self,
+        items: Iterable[tuple[int, list[np.ndarray | None] | str]],
+        n: int,
+        on_error,
+        progress: bool,
+        names: Sequence[str | Path] | None = None,
+    ):
+        """(n, n_models) probabilities of `items`; with `names` (files), an image in which a
+        face-cropping group found no face is reported by name."""
         probs = np.full((n, self.n_models), np.nan)
         batches = _batches(items, self.batch_size, on_error)
         if progress:
@@ -79,9 +120,11 @@ class ArrayScorer:
             batches = progress_bar(batches, desc="predict", total=-(-n // self.batch_size), leave=False)
         for index, inputs in batches:
             for g, group in enumerate(self.groups):
-                x = np.stack([one[g] for one in inputs])
-                scores = [fake_probability(network(x)) for network in group.networks]
-                probs[np.ix_(index, group.columns)] = np.stack(scores, axis=1)
+                probs[np.ix_(index, group.columns)] = group.probabilities([one[g] for one in inputs])
+                if names is not None:
+                    for i, one in zip(index, inputs, strict=True):
+                        if one[g] is None:
+                            on_error(f"{names[i]}: no face found; not scored by {group.label}")
         return probs
 
     def score_files(self, paths: Sequence[str | Path], on_error: Callable[[str], None]) -> np.ndarray:
@@ -93,7 +136,7 @@ class ArrayScorer:
                 return i, str(err)
 
         items = ordered_map(load, enumerate(paths), self.workers)
-        return self._score(items, len(paths), on_error, progress=len(paths) > self.batch_size)
+        return self._score(items, len(paths), on_error, progress=len(paths) > self.batch_size, names=paths)
 
     def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         items = ((i, self._inputs(a)) for i, a in enumerate(arrays))

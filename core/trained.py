@@ -54,14 +54,36 @@ def finished_folds(outputs: str | Path, member: str) -> list[int]:
     return sorted(done)
 
 
+def weights_files(path: str | Path) -> list[Path]:
+    """What `infer.py --weights` names: a weights file; a fold's folder (its weights file); or a
+    member's folder, `outputs/<member>`, standing for every finished fold's weights file."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    folds = finished_folds(path.parent, path.name)
+    if not folds:
+        raise CheckpointError(f"{path}: a folder with neither {WEIGHTS_FILE} nor a finished fold<k>/{WEIGHTS_FILE}")
+    return [path / f"fold{k}" / WEIGHTS_FILE for k in folds]
+
+
+def is_imported(outputs: str | Path, member: str, fold: int) -> bool:
+    """Whether the fold came from a published release (`models.import_published`): its folds are
+    its authors' models, not folds of this project's split."""
+    meta = Path(outputs) / member / f"fold{fold}" / META_FILE
+    return meta.is_file() and json.loads(meta.read_text()).get("imported") is not None
+
+
 def member_folds(outputs: str | Path, member: str, expected: list[int] | None, allow_partial: bool) -> list[int]:
     """The folds of `member` to blend: every expected fold, finished. A member with a fold
-    missing is refused unless `allow_partial` (then its finished folds are used)."""
+    missing is refused unless `allow_partial` (then its finished folds are used). An imported
+    member uses all of its folds, whatever the split (seven published experts are not five folds)."""
     done = finished_folds(outputs, member)
     if not done:
         how = f"train.py --config configs/members/{member}.yaml --fold all"
         raise SubmissionError(f"{Path(outputs) / member}: no finished fold (run {how})")
-    if expected is None:
+    if expected is None or is_imported(outputs, member, done[0]):
         return done
     missing = sorted(set(expected) - set(done))
     if missing and not allow_partial:

@@ -1,7 +1,10 @@
 """Image transforms built from config with albumentations.
 
 Normalisation always comes after resizing (the winning solution's released inference
-normalised a full-size image first: slower, and different numerics at the edges).
+normalised a full-size image first: slower, and different numerics at the edges). A
+checkpoint imported from a published release records its authors' own evaluation recipe
+(`core.preprocess`: another resize kernel, normalising first); it is evaluated with that
+recipe, computed by `core.preprocess.Preprocessing` so that PyTorch and ONNX Runtime agree.
 Every call takes a seed, so augmentation depends on (epoch, sample) only: the same with
 any number of loader workers or processes, and the same after a resume.
 """
@@ -15,10 +18,12 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from core.config import ConfigError
+
 # Shared with core.preprocess, the same evaluation preprocessing without albumentations.
 from core.preprocess import IMAGENET_MEAN as IMAGENET_MEAN
 from core.preprocess import IMAGENET_STD as IMAGENET_STD
-from core.preprocess import RESIZE_INTERPOLATION
+from core.preprocess import RESIZE_INTERPOLATION, Preprocessing
 
 
 def _resize(size: int) -> A.Resize:
@@ -56,8 +61,25 @@ class ImageTransform:
         return self.compose(image=image)["image"]
 
 
-def build_transform(cfg: Mapping, train: bool) -> ImageTransform:
-    """`cfg` is the config's `data` section: `image_size`, optional `mean`/`std`, `aug`."""
+class RecordedTransform:
+    """Callable `transform(image, seed) -> CHW float tensor` of a recipe albumentations does not
+    have (`core.preprocess.Preprocessing`); evaluation only, so the seed is unused."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        return torch.from_numpy(self.preprocessing(image))
+
+
+def build_transform(cfg: Mapping, train: bool) -> ImageTransform | RecordedTransform:
+    """`cfg` is the config's `data` section: `image_size`, optional `mean`/`std`, `aug`, and an
+    imported checkpoint's `resize` / `normalize_first` (evaluation only)."""
+    recorded = Preprocessing.from_config({"data": cfg})
+    if not recorded.is_default:
+        if train:
+            raise ConfigError(f"data.resize {recorded.resize!r} / normalize_first: evaluation only, not for training")
+        return RecordedTransform(recorded)
     size = int(cfg["image_size"])
     ops = ([_resize(size)] + (_train_augs(cfg.get("aug", {})) if train else [])) + _normalize(cfg)
     return ImageTransform(ops)

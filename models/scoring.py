@@ -8,15 +8,19 @@ verified export (`core.onnx_cache`) never does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.dataset import ImageDataset, make_loader
+from core.imaging import ImageDecodeError, decode_image
 from core.log import get_logger
 from core.onnx_cache import FAILED, CachedExport
 from core.predict import predict_arrays, predict_loader
+from core.preprocess import Preprocessing
+from core.scoring import Crop
 from core.trained import Ensemble, ModelFile
 from core.transforms import build_transform
 from models.fusion import fold_batchnorm
@@ -87,11 +91,32 @@ def cpu_network(trained: ModelFile, size: int, cached: CachedExport) -> Callable
     return NumpyIn(torch_network(model, size, torch.device("cpu")))
 
 
+@dataclass
+class TorchGroup:
+    """Networks fed by one preprocessing recipe, their columns in the ensemble, and for
+    networks that take face crops the `crop` and the `label` naming them (`core.scoring.Group`)."""
+
+    transform: Callable
+    networks: list[torch.nn.Module]
+    columns: list[int]
+    crop: Crop | None = None
+    label: str = ""
+
+
 class TorchScorer:
     """Fake probability of every model of `ensemble` for every image, (N, n_models), in PyTorch
-    on `device`: loader workers decode, batches run under bf16 autocast on a GPU."""
+    on `device`: loader workers decode, batches run under bf16 autocast on a GPU. `cropper`
+    gives each group whose checkpoints take face crops its crop; such a group scores one image
+    at a time, the highest probability over its faces."""
 
-    def __init__(self, ensemble: Ensemble, device: str, batch_size: int, workers: int):
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        device: str,
+        batch_size: int,
+        workers: int,
+        cropper: Callable[[Preprocessing], Crop | None] | None = None,
+    ):
         self.device = torch.device(device)
         self.n_models = len(ensemble.trained)
         self.batch_size = batch_size
@@ -101,16 +126,43 @@ class TorchScorer:
             data_cfg = ensemble.trained[idx[0]].config["data"]
             size = int(data_cfg["image_size"])
             networks = [torch_network(_loaded(ensemble.trained[i]), size, self.device) for i in idx]
-            self.groups.append((build_transform(data_cfg, train=False), networks, idx))
+            crop = cropper(Preprocessing.from_config({"data": data_cfg})) if cropper else None
+            label = ", ".join(sorted({ensemble.trained[i].member for i in idx}))
+            self.groups.append(TorchGroup(build_transform(data_cfg, train=False), networks, idx, crop, label))
+
+    def _faces(self, group: TorchGroup, image: np.ndarray) -> np.ndarray | None:
+        """Per network of `group`, the highest probability over the image's face crops; None: no face."""
+        crops = group.crop(image)
+        if not crops:
+            return None
+        kw = {"batch_size": self.batch_size, "channels_last": True}
+        return predict_arrays(group.networks, crops, group.transform, self.device, **kw).max(axis=0)
+
+    def _cropped_files(self, group: TorchGroup, paths: Sequence[str | Path], on_error) -> np.ndarray:
+        out = np.full((len(paths), len(group.networks)), np.nan)
+        for i, path in enumerate(paths):
+            try:
+                found = self._faces(group, decode_image(path))
+            except ImageDecodeError as err:
+                on_error(str(err))
+                continue
+            if found is None:
+                on_error(f"{path}: no face found; not scored by {group.label}")
+            else:
+                out[i] = found
+        return out
 
     def score_files(self, paths: Sequence[str | Path], on_error: Callable[[str], None]) -> np.ndarray:
         probs = np.full((len(paths), self.n_models), np.nan)
-        for transform, networks, idx in self.groups:
+        for group in self.groups:
+            if group.crop is not None:
+                probs[:, group.columns] = self._cropped_files(group, paths, on_error)
+                continue
             loader = make_loader(
-                ImageDataset([str(p) for p in paths], transform=transform), self.batch_size, self.workers
+                ImageDataset([str(p) for p in paths], transform=group.transform), self.batch_size, self.workers
             )
-            probs[:, idx] = predict_loader(
-                networks,
+            probs[:, group.columns] = predict_loader(
+                group.networks,
                 loader,
                 self.device,
                 channels_last=True,
@@ -121,8 +173,14 @@ class TorchScorer:
 
     def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         probs = np.full((len(arrays), self.n_models), np.nan)
-        for transform, networks, idx in self.groups:
-            probs[:, idx] = predict_arrays(
-                networks, arrays, transform, self.device, batch_size=self.batch_size, channels_last=True
-            )
+        for group in self.groups:
+            if group.crop is None:
+                probs[:, group.columns] = predict_arrays(
+                    group.networks, arrays, group.transform, self.device, batch_size=self.batch_size, channels_last=True
+                )
+                continue
+            for i, array in enumerate(arrays):
+                found = self._faces(group, array)
+                if found is not None:
+                    probs[i, group.columns] = found
         return probs

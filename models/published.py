@@ -1,0 +1,262 @@
+"""Published checkpoints as this project's networks (METHODS.md, "Published checkpoints").
+
+Two releases map onto the project's members key by key:
+
+- The winning solution: `weight.pth`, the state dict of an `nn.ModuleList` of seven experts,
+  each holding its timm model (created with `num_classes=2`) under `baseline_extractor`, and
+  `ema.state`, a dict {expert index: torch-ema state} whose `shadow_params` follow the order of
+  `expert.parameters()`. Expert i becomes an `mff_expert` network (`models.mff`): the timm
+  model's keys under `backbone.`, its 2-class classifier as `head.1`, and the EMA weights in
+  place of the trained ones (buffers, e.g. BatchNorm statistics, come from `weight.pth`), as
+  the released inference swaps them in.
+- SBI: a dict whose `model` entry is the state dict of a module holding efficientnet_pytorch's
+  `EfficientNet` under `net`. It becomes an `sbi_fed` network without the guidance heads
+  (`models.sbi_fed`, backbone timm's `tf_efficientnet_b4.ap_in1k`: the same network with
+  TensorFlow "same" padding and BatchNorm eps 1e-3), keys renamed block by block
+  (`efficientnet_pytorch_to_timm`).
+
+Files are read only with `torch.load(weights_only=True)` on the CPU. Every converted state dict
+is loaded strictly into the network its config builds, so a key or shape that does not fit
+stops the import with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.checkpoint import CheckpointError
+from models.registry import build_model
+
+# Top-level modules of efficientnet_pytorch's EfficientNet and timm's EfficientNet.
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# Inside a block with an expansion convolution (timm's InvertedResidual) ...
+_EXPANDED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+# ... and without one (expansion ratio 1, the first stage: timm's DepthwiseSeparableConv).
+_DEPTHWISE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(.+)")
+
+
+def read_pickle(path: str | Path, what: str) -> Any:
+    """A published PyTorch file, read with `torch.load(weights_only=True)` on the CPU (its tensors
+    may have been saved from a GPU). Errors name the file: missing, refused by weights_only
+    (it would need code to rebuild), or not a PyTorch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (the {what})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler names the class or function the file would need.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) cannot read it: not a PyTorch checkpoint, or one that "
+                "holds more than tensors and plain containers"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): it needs {found.group(1)}; only tensors and plain "
+            "containers are read"
+        ) from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
+
+
+def _tensor_dict(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: {what} is not a state dict of tensors (found {type(obj).__name__})")
+    return dict(obj)
+
+
+def _check_fits(network: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """A missing, unexpected or mis-shaped key of `state` for `network`, as one line."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = {"missing": missing, "unexpected": unexpected, "shape mismatch": shapes}
+    summary = "; ".join(f"{name} {len(keys)}, e.g. {keys[:2]}" for name, keys in problems.items() if keys)
+    if summary:
+        raise CheckpointError(f"{where}: does not fit the network ({summary})")
+
+
+def timm_to_member(timm_keys: list[str], network: torch.nn.Module, where: str) -> dict[str, str]:
+    """Where each key of a timm classifier (`num_classes=2`) goes in `network`: a member whose
+    timm model (headless) is `backbone` and whose 2-class head is its only other part. Keys the
+    headless backbone has go under `backbone.`; the classifier's weight and bias (`classifier.*`
+    for EfficientNet, `head.fc.*` for ConvNeXt) become the head's. Any other key keeps its name,
+    so that the strict check reports it as unexpected."""
+    own = network.state_dict()
+    keys = {k: f"backbone.{k}" for k in timm_keys if f"backbone.{k}" in own}
+    rest = [k for k in timm_keys if k not in keys]
+    prefixes = {k.rsplit(".", 1)[0] for k in rest}
+    classifier = [p for p in sorted(prefixes) if {f"{p}.weight", f"{p}.bias"} <= set(rest)]
+    head = {k.rsplit(".", 1)[-1]: k for k in own if not k.startswith("backbone.")}
+    if len(classifier) != 1 or sorted(head) != ["bias", "weight"]:
+        raise CheckpointError(f"{where}: expected one classifier (weight, bias) beside the backbone, found {rest[:4]}")
+    keys.update({k: k for k in rest})
+    keys.update({f"{classifier[0]}.{name}": target for name, target in head.items()})
+    return keys
+
+
+def _stage_of(depths: list[int]) -> list[tuple[int, int]]:
+    """Flat block index -> (stage, index in stage), as timm nests the blocks efficientnet_pytorch lists flat."""
+    return [(stage, i) for stage, depth in enumerate(depths) for i in range(depth)]
+
+
+def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], depths: list[int]) -> dict[str, torch.Tensor]:
+    """efficientnet_pytorch's EfficientNet state dict with timm's EfficientNet key names.
+
+    efficientnet_pytorch lists the MBConv blocks flat (`_blocks.<n>`); timm nests them by stage
+    (`blocks.<stage>.<i>`, stage lengths `depths`, the same round-up of the depth multiplier). A
+    block with an expansion convolution renames its parts as timm's InvertedResidual (`_EXPANDED`),
+    one without as its DepthwiseSeparableConv (`_DEPTHWISE`); the stem, head convolution, their
+    BatchNorms and `_fc` as `_TOP`. A key that fits none of these raises.
+    """
+    where = _stage_of(depths)
+    expanded = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.fullmatch(k)) and m.group(2) == "_expand_conv"}
+    out = {}
+    for key, value in state.items():
+        block = _BLOCK_KEY.fullmatch(key)
+        if block is None:
+            module, _, param = key.partition(".")
+            if module not in _TOP:
+                raise CheckpointError(f"unexpected efficientnet_pytorch key {key!r}")
+            out[f"{_TOP[module]}.{param}"] = value
+            continue
+        n, module, param = int(block.group(1)), block.group(2), block.group(3)
+        names = _EXPANDED if n in expanded else _DEPTHWISE
+        if n >= len(where) or module not in names:
+            raise CheckpointError(f"unexpected efficientnet_pytorch key {key!r} (the network has {len(where)} blocks)")
+        stage, i = where[n]
+        out[f"blocks.{stage}.{i}.{names[module]}.{param}"] = value
+    return out
+
+
+# --------------------------------------------------------------------------- the winning solution
+
+
+def split_experts(state: dict[str, torch.Tensor], path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """`<i>.baseline_extractor.<timm key>` -> {i: {timm key: tensor}}, in the file's key order."""
+    experts: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        owner, _, timm_key = rest.partition(".")
+        if not index.isdigit() or owner != "baseline_extractor" or not timm_key:
+            raise CheckpointError(f"{path}: key {key!r} is not <expert>.baseline_extractor.<timm key>")
+        experts.setdefault(int(index), {})[timm_key] = value
+    return experts
+
+
+def ema_shadow(ema: Any, index: int, path: Path) -> list[torch.Tensor]:
+    """The EMA weights of expert `index` in `ema.state`: its `shadow_params` list."""
+    state = ema.get(index) if isinstance(ema, Mapping) else None
+    shadow = state.get("shadow_params") if isinstance(state, Mapping) else None
+    if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow):
+        keys = sorted(ema) if isinstance(ema, Mapping) else type(ema).__name__
+        raise CheckpointError(f"{path}: no shadow_params list of tensors for expert {index} (holds {keys})")
+    return shadow
+
+
+def apply_ema(
+    converted: dict[str, torch.Tensor], order: list[str], shadow: list[torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
+    """`converted` with the parameters named by `order` (the network's keys of the published
+    expert's parameters, in `expert.parameters()` order) replaced by `shadow`, one to one."""
+    if len(order) != len(shadow):
+        raise CheckpointError(f"{where}: {len(shadow)} EMA shadow parameters for {len(order)} parameters")
+    out = dict(converted)
+    for j, (key, tensor) in enumerate(zip(order, shadow, strict=True)):
+        if tensor.shape != out[key].shape:
+            raise CheckpointError(
+                f"{where}: EMA shadow parameter {j} has shape {tuple(tensor.shape)}, but {key} is "
+                f"{tuple(out[key].shape)}; the shadow list does not follow the expert's parameters"
+            )
+        out[key] = tensor.to(out[key].dtype)
+    return out
+
+
+def convert_winner_expert(
+    timm_state: dict[str, torch.Tensor], shadow: list[torch.Tensor], model_cfg: dict, where: str
+) -> dict[str, torch.Tensor]:
+    """One published expert (its timm state dict and EMA shadow list) as the state dict of the
+    `mff_expert` network `model_cfg` builds, checked by a strict load."""
+    network = build_model(model_cfg, pretrained=False)
+    keys = timm_to_member(list(timm_state), network, where)
+    converted = {keys[k]: v for k, v in timm_state.items()}
+    params = {name for name, _ in network.named_parameters()}
+    # A state dict lists modules in the order parameters() visits them, each module's parameters
+    # before its buffers: its parameters, in file order, are in expert.parameters() order.
+    order = [keys[k] for k in timm_state if keys[k] in params]
+    _check_fits(network, converted, where)
+    state = apply_ema(converted, order, shadow, where)
+    network.load_state_dict(state, strict=True)
+    return state
+
+
+def convert_winner(weight_file: Path, ema_file: Path, expert_models: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """The seven experts of `weight.pth` with `ema.state`'s weights, as `mff_expert` state dicts
+    (expert i built by `expert_models[i]`)."""
+    state = _tensor_dict(read_pickle(weight_file, "weight.pth"), weight_file, "weight.pth")
+    ema = read_pickle(ema_file, "ema.state")
+    experts = split_experts(state, weight_file)
+    if sorted(experts) != list(range(len(expert_models))):
+        raise CheckpointError(f"{weight_file}: holds experts {sorted(experts)}, the config names {len(expert_models)}")
+    converted = []
+    for i, model_cfg in enumerate(expert_models):
+        where = f"{weight_file} expert {i} ({model_cfg['backbone']})"
+        converted.append(convert_winner_expert(experts[i], ema_shadow(ema, i, ema_file), model_cfg, where))
+    return converted
+
+
+# --------------------------------------------------------------------------- SBI
+
+
+def convert_sbi(file: Path, model_cfg: dict) -> dict[str, torch.Tensor]:
+    """SBI's released EfficientNet-B4 (`{"model": {"net.<key>": tensor}}`) as the state dict of
+    the `sbi_fed` network `model_cfg` builds (guidance heads off), checked by a strict load."""
+    obj = read_pickle(file, "SBI checkpoint")
+    if not isinstance(obj, Mapping) or "model" not in obj:
+        found = sorted(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{file}: expected a dict with a 'model' entry (SBI's checkpoint), found {found}")
+    state = _tensor_dict(obj["model"], file, "its 'model' entry")
+    outside = [k for k in state if not k.startswith("net.")]
+    if outside:
+        raise CheckpointError(f"{file}: keys outside 'net.' (efficientnet_pytorch's EfficientNet), e.g. {outside[:3]}")
+    network = build_model(model_cfg, pretrained=False)
+    depths = [len(stage) for stage in network.backbone.blocks]
+    try:
+        timm_state = efficientnet_pytorch_to_timm({k.removeprefix("net."): v for k, v in state.items()}, depths)
+    except CheckpointError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    keys = timm_to_member(list(timm_state), network, str(file))
+    converted = {keys[k]: v for k, v in timm_state.items()}
+    _check_fits(network, converted, f"{file} ({model_cfg['backbone']})")
+    network.load_state_dict(converted, strict=True)
+    return converted
