@@ -22,6 +22,10 @@ disagreed is scored with PyTorch (one line on stderr) and not exported again unt
 torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 autocast.
 --runtime torch uses PyTorch on the CPU as well.
 
+--explain DIR writes, per still image scored, a Grad-CAM overlay for each member (its folds
+averaged) and one for the blend, captioned with the probability (models/explain.py); the
+networks run in PyTorch for it, on the CPU too.
+
 --json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
 null)}.
@@ -117,7 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="write Grad-CAM overlays of each still image to DIR: <stem>__<member>.png and <stem>__blend.png",
+    )
+    args = p.parse_args(argv)
+    if args.explain and args.crop_faces:
+        p.error("--explain shows whole images; it does not combine with --crop-faces")
+    return args
 
 
 def scan_folder(folder: Path) -> tuple[list[Path], Counter[str]]:
@@ -367,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         import pandas as pd
 
         write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
+    if args.explain:
+        from models.explain import ExplainError, write_explanations
+
+        try:
+            write_explanations(ensemble, paths, table, args.explain, scorer.device, report)
+        except ExplainError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if np.isnan(probs).all():
         return 2
     return 1 if problems else 0
