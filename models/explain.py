@@ -72,20 +72,23 @@ class FoldCam:
     """Grad-CAM of one trained network, fed the preprocessing its meta.json records."""
 
     def __init__(self, trained: ModelFile, device: torch.device):
-        network = load_trained(trained.weights).model.float().to(device).eval()
+        network = load_trained(trained.weights).model.float().to(device).eval().requires_grad_(False)
         find_layer = getattr(network, "cam_layer", None)
         if find_layer is None:
             raise ExplainError(
                 f"{trained.weights}: {type(network).__name__} does not say which layer to explain (no cam_layer method)"
             )
+        layer = find_layer()
+        # Registered before Grad-CAM's own hooks, so they see the output it gives.
+        self.handle = layer.register_forward_hook(graph_from_here)
         self.preprocessing = Preprocessing.from_config(trained.config)
         self.device = device
-        self.gradcam = GradCAM(LogitsOnly(network), [find_layer()])
+        self.gradcam = GradCAM(LogitsOnly(network), [layer])
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float32 in [0, 1] for an RGB uint8 (H, W, 3) image: the CAM, computed at the
         network's input size (min-max scaled there by the library), resized to the image."""
-        x = torch.from_numpy(self.preprocessing(image))[None].to(self.device).requires_grad_(True)
+        x = torch.from_numpy(self.preprocessing(image))[None].to(self.device)
         with torch.enable_grad():
             cam = self.gradcam(x, [FakeMargin()])[0]
         height, width = image.shape[:2]
@@ -93,6 +96,16 @@ class FoldCam:
 
     def release(self) -> None:
         self.gradcam.activations_and_grads.release()
+        self.handle.remove()
+
+
+def graph_from_here(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on the explained layer: autograd starts at its output. Grad-CAM needs the
+    gradient there and nowhere below, so the layers before it (their weights frozen, the input
+    not requiring grad) run without a graph and the backward pass stops here; the gradient at
+    this output, and so the CAM, is the same as with a backward pass through the whole network.
+    The clone keeps a later in-place operation legal (it would not be on a leaf)."""
+    return output.detach().requires_grad_().clone()
 
 
 def blend_cam(member_cams: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:

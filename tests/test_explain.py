@@ -12,14 +12,17 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pytorch_grad_cam import GradCAM
 from torch import nn
 
 import infer
 import models
 from core.checkpoint import save_weights
+from core.preprocess import Preprocessing
 from core.trained import Ensemble, read_model_file
-from models.explain import Explainer
+from models.explain import Explainer, FakeMargin, FoldCam, LogitsOnly
 from models.registry import register_model
+from models.zoo import load_trained
 
 SIZE = 32
 HEIGHT, WIDTH = 48, 64  # not square: a swapped width and height shows
@@ -240,3 +243,19 @@ def test_two_timm_members_give_different_cams(tmp_path):
     explainer.release()
     assert all(c.shape == (HEIGHT, WIDTH) and c.min() >= 0 and 0.5 < c.max() <= 1 for c in cams.values())
     assert np.abs(cams["res"] - cams["eff"]).mean() > 0.05
+
+
+def test_the_cam_is_grad_cam_with_a_full_backward_pass(tmp_path):
+    """Autograd starting at the explained layer gives the CAM a backward pass through the whole
+    network gives (the library's GradCAM on the plain network)."""
+    torch.manual_seed(0)
+    trained = read_model_file(fold(tmp_path, "eff", {"name": "sbi_fed", "backbone": "test_efficientnet"}, 128))
+    image = np.random.default_rng(3).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    fast = FoldCam(trained, torch.device("cpu"))
+    ours = fast(image)
+    fast.release()
+    network = load_trained(trained.weights).model
+    x = torch.from_numpy(Preprocessing.from_config(trained.config)(image))[None]
+    full = GradCAM(LogitsOnly(network), [network.cam_layer()])(x, [FakeMargin()])[0]
+    assert full.max() > 0.5
+    np.testing.assert_allclose(ours, full, atol=1e-5)
