@@ -44,7 +44,8 @@ CAPTION_PAD = 4
 
 
 class ExplainError(ValueError):
-    """A network cannot be explained; the message names its weights file and the reason."""
+    """A network cannot be explained, or the output folder cannot be written; the message
+    names the file and the reason."""
 
 
 class FakeMargin:
@@ -156,24 +157,41 @@ def caption_text(member: str, probability: float) -> str:
     return f"{member}: p(fake) = {probability:.4f}"
 
 
-def _font(text: str, width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(text: str, width: int) -> ImageFont.FreeTypeFont:
     """The default font at the largest size from 1/24 of the width (at most 28 px) down to 10 px
-    that fits `text` in `width`; text still too wide is cut at the edge (the PNG keeps it whole)."""
+    that fits `text` on one line of `width`."""
     size = max(10, min(28, width // 24))
     font = ImageFont.load_default(size)
-    while size > 10 and font.getlength(text) > width - 2 * CAPTION_PAD:
+    while size > 10 and font.getlength(text) > width:
         size -= 1
         font = ImageFont.load_default(size)
     return font
 
 
+def _lines(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """`text` broken at spaces into lines that fit `width` (a word wider than that is cut at the
+    edge when drawn; the PNG's metadata keeps the caption whole)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def captioned(overlay: np.ndarray, text: str) -> np.ndarray:
-    """`overlay` (H, W, 3) with a white band below it holding `text` in black."""
+    """`overlay` (H, W, 3) with a white band below it holding `text` in black, on as many lines
+    as a narrow image needs."""
     width = overlay.shape[1]
-    font = _font(text, width)
-    left, top, _, bottom = font.getbbox(text)
-    band = Image.new("RGB", (width, bottom - top + 2 * CAPTION_PAD), "white")
-    ImageDraw.Draw(band).text((CAPTION_PAD - left, CAPTION_PAD - top), text, fill="black", font=font)
+    room = width - 2 * CAPTION_PAD
+    font = _font(text, room)
+    lines = _lines(text, font, room)
+    ascent, descent = font.getmetrics()
+    band = Image.new("RGB", (width, len(lines) * (ascent + descent) + 2 * CAPTION_PAD), "white")
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        draw.text((CAPTION_PAD, CAPTION_PAD + i * (ascent + descent)), line, fill="black", font=font)
     return np.concatenate([overlay, np.asarray(band)], axis=0)
 
 
@@ -214,6 +232,10 @@ def write_explanations(
     reported then). Videos are not explained (one line on stderr says how many). An image that
     cannot be read now goes to `report` and is skipped. Returns the files written."""
     out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExplainError(f"{out_dir}: cannot write explanations there ({err.strerror})") from None
     columns = [BLEND, *ensemble.members]
     chosen = [i for i, p in enumerate(paths) if not is_video(p) and not np.isnan(table[i, 0])]
     videos = sum(is_video(p) for p in paths)

@@ -20,7 +20,7 @@ import models
 from core.checkpoint import save_weights
 from core.preprocess import Preprocessing
 from core.trained import Ensemble, read_model_file
-from models.explain import Explainer, FakeMargin, FoldCam, LogitsOnly
+from models.explain import CAPTION_PAD, Explainer, FakeMargin, FoldCam, LogitsOnly, _font, _lines, captioned
 from models.registry import register_model
 from models.zoo import load_trained
 
@@ -213,6 +213,14 @@ def test_a_network_without_a_layer_to_explain_is_one_clear_error(toys, capsys):
     )
 
 
+def test_an_output_folder_that_is_a_file_is_one_clear_error(toys, capsys):
+    taken = toys["root"] / "taken"
+    taken.write_text("")
+    args = [str(toys["image"]), "--weights", str(toys["tl"]), "--runtime", "torch", "--explain", str(taken)]
+    assert infer.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {taken}: cannot write explanations")
+
+
 @pytest.mark.parametrize(
     ("model", "channels"),
     [
@@ -259,3 +267,16 @@ def test_the_cam_is_grad_cam_with_a_full_backward_pass(tmp_path):
     full = GradCAM(LogitsOnly(network), [network.cam_layer()])(x, [FakeMargin()])[0]
     assert full.max() > 0.5
     np.testing.assert_allclose(ours, full, atol=1e-5)
+
+
+@pytest.mark.parametrize(("width", "n_lines"), [(64, 3), (512, 1)])
+def test_a_caption_wider_than_the_image_is_broken_into_lines_that_fit(width, n_lines):
+    text = "blend: p(fake) = 0.4321"
+    room = width - 2 * CAPTION_PAD
+    font = _font(text, room)
+    lines = _lines(text, font, room)
+    assert " ".join(lines) == text and len(lines) == n_lines
+    assert all(font.getlength(line) <= room for line in lines)
+    band = captioned(np.zeros((10, width, 3), np.uint8), text)[10:]
+    ink_rows = np.flatnonzero((band < 128).any(axis=(1, 2)))
+    assert band.shape[0] >= n_lines * 10 and ink_rows.size and ink_rows[-1] < band.shape[0] - 1
