@@ -105,7 +105,8 @@ def graph_from_here(module: nn.Module, args: tuple, output: torch.Tensor) -> tor
     gradient there and nowhere below, so the layers before it (their weights frozen, the input
     not requiring grad) run without a graph and the backward pass stops here; the gradient at
     this output, and so the CAM, is the same as with a backward pass through the whole network.
-    The clone keeps a later in-place operation legal (it would not be on a leaf)."""
+    The clone keeps a later in-place operation on this output legal (on a leaf that requires
+    grad it is not)."""
     return output.detach().requires_grad_().clone()
 
 
