@@ -30,6 +30,10 @@ torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 aut
 POST /predict with a multipart file field `file`, GET /health, and an upload page at /; see
 core/service.py. --host, --port, --max-upload-mb and --batch-window-ms set it up.
 
+--explain DIR writes, per still image scored, a Grad-CAM overlay for each member (its folds
+averaged) and one for the blend, captioned with the probability (models/explain.py); the
+networks run in PyTorch for it, on the CPU too.
+
 --json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
 null)}.
@@ -128,6 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="write Grad-CAM overlays of each still image to DIR: <stem>__<member>.png and <stem>__blend.png",
+    )
     serving = p.add_argument_group("HTTP service (--serve; see core/service.py)")
     serving.add_argument("--serve", action="store_true", help="load the models once and score uploads over HTTP")
     serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -146,6 +155,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--serve takes no inputs: upload them to the service")
     if not args.serve and not args.inputs:
         p.error("the following arguments are required: inputs")
+    if args.explain and args.crop_faces:
+        p.error("--explain shows whole images; it does not combine with --crop-faces")
+    if args.explain and args.serve:
+        p.error("--explain writes files for the inputs given; it does not combine with --serve")
     return args
 
 
@@ -425,6 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         import pandas as pd
 
         write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
+    if args.explain:
+        from models.explain import ExplainError, write_explanations
+
+        try:
+            write_explanations(ensemble, paths, table, args.explain, scorer.device, report)
+        except ExplainError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if np.isnan(probs).all():
         return 2
     return 1 if problems else 0

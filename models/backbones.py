@@ -81,3 +81,14 @@ def create_backbone(
     # Debug only: inference rebuilds the architecture this way before loading a checkpoint.
     log.debug("%s: randomly initialised (pretrained=false, no weights file)", name)
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def last_feature_stage(backbone: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is the backbone's deepest feature map (stride 32 for the usual
+    CNNs): the last entry of timm's `feature_info` (ResNet `layer4`, ConvNeXt `stages.3`,
+    EfficientNet `blocks.6`, Xception `act4`). Grad-CAM reads its activations and gradients."""
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(backbone).__name__}: no timm feature_info to find its last feature stage in")
+    last = info.get_dicts()[-1] if hasattr(info, "get_dicts") else info[-1]
+    return backbone.get_submodule(last["module"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import create_backbone
+from models.backbones import create_backbone, last_feature_stage
 from models.heads import fp32_head
 from models.registry import register_model
 
@@ -22,6 +22,10 @@ class MFFExpert(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(images)
         return {"logits": fp32_head(self.head, features), "features": features}
+
+    def cam_layer(self) -> nn.Module:
+        """The layer whose activations explanations weigh (`models.explain`)."""
+        return last_feature_stage(self.backbone)
 
 
 @register_model("mff_expert")

@@ -32,7 +32,7 @@ from torch import nn
 
 from core.config import ConfigError
 from core.log import get_logger
-from models.backbones import create_backbone
+from models.backbones import create_backbone, last_feature_stage
 from models.heads import fp32_head
 from models.losses import cross_entropy
 from models.registry import TrainData, register_criterion, register_model, register_recipe
@@ -84,6 +84,10 @@ class SBIFedNet(nn.Module):
                 reconstruction=self.reconstruct(identity),
             )
         return out
+
+    def cam_layer(self) -> nn.Module:
+        """The layer whose activations explanations weigh (`models.explain`)."""
+        return last_feature_stage(self.backbone)
 
 
 @register_model("sbi_fed")
