@@ -22,6 +22,9 @@ disagreed is scored with PyTorch (one line on stderr) and not exported again unt
 torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 autocast.
 --runtime torch uses PyTorch on the CPU as well.
 
+--tta flip scores each image and its mirror, --tta 6view the image, its three rotations and both
+mirrors (`core.tta`), averaging the probabilities: as many forward passes per image as views.
+
 --json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
 null)}.
@@ -65,6 +68,7 @@ from core.trained import (
     member_folds,
     read_model_file,
 )
+from core.tta import TTA_MODES
 
 NO_MODEL = 3
 
@@ -114,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=RUNTIMES,
         default="auto",
         help="what runs the networks: onnx (ONNX Runtime, CPU only) or torch (default: onnx on CPU, torch on GPU)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=list(TTA_MODES),
+        default="none",
+        help="test-time augmentation: none, flip (2 views) or 6view (rotations and mirrors) (default: %(default)s)",
     )
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
@@ -217,13 +227,13 @@ def cpu_network(trained: ModelFile, size: int) -> Network:
     return export_or_fallback(trained, size, cached)
 
 
-def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int) -> ArrayScorer:
+def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int, tta: str = "none") -> ArrayScorer:
     groups = []
     for idx in ensemble.groups().values():
         preprocessing = Preprocessing.from_config(ensemble.trained[idx[0]].config)
         networks = [cpu_network(ensemble.trained[i], preprocessing.size) for i in idx]
         groups.append(Group(preprocessing, networks, idx))
-    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers)
+    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers, tta)
 
 
 class Scorer:
@@ -242,11 +252,11 @@ class Scorer:
         self.report = report
         self._analyzer = None
         if self.runtime == "onnx":
-            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers)
+            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers, args.tta)
         else:
             from models.scoring import TorchScorer
 
-            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers)
+            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, args.tta)
 
     @property
     def columns(self) -> list[str]:

@@ -2,7 +2,8 @@
 
 infer.py's ONNX path: each image is decoded once (in a read-ahead thread, or `workers`
 threads), preprocessed once per input recipe (`core.preprocess`), and every network of that
-recipe scores the batch; softmax in float64 as `core.predict.fake_probability` does. No
+recipe scores the batch, or each of its test-time views (`core.tta`) with the probabilities
+averaged; softmax in float64 as `core.predict.fake_probability` does. No
 torch import: a network is any callable `images (N, 3, H, W) float32 -> outputs`, the
 outputs a dict with `logits` (N, 2) or the logits array itself.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from core.imaging import ImageDecodeError, decode_image
 from core.prefetch import read_ahead
 from core.preprocess import Preprocessing
+from core.tta import average_views, check_mode
 
 Network = Callable[[np.ndarray], "dict[str, np.ndarray] | np.ndarray"]
 
@@ -31,6 +33,11 @@ def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp[:, 1] / exp.sum(axis=1)
+
+
+def network_probability(network: Network, images: np.ndarray, tta: str = "none") -> np.ndarray:
+    """`network`'s fake probability of each image of the batch, averaged over the views of `tta`."""
+    return average_views(lambda view: fake_probability(network(view)), images, tta)
 
 
 @dataclass
@@ -58,14 +65,17 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 
 class ArrayScorer:
-    """Fake probability of every network for every image, shape (N, n_models); NaN where an
-    image could not be read."""
+    """Fake probability of every network for every image, shape (N, n_models), averaged over
+    the views of `tta`; NaN where an image could not be read."""
 
-    def __init__(self, groups: Sequence[Group], n_models: int, batch_size: int = 1, workers: int = 0):
+    def __init__(
+        self, groups: Sequence[Group], n_models: int, batch_size: int = 1, workers: int = 0, tta: str = "none"
+    ):
         self.groups = list(groups)
         self.n_models = n_models
         self.batch_size = batch_size
         self.workers = workers
+        self.tta = check_mode(tta, "tta")
 
     def _inputs(self, image: np.ndarray) -> list[np.ndarray]:
         return [g.preprocessing(image) for g in self.groups]
@@ -80,7 +90,7 @@ class ArrayScorer:
         for index, inputs in batches:
             for g, group in enumerate(self.groups):
                 x = np.stack([one[g] for one in inputs])
-                scores = [fake_probability(network(x)) for network in group.networks]
+                scores = [network_probability(network, x, self.tta) for network in group.networks]
                 probs[np.ix_(index, group.columns)] = np.stack(scores, axis=1)
         return probs
 

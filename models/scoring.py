@@ -19,6 +19,7 @@ from core.onnx_cache import FAILED, CachedExport
 from core.predict import predict_arrays, predict_loader
 from core.trained import Ensemble, ModelFile
 from core.transforms import build_transform
+from core.tta import check_mode
 from models.fusion import fold_batchnorm
 from models.onnx_export import OnnxNetwork, export_and_check, onnx_network
 from models.zoo import load_trained
@@ -89,13 +90,15 @@ def cpu_network(trained: ModelFile, size: int, cached: CachedExport) -> Callable
 
 class TorchScorer:
     """Fake probability of every model of `ensemble` for every image, (N, n_models), in PyTorch
-    on `device`: loader workers decode, batches run under bf16 autocast on a GPU."""
+    on `device`: loader workers decode, batches run under bf16 autocast on a GPU, averaged over
+    the views of `tta` (`core.tta`)."""
 
-    def __init__(self, ensemble: Ensemble, device: str, batch_size: int, workers: int):
+    def __init__(self, ensemble: Ensemble, device: str, batch_size: int, workers: int, tta: str = "none"):
         self.device = torch.device(device)
         self.n_models = len(ensemble.trained)
         self.batch_size = batch_size
         self.workers = workers
+        self.tta = check_mode(tta, "tta")
         self.groups = []
         for idx in ensemble.groups().values():
             data_cfg = ensemble.trained[idx[0]].config["data"]
@@ -116,6 +119,7 @@ class TorchScorer:
                 channels_last=True,
                 progress=len(paths) > self.batch_size,
                 on_error=on_error,
+                tta=self.tta,
             )
         return probs
 
@@ -123,6 +127,6 @@ class TorchScorer:
         probs = np.full((len(arrays), self.n_models), np.nan)
         for transform, networks, idx in self.groups:
             probs[:, idx] = predict_arrays(
-                networks, arrays, transform, self.device, batch_size=self.batch_size, channels_last=True
+                networks, arrays, transform, self.device, batch_size=self.batch_size, channels_last=True, tta=self.tta
             )
         return probs
