@@ -4,17 +4,20 @@ Modes (`predict.tta` in a member's config for train.py's predictions, `--tta` fo
 - `none`: the input as it is;
 - `flip`: the input and its horizontal mirror;
 - `6view`: the input, its rotations by 90, 180 and 270 degrees, its horizontal and its vertical
-  mirror, as the 3rd-place solution of the competition averaged them (shared/METHODS.md).
+  mirror, averaged as the competition's 3rd-place solution describes it.
 
 The views are taken of the preprocessed batch, (N, C, H, W), after resizing and normalisation,
-so every runtime applies them to what it already feeds the network: NumPy arrays on infer.py's ONNX path, torch tensors
-on its PyTorch path and in train.py. This module imports no torch: a tensor is handled through
-its own `rot90` and `flip` methods, which follow NumPy's conventions.
+so every runtime applies them to what it already feeds the network: NumPy arrays on infer.py's
+ONNX path, torch tensors on its PyTorch path and in train.py. This module imports no torch: a
+tensor is handled through its own `rot90` and `flip` methods, which follow NumPy's conventions.
 
 Fake probabilities are averaged, not logits. The 3rd-place description says only that the six
 views are averaged; probabilities are what this project averages everywhere else (a member's
-folds, the members of the blend), a view then weighs as a fold does, and one view whose logit
-saturates cannot outvote the other five as it can in a logit mean.
+folds, the members of the blend), so a view weighs as a fold does, and one view whose logit
+saturates cannot outvote the others as it can in a mean of logits.
+
+A view helps where the network has learnt to score it: the training augmentation here mirrors
+images left to right (core/transforms.py) but neither rotates nor turns them upside down.
 """
 
 from __future__ import annotations
