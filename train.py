@@ -203,6 +203,9 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
     plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")
     test_metrics = score_report(test["target"], test["y_pred"]) if "target" in test.columns else {}
+    oof_metrics = scored_report(oof)
+    if tta != "none":
+        log.info("oof.csv under tta %s: auc %.4f, tpr@fpr1e-3 %.4f", tta, *oof_metrics.values())
     write_json(
         {
             "complete": True,
@@ -210,7 +213,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
             "fold": fold,
             "best_epoch": result.best_epoch,
             "val": result.best_metrics,  # as selected: without test-time augmentation
-            "oof": {"tta": tta, **scored_report(oof)},  # oof.csv as written
+            "oof": {"tta": tta, **oof_metrics},  # oof.csv as written
             "test_if_labelled": test_metrics,  # reported, never used for selection
             "history": result.history,
             "config": cfg,
