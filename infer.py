@@ -34,6 +34,9 @@ core/service.py. --host, --port, --max-upload-mb and --batch-window-ms set it up
 averaged) and one for the blend, captioned with the probability (models/explain.py); the
 networks run in PyTorch for it, on the CPU too.
 
+--tta flip scores each image and its mirror, --tta 6view the image, its three rotations and both
+mirrors (`core.tta`), averaging the probabilities: as many forward passes per image as views.
+
 --json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
 null)}.
@@ -79,6 +82,7 @@ from core.trained import (
     read_model_file,
     weights_files,
 )
+from core.tta import TTA_MODES
 
 NO_MODEL = 3
 
@@ -129,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=RUNTIMES,
         default="auto",
         help="what runs the networks: onnx (ONNX Runtime, CPU only) or torch (default: onnx on CPU, torch on GPU)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=list(TTA_MODES),
+        default="none",
+        help="test-time augmentation: none, flip (2 views) or 6view (rotations and mirrors) (default: %(default)s)",
     )
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
@@ -272,14 +282,14 @@ def face_cropper(preprocessing: Preprocessing) -> Crop | None:
         raise ConfigError(f"{err}; checkpoints that take face crops need it") from None
 
 
-def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int) -> ArrayScorer:
+def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int, tta: str = "none") -> ArrayScorer:
     groups = []
     for idx in ensemble.groups().values():
         preprocessing = Preprocessing.from_config(ensemble.trained[idx[0]].config)
         networks = [cpu_network(ensemble.trained[i], preprocessing.size) for i in idx]
         label = ", ".join(sorted({ensemble.trained[i].member for i in idx}))
         groups.append(Group(preprocessing, networks, idx, face_cropper(preprocessing), label))
-    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers)
+    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers, tta)
 
 
 class Scorer:
@@ -298,11 +308,11 @@ class Scorer:
         self.report = report
         self._analyzer = None
         if self.runtime == "onnx":
-            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers)
+            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers, args.tta)
         else:
             from models.scoring import TorchScorer
 
-            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, face_cropper)
+            self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, face_cropper, args.tta)
 
     @property
     def columns(self) -> list[str]:

@@ -13,6 +13,11 @@ finished fold does nothing (--force redoes it); an interrupted run resumes from 
 epoch and reaches the same result, and refuses to resume under a changed config (the
 error names the changed keys; --force starts over).
 
+The best epoch is selected on the validation fold as the network scores it; oof.csv and
+test.csv then hold the selected weights' predictions under `predict.tta` (none, flip or
+6view: test-time augmentation, core/tta.py). A finished fold whose config changed only
+there is scored again, not trained again.
+
 Several GPUs (or CPU processes) with PyTorch DDP; batch_size stays the global batch:
   torchrun --nproc_per_node 8 train.py --config configs/members/mff.yaml --fold all
 """
@@ -44,8 +49,9 @@ from core.log import get_logger
 from core.metrics import score_report
 from core.predict import predict_paths
 from core.report import plot_history, versions
-from core.training import Trainer, TrainSettings, config_fingerprint, describe_changes
+from core.training import STATE_FILE, Trainer, TrainSettings, config_fingerprint, describe_changes
 from core.transforms import build_transform
+from core.tta import tta_mode
 from core.tuning import tune
 
 log = get_logger("train")
@@ -86,6 +92,17 @@ def finished_config_changes(cfg: dict, fold: int, out_dir: Path) -> str:
     """How the config differs from the one a finished fold was trained with ('' if it does not)."""
     trained = json.loads((out_dir / META_FILE).read_text()).get("config", {})
     return describe_changes(config_fingerprint(trained), config_fingerprint(expert_config(cfg, fold)))
+
+
+def prediction_change(cfg: dict, fold: int, out_dir: Path) -> str:
+    """For a finished fold trained under this config, how its prediction settings differ ('' if
+    they do not, or if its training state is gone): it is then scored again by resuming that
+    complete state, which trains nothing."""
+    trained = json.loads((out_dir / META_FILE).read_text()).get("config", {})
+    old, new = tta_mode(trained), tta_mode(cfg)
+    if old == new or finished_config_changes(cfg, fold, out_dir) or not (out_dir / STATE_FILE).is_file():
+        return ""
+    return f"predict.tta: {old} -> {new}"
 
 
 def report_experts(cfg: dict, folds: list[int]) -> None:
@@ -130,6 +147,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     """
     dist = dist or DistInfo()
     cfg = expert_config(cfg, fold)
+    tta = tta_mode(cfg)  # a bad value fails here, before training
     out_dir = fold_dir(cfg, fold)
     data = resolve_data(cfg)
     table = read_folds(cfg["paths"]["folds"], read_train_table(data))
@@ -170,23 +188,32 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
         save_config(cfg, out_dir / "config.yaml")
     result = trainer.fit()
     test = read_test_table(data)
-    test["y_pred"] = score_test(trainer.module, test["path"].tolist(), out_dir, cfg, settings, device, dist)
+
+    def score(paths: list[str]) -> np.ndarray:
+        return score_selected(trainer.module, paths, out_dir, cfg, settings, device, dist, tta)
+
+    test["y_pred"] = score(test["path"].tolist())
+    val_probs = result.val_probs if tta == "none" else score(val_df["path"].tolist())
     if not dist.is_main:
         barrier(dist)  # rank 0 is writing the fold's outputs
         return result.best_metrics
 
-    oof = val_df[["img_name", "target"]].assign(y_pred=result.val_probs)
+    oof = val_df[["img_name", "target"]].assign(y_pred=val_probs)
     write_csv(oof, out_dir / "oof.csv")
     write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
     plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")
     test_metrics = score_report(test["target"], test["y_pred"]) if "target" in test.columns else {}
+    oof_metrics = scored_report(oof)
+    if tta != "none":
+        log.info("oof.csv under tta %s: auc %.4f, tpr@fpr1e-3 %.4f", tta, *oof_metrics.values())
     write_json(
         {
             "complete": True,
             "member": cfg["name"],
             "fold": fold,
             "best_epoch": result.best_epoch,
-            "val": result.best_metrics,
+            "val": result.best_metrics,  # as selected: without test-time augmentation
+            "oof": {"tta": tta, **oof_metrics},  # oof.csv as written
             "test_if_labelled": test_metrics,  # reported, never used for selection
             "history": result.history,
             "config": cfg,
@@ -198,7 +225,12 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     return result.best_metrics
 
 
-def score_test(
+def scored_report(df: pd.DataFrame) -> dict[str, float]:
+    ok = df["y_pred"].notna()
+    return score_report(df["target"][ok], df["y_pred"][ok])
+
+
+def score_selected(
     model: torch.nn.Module,
     paths: list[str],
     out_dir: Path,
@@ -206,8 +238,10 @@ def score_test(
     settings: TrainSettings,
     device: torch.device,
     dist: DistInfo,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Fake probabilities of the selected weights for the test list. Under torchrun each
+    """Fake probabilities of the selected weights for `paths` (the test list, or the validation
+    fold under test-time augmentation), averaged over the views of `tta`. Under torchrun each
     process scores its shard and all gather, as in validation: a large test set scored by
     rank 0 alone would keep the others waiting past the collective timeout."""
     model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))  # rank 0 wrote it before fit's last barrier
@@ -222,6 +256,7 @@ def score_test(
         channels_last=settings.channels_last,
         amp=settings.amp,
         progress=settings.progress and dist.is_main,
+        tta=tta,
     )[:, 0]
     return gather_rows(local, idx, len(paths), dist)
 
@@ -266,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_tuning(cfg, args.fold, args.tune, dist)
         for fold in folds_to_train(cfg, args.fold):
             out_dir = fold_dir(cfg, fold)
-            if is_finished(out_dir) and not args.force:
+            rescore = is_finished(out_dir) and not args.force and prediction_change(cfg, fold, out_dir)
+            if rescore:
+                log.info("%s is finished; scoring it again (%s)", out_dir, rescore)
+            elif is_finished(out_dir) and not args.force:
                 log.info("%s is finished; skipping (use --force to retrain)", out_dir)
                 changes = finished_config_changes(cfg, fold, out_dir)
                 if changes:

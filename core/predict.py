@@ -13,6 +13,7 @@ from core.device import autocast
 from core.log import get_logger
 from core.prefetch import read_ahead
 from core.progress import progress_bar
+from core.tta import average_views
 
 log = get_logger("predict")
 
@@ -50,26 +51,37 @@ def predict_arrays(
     batch_size: int,
     channels_last: bool = False,
     amp: bool = True,
+    tta: str = "none",
 ) -> np.ndarray:
     """Like `predict_loader` for images already in memory (video frames, face crops)."""
     for model in models:
         model.eval()
     probs = np.full((len(arrays), len(models)), np.nan, dtype=np.float64)
     for batch in _batches(arrays, transform, batch_size):
-        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp)
+        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp, tta)
     return probs
 
 
 def _forward(
-    models: Sequence[torch.nn.Module], images: torch.Tensor, device: torch.device, channels_last: bool, amp: bool
+    models: Sequence[torch.nn.Module],
+    images: torch.Tensor,
+    device: torch.device,
+    channels_last: bool,
+    amp: bool,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Float64 probabilities: bf16 autocast (GPU, `amp`) covers the networks, whose heads run in
-    fp32 (`models.heads`); the softmax runs outside it in float64 (`fake_probability`)."""
+    """Float64 probabilities, averaged over the views of `tta` (`core.tta`): bf16 autocast (GPU,
+    `amp`) covers the networks, whose heads run in fp32 (`models.heads`); the softmax runs outside
+    it in float64 (`fake_probability`)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    with autocast(device, amp):
-        outputs = [m(images) for m in models]
-    return torch.stack([fake_probability(o) for o in outputs], dim=1).cpu().numpy()
+
+    def score(view: torch.Tensor) -> torch.Tensor:
+        view = view.contiguous(memory_format=memory_format)
+        with autocast(device, amp):
+            outputs = [m(view) for m in models]
+        return torch.stack([fake_probability(o) for o in outputs], dim=1)
+
+    return average_views(score, images.to(device, non_blocking=True), tta).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -82,9 +94,11 @@ def predict_loader(
     amp: bool = True,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
     """Fake probability of every model for every item, shape (N, len(models)); NaN where
-    the file was bad. `amp=False` keeps a GPU in fp32 (a member's `train.amp: false`).
+    the file was bad. `amp=False` keeps a GPU in fp32 (a member's `train.amp: false`); `tta`
+    averages over views of each image (`core.tta`).
 
     Errors are passed to `on_error` (default: logged) as they appear, so a bad file among
     thousands is reported and the rest are scored.
@@ -99,7 +113,7 @@ def predict_loader(
             report(message)
         if "image" not in batch:
             continue
-        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp)
+        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp, tta)
     return probs
 
 
@@ -115,8 +129,9 @@ def predict_paths(
     amp: bool = True,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
     loader = make_loader(ImageDataset(paths, transform=transform), batch_size, num_workers)
     return predict_loader(
-        models, loader, device, channels_last=channels_last, amp=amp, progress=progress, on_error=on_error
+        models, loader, device, channels_last=channels_last, amp=amp, progress=progress, on_error=on_error, tta=tta
     )

@@ -2,7 +2,8 @@
 
 infer.py's ONNX path: each image is decoded once (in a read-ahead thread, or `workers`
 threads), preprocessed once per input recipe (`core.preprocess`), and every network of that
-recipe scores the batch; softmax in float64 as `core.predict.fake_probability` does. No
+recipe scores the batch, or each of its test-time views (`core.tta`) with the probabilities
+averaged; softmax in float64 as `core.predict.fake_probability` does. No
 torch import: a network is any callable `images (N, 3, H, W) float32 -> outputs`, the
 outputs a dict with `logits` (N, 2) or the logits array itself.
 
@@ -25,6 +26,7 @@ import numpy as np
 from core.imaging import ImageDecodeError, decode_image
 from core.prefetch import read_ahead
 from core.preprocess import Preprocessing
+from core.tta import average_views, check_mode
 
 Network = Callable[[np.ndarray], "dict[str, np.ndarray] | np.ndarray"]
 Crop = Callable[[np.ndarray], list[np.ndarray]]
@@ -37,6 +39,11 @@ def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp[:, 1] / exp.sum(axis=1)
+
+
+def network_probability(network: Network, images: np.ndarray, tta: str = "none") -> np.ndarray:
+    """`network`'s fake probability of each image of the batch, averaged over the views of `tta`."""
+    return average_views(lambda view: fake_probability(network(view)), images, tta)
 
 
 @dataclass
@@ -57,18 +64,18 @@ class Group:
         crops = self.crop(image)
         return np.stack([self.preprocessing(c) for c in crops]) if crops else None
 
-    def probabilities(self, inputs: list[np.ndarray | None]) -> np.ndarray:
-        """(n_images, n_networks) fake probabilities of a batch of `inputs`; with a crop, the
-        highest over each image's faces, NaN for an image without one."""
+    def probabilities(self, inputs: list[np.ndarray | None], tta: str = "none") -> np.ndarray:
+        """(n_images, n_networks) fake probabilities of a batch of `inputs`, averaged over the
+        views of `tta`; with a crop, the highest over each image's faces, NaN for an image without one."""
         if self.crop is None:
             x = np.stack(inputs)
-            return np.stack([fake_probability(network(x)) for network in self.networks], axis=1)
+            return np.stack([network_probability(network, x, tta) for network in self.networks], axis=1)
         out = np.full((len(inputs), len(self.networks)), np.nan)
         found = [i for i, x in enumerate(inputs) if x is not None]
         if found:
             x = np.concatenate([inputs[i] for i in found])
             owner = np.repeat(found, [len(inputs[i]) for i in found])
-            scores = np.stack([fake_probability(network(x)) for network in self.networks], axis=1)
+            scores = np.stack([network_probability(network, x, tta) for network in self.networks], axis=1)
             for i in found:
                 out[i] = scores[owner == i].max(axis=0)
         return out
@@ -90,14 +97,17 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 
 class ArrayScorer:
-    """Fake probability of every network for every image, shape (N, n_models); NaN where an
-    image could not be read."""
+    """Fake probability of every network for every image, shape (N, n_models), averaged over
+    the views of `tta`; NaN where an image could not be read."""
 
-    def __init__(self, groups: Sequence[Group], n_models: int, batch_size: int = 1, workers: int = 0):
+    def __init__(
+        self, groups: Sequence[Group], n_models: int, batch_size: int = 1, workers: int = 0, tta: str = "none"
+    ):
         self.groups = list(groups)
         self.n_models = n_models
         self.batch_size = batch_size
         self.workers = workers
+        self.tta = check_mode(tta, "tta")
 
     def _inputs(self, image: np.ndarray) -> list[np.ndarray | None]:
         return [g.inputs(image) for g in self.groups]
@@ -120,7 +130,7 @@ class ArrayScorer:
             batches = progress_bar(batches, desc="predict", total=-(-n // self.batch_size), leave=False)
         for index, inputs in batches:
             for g, group in enumerate(self.groups):
-                probs[np.ix_(index, group.columns)] = group.probabilities([one[g] for one in inputs])
+                probs[np.ix_(index, group.columns)] = group.probabilities([one[g] for one in inputs], self.tta)
                 if names is not None:
                     for i, one in zip(index, inputs, strict=True):
                         if one[g] is None:

@@ -71,6 +71,13 @@ RESULT_NEUTRAL_KEYS = {
     "split.num_workers": "feature extraction runs in eval mode; workers change speed only",
     "split.progress": "display only",
 }
+# Config keys read only after training, when train.py scores the validation fold and the test
+# list with the selected weights (checkpoint selection itself scores without them). The training
+# state does not depend on them: they are left out of its fingerprint, so a change resumes the
+# run, and a finished fold is scored again rather than trained again.
+PREDICTION_KEYS = {
+    "predict.tta": "test-time augmentation of the selected weights' out-of-fold and test predictions",
+}
 
 
 @dataclass
@@ -165,14 +172,14 @@ def lr_factor(total_steps: int, s: TrainSettings) -> Callable[[int], float]:
 
 
 def config_fingerprint(cfg: dict) -> dict[str, object]:
-    """The resolved config as flat dotted keys, without RESULT_NEUTRAL_KEYS, in the JSON form
-    it is stored in."""
+    """The resolved config as flat dotted keys, without RESULT_NEUTRAL_KEYS and PREDICTION_KEYS,
+    in the JSON form it is stored in."""
 
     def flat(node: dict, prefix: str) -> dict[str, object]:
         out: dict[str, object] = {}
         for key, value in node.items():
             name = f"{prefix}{key}"
-            if name in RESULT_NEUTRAL_KEYS:
+            if name in RESULT_NEUTRAL_KEYS or name in PREDICTION_KEYS:
                 continue
             out.update(flat(value, f"{name}.") if isinstance(value, dict) and value else {name: value})
         return out

@@ -23,6 +23,7 @@ from core.preprocess import Preprocessing
 from core.scoring import Crop
 from core.trained import Ensemble, ModelFile
 from core.transforms import build_transform
+from core.tta import check_mode
 from models.fusion import fold_batchnorm
 from models.onnx_export import OnnxNetwork, export_and_check, onnx_network
 from models.zoo import load_trained
@@ -107,7 +108,8 @@ class TorchScorer:
     """Fake probability of every model of `ensemble` for every image, (N, n_models), in PyTorch
     on `device`: loader workers decode, batches run under bf16 autocast on a GPU. `cropper`
     gives each group whose checkpoints take face crops its crop; such a group scores one image
-    at a time, the highest probability over its faces."""
+    at a time, the highest probability over its faces. Scores are averaged over the views of `tta`
+    (`core.tta`)."""
 
     def __init__(
         self,
@@ -116,11 +118,13 @@ class TorchScorer:
         batch_size: int,
         workers: int,
         cropper: Callable[[Preprocessing], Crop | None] | None = None,
+        tta: str = "none",
     ):
         self.device = torch.device(device)
         self.n_models = len(ensemble.trained)
         self.batch_size = batch_size
         self.workers = workers
+        self.tta = check_mode(tta, "tta")
         self.groups = []
         for idx in ensemble.groups().values():
             data_cfg = ensemble.trained[idx[0]].config["data"]
@@ -135,7 +139,7 @@ class TorchScorer:
         crops = group.crop(image)
         if not crops:
             return None
-        kw = {"batch_size": self.batch_size, "channels_last": True}
+        kw = {"batch_size": self.batch_size, "channels_last": True, "tta": self.tta}
         return predict_arrays(group.networks, crops, group.transform, self.device, **kw).max(axis=0)
 
     def _cropped_files(self, group: TorchGroup, paths: Sequence[str | Path], on_error) -> np.ndarray:
@@ -168,6 +172,7 @@ class TorchScorer:
                 channels_last=True,
                 progress=len(paths) > self.batch_size,
                 on_error=on_error,
+                tta=self.tta,
             )
         return probs
 
@@ -176,7 +181,13 @@ class TorchScorer:
         for group in self.groups:
             if group.crop is None:
                 probs[:, group.columns] = predict_arrays(
-                    group.networks, arrays, group.transform, self.device, batch_size=self.batch_size, channels_last=True
+                    group.networks,
+                    arrays,
+                    group.transform,
+                    self.device,
+                    batch_size=self.batch_size,
+                    channels_last=True,
+                    tta=self.tta,
                 )
                 continue
             for i, array in enumerate(arrays):
