@@ -28,11 +28,13 @@ local l with parent set P(l) is off (weight 1, state unchanged) or, where S meet
 O(L 3^G 2^{max |P(l)|}) per image for L locals: linear in the locals, exponential only in
 the few globals (G = 4 here: 81 pairs), against 2^N = 2^12 states for plain enumeration.
 
-Each Z_i is the same recursion with node i clamped on (a global: only the pairs whose S holds
-it start; a local: its off step is dropped), all N clamps run together as a batch dimension,
-so the marginals need no autograd and the network exports to ONNX. Everything runs in log
-space: impossible pairs carry a large negative finite log-weight rather than -inf, which
-keeps gradients finite.
+The marginals come from the same recursion run forwards and backwards (sum-product): with
+a_l the log-weights of the pairs after the first l locals and b_l the log-weight of finishing
+legally from each pair after local l, local l's Z_l sums a_{l-1}(s) e^{f_l} b_l(t_l(s)) over
+the pairs s where it may be on (t_l(s) the pair it leads to), a global's sums a_0 b_0 over the
+pairs whose S holds it, and the root's is Z_on. Two passes give every marginal without
+autograd, so the network exports to ONNX. Everything runs in log space: impossible pairs carry
+a large negative finite log-weight rather than -inf, which keeps gradients finite.
 """
 
 from __future__ import annotations
@@ -129,45 +131,50 @@ class LegalStates(nn.Module):
         g_idx = {g: i for i, g in enumerate(hierarchy.globals_)}
         pairs = _pairs(len(hierarchy.globals_))
         index = {p: k for k, p in enumerate(pairs)}
-        n_g, n_l, k = len(hierarchy.globals_), len(hierarchy.locals_), len(pairs)
-        # clamps: 0 = none (gives Z_on and the root's Z_i), 1..G the globals, G+1.. the locals
-        n_clamps = 1 + n_g + n_l
-        subset = torch.tensor([[(s >> j) & 1 for j in range(n_g)] for s, _ in pairs], dtype=torch.float64)
-        start = torch.tensor([s == r for s, r in pairs])
-        start_ok = start.repeat(n_clamps, 1)
-        for j in range(n_g):
-            start_ok[1 + j] &= subset[:, j].bool()
+        n_g, k = len(hierarchy.globals_), len(pairs)
+        subset = torch.tensor([[(s >> j) & 1 for j in range(n_g)] for s, _ in pairs], dtype=torch.float32)
+        self.n_globals, self.n_locals = n_g, len(hierarchy.locals_)
+        self.register_buffer("subset", subset, persistent=False)  # (K, G): which globals S holds
+        self.register_buffer("start_ok", torch.tensor([s == r for s, r in pairs]), persistent=False)
         final = torch.tensor([r == 0 or not hierarchy.require_child for _, r in pairs])
-        sources = []
-        for loc in hierarchy.locals_:
-            mask = sum(1 << g_idx[p] for p in hierarchy.parents[loc])
-            into: list[list[int]] = [[] for _ in pairs]
-            for src, (s, r) in enumerate(pairs):
-                if s & mask:
-                    into[index[(s, r & ~mask)]].append(src)
-            width = max(len(x) for x in into)
-            sources.append(torch.tensor([x + [k] * (width - len(x)) for x in into]))  # k: the padding slot
-        self.n_globals, self.n_clamps, self.n_pairs = n_g, n_clamps, k
-        self.register_buffer("subset", subset, persistent=False)
-        self.register_buffer("start_ok", start_ok, persistent=False)
         self.register_buffer("final_ok", final, persistent=False)
-        for i, src in enumerate(sources):  # per local: (K, width) source pairs of each target pair
-            self.register_buffer(f"sources_{i}", src, persistent=False)
+        for i, loc in enumerate(hierarchy.locals_):
+            mask = sum(1 << g_idx[p] for p in hierarchy.parents[loc])
+            # where each pair goes when local i is on (k, the padding slot, where it may not be)
+            target = [index[(s, r & ~mask)] if s & mask else k for s, r in pairs]
+            into: list[list[int]] = [[] for _ in pairs]
+            for src, t in enumerate(target):
+                if t < k:
+                    into[t].append(src)
+            width = max(len(x) for x in into)
+            self.register_buffer(f"target_{i}", torch.tensor(target), persistent=False)  # (K,)
+            # (K, width): the pairs that lead to each pair, padded with k
+            self.register_buffer(
+                f"sources_{i}", torch.tensor([x + [k] * (width - len(x)) for x in into]), persistent=False
+            )
 
     def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_g = self.n_globals
         root, glob, loc = f[:, 0], f[:, 1 : 1 + n_g], f[:, 1 + n_g :]
-        impossible = torch.tensor(IMPOSSIBLE, dtype=f.dtype, device=f.device)
-        # log-weight of each pair at the start: f_root + sum of the globals in S
-        start = root[:, None] + glob @ self.subset.to(f.dtype).t()  # (B, K)
-        log_w = torch.where(self.start_ok, start[:, None, :], impossible)  # (B, clamps, K)
-        for i in range(loc.shape[1]):
-            src = getattr(self, f"sources_{i}")
-            padded = torch.cat([log_w, impossible.expand(*log_w.shape[:2], 1)], dim=2)
-            on = torch.logsumexp(padded[:, :, src], dim=3) + loc[:, i, None, None]
-            clamped = torch.arange(self.n_clamps, device=f.device) == 1 + n_g + i
-            log_w = torch.where(clamped[None, :, None], on, torch.logaddexp(log_w, on))
-        log_z = torch.logsumexp(torch.where(self.final_ok, log_w, impossible), dim=2)  # (B, clamps)
-        log_z_on = log_z[:, 0]
+        impossible = torch.full((f.shape[0], 1), IMPOSSIBLE, dtype=f.dtype, device=f.device)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # (B, K + 1): the padding slot is impossible
+            return torch.cat([x, impossible], dim=1)
+
+        start = root[:, None] + glob @ self.subset.to(f.dtype).t()  # f_root + the globals of S
+        alpha = [torch.where(self.start_ok, start, impossible)]  # (B, K) per step
+        for i in range(self.n_locals):
+            on = torch.logsumexp(padded(alpha[-1])[:, getattr(self, f"sources_{i}")], dim=2) + loc[:, i, None]
+            alpha.append(torch.logaddexp(alpha[-1], on))
+        beta = torch.where(self.final_ok, torch.zeros_like(start), impossible)
+        local_z = []
+        for i in reversed(range(self.n_locals)):
+            on = padded(beta)[:, getattr(self, f"target_{i}")] + loc[:, i, None]  # on from each pair, then finish
+            local_z.append(torch.logsumexp(alpha[i] + on, dim=1))
+            beta = torch.logaddexp(beta, on)
+        both = alpha[0] + beta  # (B, K): every legal path through each starting pair
+        log_z_on = torch.logsumexp(both, dim=1)
+        with_global = torch.where(self.subset.t().bool(), both[:, None, :], impossible[:, :, None])
+        log_z = torch.cat([log_z_on[:, None], torch.logsumexp(with_global, dim=2), torch.stack(local_z[::-1], 1)], 1)
         log_total = torch.logaddexp(torch.zeros_like(log_z_on), log_z_on)  # Z = 1 + Z_on
         return log_z_on, torch.exp(log_z - log_total[:, None])
