@@ -17,6 +17,8 @@ from core.dataset import ImageDataset, make_loader
 from core.log import get_logger
 from core.onnx_cache import FAILED, CachedExport
 from core.predict import predict_arrays, predict_loader
+from core.preprocess import Preprocessing
+from core.scoring import Group
 from core.trained import Ensemble, ModelFile
 from core.transforms import build_transform
 from models.fusion import fold_batchnorm
@@ -51,18 +53,19 @@ def prepare_network(
 
 
 class NumpyIn:
-    """A PyTorch network on the CPU behind the NumPy interface of `core.scoring`."""
+    """A PyTorch network (on the CPU, or on `device`) behind the NumPy interface of `core.scoring`."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, device: torch.device | None = None):
         self.model = model
+        self.device = device
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
-        x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(images).to(self.device or "cpu").contiguous(memory_format=torch.channels_last)
         out = self.model(x)
         if isinstance(out, dict):
-            return {k: v.float().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
-        return out.float().numpy()
+            return {k: v.float().cpu().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return out.float().cpu().numpy()
 
 
 def _loaded(trained: ModelFile) -> torch.nn.Module:
@@ -97,7 +100,9 @@ class TorchScorer:
         self.batch_size = batch_size
         self.workers = workers
         self.groups = []
+        self.preprocessing = []
         for idx in ensemble.groups().values():
+            self.preprocessing.append(Preprocessing.from_config(ensemble.trained[idx[0]].config))
             data_cfg = ensemble.trained[idx[0]].config["data"]
             size = int(data_cfg["image_size"])
             networks = [torch_network(_loaded(ensemble.trained[i]), size, self.device) for i in idx]
@@ -118,6 +123,14 @@ class TorchScorer:
                 on_error=on_error,
             )
         return probs
+
+    def array_groups(self) -> list[Group]:
+        """The same networks behind the NumPy interface of `core.scoring`, one group per input
+        recipe (what `core.attributes.AttributeScorer` takes)."""
+        return [
+            Group(prep, [NumpyIn(n, self.device) for n in networks], idx)
+            for prep, (_, networks, idx) in zip(self.preprocessing, self.groups, strict=True)
+        ]
 
     def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         probs = np.full((len(arrays), self.n_models), np.nan)

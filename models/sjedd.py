@@ -251,8 +251,8 @@ def network_of(model: nn.Module) -> SJEDDNet:
     return model if isinstance(model, nn.Module) else network_of(model.model)
 
 
-def _losses_at(net: SJEDDNet, params: dict[str, torch.Tensor], part: dict) -> torch.Tensor:
-    out = functional_call(net, params, (part["image"],))
+def _losses_at(net: SJEDDNet, tensors: dict[str, torch.Tensor], part: dict) -> torch.Tensor:
+    out = functional_call(net, tensors, (part["image"],))
     return level_losses(out["marginals"], part["nodes"], part["known"], net.hierarchy)
 
 
@@ -278,21 +278,25 @@ def auto_lambda_step(net: SJEDDNet, batch: dict, s: AutoLambda) -> None:
     train = {k: batch[k][:n] for k in ("image", "nodes", "known")}
     held_out = {k: batch[k][n : 2 * n] for k in ("image", "nodes", "known")}
     params = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    # copies of the buffers: BatchNorm statistics of these extra forward passes stay out of the network
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
     lam = net.level_weights.value.detach()
-    grads = torch.autograd.grad((lam * _losses_at(net, params, train)).sum(), list(params.values()), allow_unused=True)
+    grads = torch.autograd.grad(
+        (lam * _losses_at(net, {**params, **buffers}, train)).sum(), list(params.values()), allow_unused=True
+    )
     virtual = {
         name: (p - s.virtual_lr * (g + s.weight_decay * p)).detach().requires_grad_() if g is not None else p.detach()
         for (name, p), g in zip(params.items(), grads, strict=True)
     }
     primary = torch.tensor(s.primary, dtype=lam.dtype, device=lam.device)
-    val_loss = (primary * _losses_at(net, virtual, held_out)).sum()
+    val_loss = (primary * _losses_at(net, {**virtual, **buffers}, held_out)).sum()
     moved = [name for name, g in zip(params, grads, strict=True) if g is not None]
     d = torch.autograd.grad(val_loss, [virtual[name] for name in moved], allow_unused=True)
     d = {name: torch.zeros_like(params[name]) if x is None else x for name, x in zip(moved, d, strict=True)}
     eps = 0.01 / (torch.sqrt(sum((x.float() ** 2).sum() for x in d.values())) + 1e-12)
     with torch.no_grad():
-        plus = _losses_at(net, {k: p + eps * d[k] if k in d else p for k, p in params.items()}, train)
-        minus = _losses_at(net, {k: p - eps * d[k] if k in d else p for k, p in params.items()}, train)
+        plus = _losses_at(net, {**buffers, **{k: p + eps * d[k] if k in d else p for k, p in params.items()}}, train)
+        minus = _losses_at(net, {**buffers, **{k: p - eps * d[k] if k in d else p for k, p in params.items()}}, train)
         grad = (-s.virtual_lr * (plus - minus) / (2 * eps)).to(lam.dtype)
         average_across_ranks([grad], DistInfo(world=world_size()))
         _adam_step(net.level_weights, grad, s.meta_lr)
