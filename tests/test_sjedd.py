@@ -93,7 +93,7 @@ def batch_of(tree: Hierarchy, n: int = 6, seed: int = 0) -> dict:
 @pytest.mark.parametrize("seed", range(12))
 def test_marginals_and_gradients_match_brute_force(seed: int) -> None:
     tree = random_hierarchy(seed)
-    f = (3 * torch.randn(5, len(tree.nodes), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    f = 3 * torch.randn(5, len(tree.nodes), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     f.requires_grad_()
     log_z_on, marginals = LegalStates(tree)(f)
     ref_log_z_on, ref_marginals = brute_force(tree, f)
@@ -273,7 +273,10 @@ def test_auto_lambda_gradient_is_the_unrolled_hypergradient(monkeypatch) -> None
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         losses = sjedd._losses_at(net, params, train)
         grads = torch.autograd.grad((lam * losses).sum(), list(params.values()), create_graph=True, allow_unused=True)
-        virtual = {n: p - settings.virtual_lr * g if g is not None else p for (n, p), g in zip(params.items(), grads)}
+        virtual = {
+            n: p - settings.virtual_lr * g if g is not None else p
+            for (n, p), g in zip(params.items(), grads, strict=True)
+        }
         (exact,) = torch.autograd.grad(sjedd._losses_at(net, virtual, held)[0], lam)
     torch.testing.assert_close(captured[0], exact, rtol=0.05, atol=1e-6)
     assert exact.abs().max() > 1e-4  # the check is not 0 == 0
