@@ -4,6 +4,7 @@ CLIP, the fidelity loss and its learned level weights, labels from provenance, t
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -500,3 +501,118 @@ def test_the_demo_keeps_the_hierarchy_prompts_and_provenance() -> None:
     for key in ("hierarchy", "prompts"):
         assert demo["model"][key] == full["model"][key]
     assert demo["provenance"] == full["provenance"]
+
+
+# --------------------------------------------------------------------------- train.py and infer.py
+
+
+def sjedd_project(p: dict) -> dict:
+    """The tiny project of conftest with a tiny sjedd member instead of its mff one."""
+    member = yaml.safe_load(DEMO.read_text())
+    member["name"] = "tiny"
+    member["model"]["model_cfg"] = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": 32}}
+    member["data"]["image_size"] = 32
+    member["train"].update(epochs=1, batch_size=4, num_workers=0, warmup_steps=1, progress=False, ema_bn="average")
+    member["train"].pop("ema_bn_batches", None)
+    p["member_cfg"].write_text(yaml.safe_dump(member))
+    return member
+
+
+def test_train_stops_on_provenance_the_mapping_does_not_know(tiny_project, capsys) -> None:
+    import cv_split
+    import train
+
+    p = tiny_project
+    sjedd_project(p)
+    assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
+    args = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "0"]
+    assert train.main(args) == 2  # conftest's fakes are method "patch"
+    (err,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert "method 'patch'" in err and "provenance.methods of configs/members/tiny.yaml" in err
+
+
+@pytest.mark.slow
+def test_train_then_infer_prints_attributes(tiny_project, capsys) -> None:
+    import cv_split
+    import infer
+    import train
+
+    p = tiny_project
+    member = sjedd_project(p)
+    member["provenance"]["methods"]["patch"] = ["physical", "skin"]
+    p["member_cfg"].write_text(yaml.safe_dump(member))
+    assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
+    assert train.main(["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "all"]) == 0
+    for k in (0, 1):
+        assert (p["outputs"] / "tiny" / f"fold{k}" / "oof.csv").is_file()
+    capsys.readouterr()
+    configs = ["--config", str(p["ensemble_cfg"]), "--data-config", str(p["data_cfg"])]
+    image = str(Path(p["test_root"]) / "t_000.png")
+    assert infer.main([image, *configs, "--attributes", "--json"]) == 0  # the ONNX path: exports first
+    attrs = json.loads(capsys.readouterr().out.strip())["attributes"]["tiny"]
+    assert set(attrs) == set(demo_tree().nodes[1:]) and all(0 <= v <= 1 for v in attrs.values())
+
+
+def save_fold(folder: Path, cfg: dict, seed: int) -> torch.nn.Module:
+    from core.checkpoint import save_weights
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    net = models.build_model(cfg["model"]).eval()
+    save_weights(net.state_dict(), folder / "model.safetensors")
+    (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    return net
+
+
+def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    import infer
+    from core.preprocess import Preprocessing
+
+    model = {**member_cfg()["model"], "model_cfg": TINY_CLIP}
+    sjedd_cfg = {"name": "sj", "model": model, "data": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    nets = [save_fold(tmp_path / "sj" / f"fold{k}", sjedd_cfg, seed=k) for k in (0, 1)]
+    other = {"name": "cnn", "model": {"name": "mff_expert", "backbone": "test_resnet"}, "data": {"image_size": 32}}
+    save_fold(tmp_path / "cnn" / "fold0", other, seed=0)
+    image = tmp_path / "a.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    weights = [
+        f"--weights={tmp_path / m / f'fold{k}' / 'model.safetensors'}" for m, k in (("sj", 0), ("sj", 1), ("cnn", 0))
+    ]
+    assert infer.main([str(image), *weights, "--runtime", "torch", "--attributes", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out.strip())
+    assert set(obj["attributes"]) == {"sj"}  # the CNN member explains nothing
+    x = torch.from_numpy(Preprocessing.from_config(sjedd_cfg)(pixels))[None]
+    with torch.no_grad():
+        outs = [n(x) for n in nets]
+    for name, value in obj["attributes"]["sj"].items():
+        expected = np.mean([float(o[f"{ATTRIBUTE_PREFIX}{name}"][0]) for o in outs])
+        assert value == pytest.approx(expected, abs=1e-5)
+    assert infer.main([str(image), *weights, "--runtime", "torch", "--attributes"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{obj['probability']:.4f}\t{image}\tsj: expression=")
+    assert infer.main([str(image), *weights, "--runtime", "torch"]) == 0
+    assert capsys.readouterr().out.strip() == f"{obj['probability']:.4f}\t{image}"  # without the flag: as before
+
+
+@pytest.mark.slow
+def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
+    """The CPU path: the exported network gives PyTorch's logits and attributes, which
+    `core.attributes` reads from ONNX Runtime's outputs by name."""
+    from core.attributes import AttributeScorer
+    from core.preprocess import Preprocessing
+    from core.scoring import Group
+    from models.onnx_export import export_and_check
+
+    net = tiny_net().eval()
+    network, reason = export_and_check(net, 16, "tiny")
+    assert network is not None, reason
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    prep = Preprocessing(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    got = AttributeScorer([Group(prep, [network], [0])], ["tiny"]).score_image(image)["tiny"]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(prep(image))[None])
+    for name, value in got.items():
+        assert value == pytest.approx(float(ref[f"{ATTRIBUTE_PREFIX}{name}"][0]), abs=1e-4)
