@@ -127,6 +127,8 @@ class SJEDDNet(nn.Module):
     ):
         super().__init__()
         self.clip = clip
+        # CLIP's contrastive temperature is not used here: frozen, so DDP sees no parameter without a gradient
+        clip.logit_scale.requires_grad_(False)
         self.register_buffer("tokens", tokens, persistent=False)  # made from the config's prompts
         self.hierarchy = hierarchy
         self.states = LegalStates(hierarchy)
@@ -172,7 +174,8 @@ def build_sjedd(
     model, tokenize = build_clip(clip, model_cfg, pretrained, quick_gelu)
     texts = _prompt_texts(tree, prompts, antonyms)
     tokens = tokenize(texts)
-    _check_context(texts, tokens)
+    if model_cfg:  # an inline config may choose a short context; the named ones have 77 and their own tokenizer
+        _check_context(texts, tokens)
     return SJEDDNet(model, tokens, tree, antonyms, scale, normalize)
 
 
@@ -185,12 +188,13 @@ def _prompt_texts(tree: Hierarchy, cfg: Mapping, antonyms: bool) -> list[str]:
 
 
 def _check_context(texts: list[str], tokens: torch.Tensor) -> None:
-    """A prompt longer than the text tower's context would be cut short without a word."""
+    """A prompt longer than the text tower's context would be cut short without a word (CLIP's
+    tokenizer truncates silently): count each prompt's tokens at the usual 77."""
     import open_clip
 
     full = open_clip.tokenize(texts, context_length=max(77, tokens.shape[1]))
     too_long = [t for t, row in zip(texts, full, strict=True) if int((row != 0).sum()) > tokens.shape[1]]
-    if too_long and tokens.max() == full.max():  # the same (CLIP BPE) vocabulary: comparable lengths
+    if too_long:
         raise ConfigError(f"prompt(s) {too_long} do not fit the text context of {tokens.shape[1]} tokens")
 
 

@@ -484,6 +484,8 @@ def test_shipped_configs_hold_the_published_numbers_and_build(path: Path) -> Non
     batch = {**batch_of(tree, 4), "image": torch.rand(4, 3, size, size)}
     loss, _, logs = models.build_criterion(cfg)(net, batch)
     assert torch.isfinite(loss) and {"binary", "global", "local"} <= set(logs)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # DDP-ready
 
 
 @pytest.mark.slow
@@ -616,3 +618,12 @@ def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
         ref = net(torch.from_numpy(prep(image))[None])
     for name, value in got.items():
         assert value == pytest.approx(float(ref[f"{ATTRIBUTE_PREFIX}{name}"][0]), abs=1e-4)
+
+
+def test_every_trainable_parameter_gets_a_gradient() -> None:
+    """DDP (without find_unused_parameters) requires it; CLIP's unused temperature is frozen."""
+    net, tree = tiny_net().train(), demo_tree()
+    loss, _, _ = models.build_criterion({"loss": {"name": "sjedd"}})(net, batch_of(tree))
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing and not net.clip.logit_scale.requires_grad
