@@ -1,7 +1,7 @@
 """Out-of-fold AUC of every attribute the sjedd member scores: does it say what was altered?
 
   python -m bench.sjedd_attributes                          # sjedd_demo, every finished fold
-  python -m bench.sjedd_attributes --member sjedd --data-config configs/data.yaml
+  python -m bench.sjedd_attributes --config configs/members/sjedd.yaml --data-config configs/data.yaml
   python -m bench.sjedd_attributes --out bench/results/sjedd_attributes_demo.json
 
 Each finished fold's network (`outputs/<member>/fold<k>/`) scores the images of its own
@@ -41,7 +41,7 @@ from models.zoo import load_trained
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--member", default="sjedd_demo", help="member config under configs/members/ (default: %(default)s)")
+    p.add_argument("--config", default="configs/members/sjedd_demo.yaml", help="member config (default: %(default)s)")
     p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
     p.add_argument("--out", help="also write the JSON here")
     return p.parse_args(argv)
@@ -92,7 +92,7 @@ def attribute_table(oof: pd.DataFrame, labels: np.ndarray, known: np.ndarray, tr
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config([args.data_config, f"configs/members/{args.member}.yaml"])
+        cfg = load_config([args.data_config, args.config])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

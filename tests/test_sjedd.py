@@ -627,3 +627,28 @@ def test_every_trainable_parameter_gets_a_gradient() -> None:
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing and not net.clip.logit_scale.requires_grad
+
+
+def test_bench_attributes_scores_each_fold_on_its_own_images(tiny_project, capsys) -> None:
+    import cv_split
+    from bench import sjedd_attributes
+
+    p = tiny_project
+    member = sjedd_project(p)
+    member["provenance"]["methods"]["patch"] = ["physical", "skin"]
+    p["member_cfg"].write_text(yaml.safe_dump(member))
+    assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
+    cfg = {"name": "tiny", "model": {**member["model"]}, "data": member["data"]}
+    for k in (0, 1):
+        save_fold(p["outputs"] / "tiny" / f"fold{k}", cfg, seed=k)
+    capsys.readouterr()
+    out = p["root"] / "attr.json"
+    args = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--out", str(out)]
+    assert sjedd_attributes.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 24 and result["folds"] == [0, 1]
+    rows = {r["node"]: r for r in result["attributes"]}
+    assert rows["fake"]["positives"] == 12 and rows["skin"]["positives"] == 12 and rows["eye"]["positives"] == 0
+    assert rows["eye"]["auc_all"] is None and 0 <= rows["skin"]["auc_all"] <= 1
+    assert rows["skin"]["auc_fakes"] is None  # every fake has it: no negatives among the fakes
+    assert "| skin | 12 |" in capsys.readouterr().out
