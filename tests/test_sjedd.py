@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -652,3 +653,47 @@ def test_bench_attributes_scores_each_fold_on_its_own_images(tiny_project, capsy
     assert rows["eye"]["auc_all"] is None and 0 <= rows["skin"]["auc_all"] <= 1
     assert rows["skin"]["auc_fakes"] is None  # every fake has it: no negatives among the fakes
     assert "| skin | 12 |" in capsys.readouterr().out
+
+
+def test_interrupted_training_resumes_to_the_same_weights_and_level_weights(tiny_project, monkeypatch) -> None:
+    """The level weights and their Adam state are in the saved state; the held-out half for their
+    update is part of the same batch: a resumed run ends where an uninterrupted one does."""
+    import cv_split
+    import train
+    from core.checkpoint import load_weights
+    from core.training import Trainer
+
+    p = tiny_project
+    member = sjedd_project(p)
+    member["provenance"]["methods"]["patch"] = ["physical", "skin"]
+    member["loss"]["weighting"].update(every=1, meta_lr=0.05)
+    p["member_cfg"].write_text(yaml.safe_dump(member))
+    assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
+    args = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "0", "train.epochs=3"]
+    assert train.main(args) == 0
+    reference = load_weights(p["outputs"] / "tiny" / "fold0" / "model.safetensors")
+    shutil.rmtree(p["outputs"] / "tiny")
+    real_train_epoch = Trainer.train_epoch
+
+    def dies_in_third_epoch(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(Trainer, "train_epoch", real_train_epoch)
+    assert train.main(args) == 0
+    resumed = load_weights(p["outputs"] / "tiny" / "fold0" / "model.safetensors")
+    assert int(resumed["level_weights.steps"]) > 0
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_cosine_over_ten_could_never_call_an_image_real() -> None:
+    """Why `normalize: false` (the published code's dot products): with cosine similarities / 10
+    every node score lies in [-0.1, 0.1], and the thousands of legal fake states then outweigh
+    the one all-off (real) state whatever the image."""
+    tree = demo_tree()
+    _, marginals = LegalStates(tree)(torch.full((1, 12), -0.1))  # every score at its lowest
+    assert float(marginals[0, 0]) > 0.99
