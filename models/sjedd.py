@@ -8,8 +8,9 @@ forgery attributes (models/hierarchy.py), and only hierarchy-consistent label st
 
 `s` is the dot product of the unnormalised embeddings, as the published code computes it
 (its normalisation lines are commented out), times `scale` 1/10; `normalize: true` makes it
-the cosine similarity. Cosine / 10 would confine every node score to [-0.1, 0.1]: the
-marginals could then barely move from their prior, so the published form is the default.
+the cosine similarity. Cosine / 10 would confine every node score to [-0.1, 0.1], where the
+thousands of legal fake states outweigh the single all-off (real) state: p(fake) would stay
+above 0.99 for every image. So the published form is the default.
 The fake probability is the root's marginal Z_on / (1 + Z_on), given to the engine as the
 2-class logits (0, log Z_on), whose softmax is exactly that.
 
