@@ -19,14 +19,16 @@ when the root is, so Z = 1 + Z_on (the all-off state) and, with the root on:
     Z_on = e^{f_root} sum_{S subset of globals} e^{f_S} W(S)
 
 where W(S) sums over the local states allowed by S (a local may be on only if S holds one of
-its parents; with `require_child`, every global of S keeps at least one child on). W(S) is a
-product over the locals one at a time once the DP state remembers which globals of S still
-lack an on child: the state is a pair (S, R), R subset of S the globals not yet covered. A
+its parents; with `require_child`, every global of S keeps at least one child on). W(S) is
+built one local at a time once the DP state remembers which globals of S still lack an on
+child: the state is a pair (S, R), R subset of S the globals not yet covered. A
 local l with parent set P(l) is off (weight 1, state unchanged) or, where S meets P(l), on
 (weight e^{f_l}, R -> R minus P(l)). The legal states are the paths that end with R empty
 (any R without `require_child`). There are 3^G pairs for G globals, so the cost is
 O(L 3^G 2^{max |P(l)|}) per image for L locals: linear in the locals, exponential only in
 the few globals (G = 4 here: 81 pairs), against 2^N = 2^12 states for plain enumeration.
+A tree (one parent per local) is the special case; tests/test_sjedd.py checks values and
+gradients against brute-force enumeration.
 
 The marginals come from the same recursion run forwards and backwards (sum-product): with
 a_l the log-weights of the pairs after the first l locals and b_l the log-weight of finishing
