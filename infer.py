@@ -317,7 +317,12 @@ def explain(scorer: Scorer, paths: list[Path]) -> list[dict]:
     """Per input, each explaining member's attribute probabilities: still images scored whole (none
     for videos or face crops)."""
     engine = scorer.engine
-    groups = engine.groups if isinstance(engine, ArrayScorer) else engine.array_groups()
+    if isinstance(engine, ArrayScorer):
+        groups = engine.groups
+    else:
+        from models.scoring import array_groups
+
+        groups = array_groups(engine, scorer.ensemble)
     explainer = AttributeScorer(groups, [t.member for t in scorer.ensemble.trained])
     stills = [] if scorer.crop_faces else [p for p in paths if not is_video(p)]
     found = dict(zip(stills, explainer.score_files(stills), strict=True))

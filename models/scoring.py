@@ -100,9 +100,7 @@ class TorchScorer:
         self.batch_size = batch_size
         self.workers = workers
         self.groups = []
-        self.preprocessing = []
         for idx in ensemble.groups().values():
-            self.preprocessing.append(Preprocessing.from_config(ensemble.trained[idx[0]].config))
             data_cfg = ensemble.trained[idx[0]].config["data"]
             size = int(data_cfg["image_size"])
             networks = [torch_network(_loaded(ensemble.trained[i]), size, self.device) for i in idx]
@@ -124,14 +122,6 @@ class TorchScorer:
             )
         return probs
 
-    def array_groups(self) -> list[Group]:
-        """The same networks behind the NumPy interface of `core.scoring`, one group per input
-        recipe (what `core.attributes.AttributeScorer` takes)."""
-        return [
-            Group(prep, [NumpyIn(n, self.device) for n in networks], idx)
-            for prep, (_, networks, idx) in zip(self.preprocessing, self.groups, strict=True)
-        ]
-
     def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         probs = np.full((len(arrays), self.n_models), np.nan)
         for transform, networks, idx in self.groups:
@@ -139,3 +129,13 @@ class TorchScorer:
                 networks, arrays, transform, self.device, batch_size=self.batch_size, channels_last=True
             )
         return probs
+
+
+def array_groups(scorer: TorchScorer, ensemble: Ensemble) -> list[Group]:
+    """`scorer`'s networks behind the NumPy interface of `core.scoring`, one group per input
+    recipe, each fed as its checkpoints' meta.json says (what `core.attributes.AttributeScorer` takes)."""
+    groups = []
+    for idx, (_, networks, _) in zip(ensemble.groups().values(), scorer.groups, strict=True):
+        prep = Preprocessing.from_config(ensemble.trained[idx[0]].config)
+        groups.append(Group(prep, [NumpyIn(n, scorer.device) for n in networks], idx))
+    return groups
