@@ -41,6 +41,11 @@ mirrors (`core.tta`), averaging the probabilities: as many forward passes per im
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
 null)}.
 
+--attributes adds, per still image (not with --crop-faces), what each member that explains its
+score says was altered: the probability of each attribute (identity, eye, mouth, ...), after the
+path on the text line and as "attributes" {member: {attribute: p}} in --json. Members without
+attributes add nothing.
+
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
 With --serve: 0 once stopped by SIGINT or SIGTERM, 1 when the service could not start.
@@ -60,6 +65,7 @@ import numpy as np
 # Only light modules here: on a CPU whose networks all have a verified ONNX export, scoring
 # imports neither torch nor timm (seconds of a one-image run); the PyTorch side is imported
 # where it is needed (`--runtime torch`, a GPU, an export to make).
+from core.attributes import AttributeScorer, format_attributes
 from core.config import ConfigError, load_config
 from core.datasource import resolve_data
 from core.device import gpu_may_be_present
@@ -121,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object per input (JSON lines)")
+    p.add_argument(
+        "--attributes", action="store_true", help="also print what was altered (attribute probabilities) per image"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see README)")
     p.add_argument(
@@ -370,6 +379,22 @@ class Scorer:
         return out
 
 
+def explain(scorer: Scorer, paths: list[Path]) -> list[dict]:
+    """Per input, each explaining member's attribute probabilities: still images scored whole (none
+    for videos or face crops)."""
+    engine = scorer.engine
+    if isinstance(engine, ArrayScorer):
+        groups = engine.groups
+    else:
+        from models.scoring import array_groups
+
+        groups = array_groups(engine, scorer.ensemble)
+    explainer = AttributeScorer(groups, [t.member for t in scorer.ensemble.trained])
+    stills = [] if scorer.crop_faces else [p for p in paths if not is_video(p)]
+    found = dict(zip(stills, explainer.score_files(stills), strict=True))
+    return [found.get(p, {}) for p in paths]
+
+
 def skip_reason(path: str, problems: list[str]) -> str | None:
     """The last problem reported for `path` (messages start with the path), without the path."""
     prefix = f"{path}: "
@@ -377,7 +402,9 @@ def skip_reason(path: str, problems: list[str]) -> str | None:
     return found[-1] if found else None
 
 
-def json_line(path: str, row: np.ndarray | None, columns: list[str], problems: list[str]) -> str:
+def json_line(
+    path: str, row: np.ndarray | None, columns: list[str], problems: list[str], attributes: dict | None = None
+) -> str:
     def value(x: float) -> float | None:
         return None if np.isnan(x) else float(x)
 
@@ -385,6 +412,8 @@ def json_line(path: str, row: np.ndarray | None, columns: list[str], problems: l
     members = {} if row is None else {m: value(x) for m, x in zip(columns[1:], row[1:], strict=True)}
     reason = None if scored else skip_reason(path, problems) or "no member could score it"
     obj = {"path": path, "probability": value(row[0]) if scored else None, "members": members, "skipped": reason}
+    if attributes is not None:
+        obj["attributes"] = attributes
     return json.dumps(obj)
 
 
@@ -439,11 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = scorer.score(paths)
     probs = table[:, 0]
-    for path, row in zip(paths, table, strict=True):
+    explained = explain(scorer, paths) if args.attributes else [None] * len(paths)
+    for path, row, attributes in zip(paths, table, explained, strict=True):
         if args.json:
-            print(json_line(str(path), row, scorer.columns, problems))
+            print(json_line(str(path), row, scorer.columns, problems, attributes))
         elif not np.isnan(row[0]):
-            print(f"{row[0]:.4f}\t{path}")
+            print(f"{row[0]:.4f}\t{path}{format_attributes(attributes or {})}")
     if args.out:
         import pandas as pd
 

@@ -20,7 +20,7 @@ from core.log import get_logger
 from core.onnx_cache import FAILED, CachedExport
 from core.predict import predict_arrays, predict_loader
 from core.preprocess import Preprocessing
-from core.scoring import Crop
+from core.scoring import Crop, Group
 from core.trained import Ensemble, ModelFile
 from core.transforms import build_transform
 from core.tta import check_mode
@@ -56,18 +56,19 @@ def prepare_network(
 
 
 class NumpyIn:
-    """A PyTorch network on the CPU behind the NumPy interface of `core.scoring`."""
+    """A PyTorch network (on the CPU, or on `device`) behind the NumPy interface of `core.scoring`."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, device: torch.device | None = None):
         self.model = model
+        self.device = device
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
-        x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(images).to(self.device or "cpu").contiguous(memory_format=torch.channels_last)
         out = self.model(x)
         if isinstance(out, dict):
-            return {k: v.float().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
-        return out.float().numpy()
+            return {k: v.float().cpu().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return out.float().cpu().numpy()
 
 
 def _loaded(trained: ModelFile) -> torch.nn.Module:
@@ -195,3 +196,14 @@ class TorchScorer:
                 if found is not None:
                     probs[i, group.columns] = found
         return probs
+
+
+def array_groups(scorer: TorchScorer, ensemble: Ensemble) -> list[Group]:
+    """`scorer`'s networks behind the NumPy interface of `core.scoring`, one group per input
+    recipe, each fed as its checkpoints' meta.json says (what `core.attributes.AttributeScorer` takes)."""
+    groups = []
+    for idx, group in zip(ensemble.groups().values(), scorer.groups, strict=True):
+        prep = Preprocessing.from_config(ensemble.trained[idx[0]].config)
+        networks = [NumpyIn(n, scorer.device) for n in group.networks]
+        groups.append(Group(prep, networks, idx, group.crop, group.label))
+    return groups
