@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,12 @@ def write_json(obj: object, path: str | Path) -> Path:
 
 def write_text(text: str, path: str | Path) -> Path:
     return write_with(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.io import atomic_path, write_json
+from core.io import atomic_path, file_sha256, write_json
 from core.log import get_logger
 
 log = get_logger("onnx")
@@ -59,14 +59,6 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(weights: Path, known: dict | None = None) -> dict:
     """Size, modification time and SHA-256 of `weights`; the hash is taken from `known` (a
     tag's record) when size and time match it, else computed."""
@@ -74,7 +66,7 @@ def fingerprint(weights: Path, known: dict | None = None) -> dict:
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if known and all(known.get(k) == v for k, v in stamp.items()) and known.get("sha256"):
         return {**stamp, "sha256": known["sha256"]}
-    return {**stamp, "sha256": _sha256(weights)}
+    return {**stamp, "sha256": file_sha256(weights)}
 
 
 def export_key(weights_sha256: str, size: int) -> str:

@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import sys
 from pathlib import Path
 
 from core.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, save_weights
 from core.config import ConfigError, apply_override, deep_merge, load_config
-from core.io import write_json
+from core.io import file_sha256, write_json
 from core.log import get_logger
 from core.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from core.report import versions
@@ -145,14 +144,6 @@ def fold_configs(kind: str, cfg: dict) -> list[dict]:
     return [deep_merge(cfg, {"model": {**m, "drop_rate": 0.0}, "expert": k}) for k, m in enumerate(nets)]
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_files(kind: str, source: Path) -> dict[str, Path]:
     if kind == "sbi":
         return {"checkpoint": source}
@@ -201,7 +192,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         states = [convert_sbi(files["checkpoint"], configs[0]["model"])]
     else:
         states = convert_winner(files["weight.pth"], files["ema.state"], [c["model"] for c in configs])
-    digests = {name: sha256(path) for name, path in files.items()}
+    digests = {name: file_sha256(path) for name, path in files.items()}
     for k, (folder, fold_cfg, state) in enumerate(zip(folders, configs, states, strict=True)):
         save_weights(state, folder / WEIGHTS_FILE)
         write_json(meta(args.kind, k, fold_cfg, files, digests), folder / META_FILE)  # last: marks the fold complete

@@ -100,8 +100,8 @@ def test_changed_weights_are_exported_again_and_touched_ones_are_not(cached, mon
     weights = cached
     exports = _count(monkeypatch, "export_onnx")
     hashes = []
-    real_hash = onnx_cache._sha256
-    monkeypatch.setattr(onnx_cache, "_sha256", lambda path: hashes.append(path) or real_hash(path))
+    real_hash = onnx_cache.file_sha256
+    monkeypatch.setattr(onnx_cache, "file_sha256", lambda path: hashes.append(path) or real_hash(path))
     assert lookup(weights, SIZE).state == "verified" and not hashes  # file stamps match: no hash taken
 
     stat = weights.stat()
