@@ -16,7 +16,6 @@ JSON object and a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,13 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.output import publish
 from core.attributes import ATTRIBUTE_PREFIX
 from core.checkpoint import WEIGHTS_FILE
 from core.config import ConfigError, load_config
 from core.dataset import ImageDataset, make_loader
 from core.datasource import read_train_table, resolve_data
 from core.folds import read_folds
-from core.io import write_json
 from core.metrics import roc_auc
 from core.trained import finished_folds
 from core.transforms import build_transform
@@ -89,6 +88,15 @@ def attribute_table(oof: pd.DataFrame, labels: np.ndarray, known: np.ndarray, tr
     return rows
 
 
+def markdown(result: dict) -> str:
+    """The README's table: per node, positives and OOF AUC over all images and among the fakes."""
+    lines = ["| node | positives | OOF AUC, all images | OOF AUC, among fakes |", "|---|---:|---:|---:|"]
+    for r in result["attributes"]:
+        cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("auc_all", "auc_fakes")]
+        lines.append(f"| {r['node']} | {r['positives']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -118,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "fakes_with_unrecorded_attributes": int((~known[rows] & (labels[rows, 0] == 1)).sum()),
         "attributes": attribute_table(oof, labels[rows], known[rows], tree),
     }
-    print(json.dumps(result, indent=2))
-    print("\n| node | positives | OOF AUC, all images | OOF AUC, among fakes |\n|---|---:|---:|---:|")
-    for r in result["attributes"]:
-        cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("auc_all", "auc_fakes")]
-        print(f"| {r['node']} | {r['positives']} | {cells[0]} | {cells[1]} |")
-    if args.out:
-        write_json(result, args.out)
+    publish(result, markdown(result), args.out)
     return 0
 
 

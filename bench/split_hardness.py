@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import tempfile
@@ -30,9 +29,10 @@ from sklearn.linear_model import LogisticRegression
 
 import cv_split
 import train
+from bench.output import publish
 from core.config import load_config
 from core.datasource import read_train_table, resolve_data
-from core.io import write_csv, write_json
+from core.io import write_csv
 from core.metrics import roc_auc
 
 MODES = ("stratified", "clusters")
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             }
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["host"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}
-    print(json.dumps(result, indent=2))
-    print()
-    print(markdown(result))
-    if args.out:
-        write_json(result, args.out)
+    publish(result, markdown(result), args.out)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import sys
@@ -40,11 +39,11 @@ import torch
 
 import infer
 from bench.infer_throughput import machine_busy_seconds
+from bench.output import publish
 from core.blend import SubmissionError, metrics_table
 from core.config import ConfigError, load_config
 from core.datasource import read_test_table, read_train_table, resolve_data
 from core.folds import FoldError, read_folds
-from core.io import write_json
 from core.labels import LabelError
 from core.metrics import roc_auc
 from core.predict import predict_paths
@@ -229,11 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LabelError, FoldError, SubmissionError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
-    print()
-    print(markdown(result))
-    if args.out:
-        write_json(result, args.out)
+    publish(result, markdown(result), args.out)
     return 0
 
 
