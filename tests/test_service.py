@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import httpx
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ import infer
 import models
 from core.checkpoint import save_weights
 from core.service import MicroBatcher, ServedModel, build_app
+from tests.test_infer_video import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -45,15 +45,6 @@ def member_fold(root: Path, member: str) -> Path:
     weights = save_weights(models.build_model(cfg["model"]).state_dict(), folder / "model.safetensors")
     (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
     return weights
-
-
-def write_video(path: Path, frames: list[np.ndarray]) -> Path:
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (w, h))
-    for f in frames:
-        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    writer.release()
-    return path
 
 
 def infer_json(args: list[str]) -> dict[str, dict]:
