@@ -379,7 +379,7 @@ class Scorer:
         return out
 
 
-def explain(scorer: Scorer, paths: list[Path]) -> list[dict]:
+def attribute_scores(scorer: Scorer, paths: list[Path]) -> list[dict]:
     """Per input, each explaining member's attribute probabilities: still images scored whole (none
     for videos or face crops)."""
     engine = scorer.engine
@@ -417,14 +417,22 @@ def json_line(
     return json.dumps(obj)
 
 
+def make_scorer(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]) -> Scorer | None:
+    """The scorer, or None once the reason it cannot be built is on stderr: weights that do not
+    fit their meta.json, or a recipe (or the face models it needs) unknown here."""
+    try:
+        return Scorer(ensemble, args, report)
+    except (CheckpointError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def serve(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]) -> int:
     """Runs the HTTP service until it is told to stop (starlette and uvicorn only imported here)."""
     from core.service import ServedModel, run_server
 
-    try:
-        scorer = Scorer(ensemble, args, report)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    scorer = make_scorer(ensemble, args, report)
+    if scorer is None:
         return 2
     model = ServedModel(scorer.columns, scorer.score_arrays, scorer.score_faces, scorer.frames, scorer.crop_faces)
     return run_server(model, args.host, args.port, args.max_upload_mb, args.batch_window_ms)
@@ -461,14 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("error: no image or video to score", file=sys.stderr)
         return 2
-    try:
-        scorer = Scorer(ensemble, args, report)
-    except (CheckpointError, ConfigError) as err:  # weights that do not fit their meta.json, or a recipe unknown
-        print(f"error: {err}", file=sys.stderr)
+    scorer = make_scorer(ensemble, args, report)
+    if scorer is None:
         return 2
     table = scorer.score(paths)
     probs = table[:, 0]
-    explained = explain(scorer, paths) if args.attributes else [None] * len(paths)
+    explained = attribute_scores(scorer, paths) if args.attributes else [None] * len(paths)
     for path, row, attributes in zip(paths, table, explained, strict=True):
         if args.json:
             print(json_line(str(path), row, scorer.columns, problems, attributes))

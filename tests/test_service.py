@@ -252,6 +252,17 @@ def test_serve_takes_no_inputs_and_scoring_still_needs_them(capsys):
     assert infer.parse_args(["--serve"]).inputs == []
 
 
+def test_serve_with_a_recipe_unknown_here_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    weights = member_fold(tmp_path, "odd")
+    meta = json.loads((weights.parent / "meta.json").read_text())
+    meta["config"]["data"]["resize"] = "cubic"
+    (weights.parent / "meta.json").write_text(json.dumps(meta))
+    assert infer.main(["--serve", "--weights", str(weights), "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: data.resize 'cubic': expected one of ('area', 'linear', 'bilinear_antialias')"
+    ]
+
+
 def test_scoring_files_imports_no_web_framework(project):
     probe = (
         "import sys, infer; rc = infer.main(sys.argv[1:]); "
