@@ -65,7 +65,9 @@ class ForgeSettings:
 
     mag_min: `mag` is drawn in [mag_min, 1]. mag_types: the blend types that blend at ratio
     `mag` (the others at 1). min_changed: the share of the region's core (blend weight at least
-    half its peak) whose pixels must change for the image to count as fake. feather: the alpha
+    half its peak) whose pixels must change, by at least `min_delta` levels in some channel, for
+    the image to count as fake (a Poisson clone of a face into itself moves a third of the
+    region by one level: rounding, not a forgery). feather: the alpha
     blend's extra blur, in eye distances. map_size: side of the blend-mask map the detector
     predicts.
     """
@@ -73,6 +75,7 @@ class ForgeSettings:
     mag_min: float
     mag_types: tuple[str, ...]
     min_changed: float
+    min_delta: int
     feather: float
     map_size: int
 
@@ -92,6 +95,8 @@ class ForgeSettings:
             raise ConfigError(
                 f"forge.min_changed must be in (0, 1], not {s.min_changed}: 0 would let a no-op be a fake"
             )
+        if s.min_delta < 1:
+            raise ConfigError(f"forge.min_delta must be >= 1 level, not {s.min_delta}")
         if s.feather < 0 or s.map_size < 1:
             raise ConfigError(f"forge.feather must be >= 0 and forge.map_size >= 1, not {s.feather}, {s.map_size}")
         return s
@@ -155,13 +160,15 @@ def mask_map(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def changed_share(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the region's core (weight >= half the mask's peak) where any channel changed."""
+def changed_share(real: np.ndarray, fake: np.ndarray, mask: np.ndarray, min_delta: int = 1) -> float:
+    """Share of the region's core (weight >= half the mask's peak) where some channel moved by
+    at least `min_delta` levels."""
     peak = float(mask.max())
     if peak <= 0:
         return 0.0
     core = mask >= 0.5 * peak
-    return float((real[core] != fake[core]).any(axis=-1).mean())
+    delta = np.abs(real[core].astype(np.int16) - fake[core].astype(np.int16))
+    return float((delta >= min_delta).any(axis=-1).mean())
 
 
 def forge_pair(
@@ -187,7 +194,7 @@ def forge_pair(
         )
     except ValueError as err:
         return real._replace(status="failed", reason=str(err))
-    if changed_share(target, fake, mask) < s.min_changed:
+    if changed_share(target, fake, mask, s.min_delta) < s.min_changed:
         return real._replace(status="unchanged")
     target_mag = ratio if blend_type in s.mag_types else float("nan")
     return Forged(fake, 1, BLEND_TYPES.index(blend_type), target_mag, mask_map(mask, s.map_size), "fake")
