@@ -67,6 +67,7 @@ RESULT_NEUTRAL_KEYS = {
     "train.num_workers": "augmentations are seeded per (seed, epoch, sample), so workers change speed only",
     "train.eval_batch_size": "evaluation runs in eval mode, where each image is scored on its own",
     "train.progress": "display only",
+    "recipe.forge_threads": "each forgery draws from its own item's seed, so threads change speed only",
     "paths.outputs": "where outputs are written, not what they hold (a moved outputs folder resumes)",
     "tune": "the search space of --tune, which training never reads",
     "prep.workers": "the data stage's output does not depend on it",

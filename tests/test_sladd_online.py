@@ -24,6 +24,7 @@ from skimage import data
 
 import models
 from core.config import ConfigError
+from core.training import RESULT_NEUTRAL_KEYS
 from core.transforms import build_transform
 from data_prep.blending import BLEND_TYPES, face_scale, region_mask, sladd_forge
 from data_prep.faces import FaceAnalyzer, flip_landmarks
@@ -284,6 +285,19 @@ def test_the_synthesizer_learns_from_the_rewards_of_its_own_images(photos: dict)
     part.prepare(batch, learn=True)
     with pytest.raises(ConfigError, match="loss.name: sladd"):
         part.backward(out, {"ce": torch.tensor(1.0)}, scale=1.0)
+
+
+def test_forging_threads_change_nothing_but_speed(photos: dict) -> None:
+    batch = _batch(photos)
+    outputs = []
+    for threads in (1, 3):
+        part = _part()
+        part.recipe = replace(RECIPE, forge_threads=threads)
+        torch.manual_seed(5)
+        outputs.append(part.prepare(batch, learn=False))
+    for key in ("image", "target", "type_target", "map_target"):
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
+    assert "recipe.forge_threads" in RESULT_NEUTRAL_KEYS  # so a resume may change it
 
 
 def test_the_batchnorm_pass_forges_without_learning(photos: dict) -> None:
