@@ -430,8 +430,9 @@ class SynthesizerPart:
         from data_prep.blending import BLEND_TYPES
 
         self.net, self.s, self.forge, self.recipe = net, s, forge, recipe
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as x * scale - shift, in place
+        std_ = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std_), torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_
         self.amp = amp
         self.takes_mag = torch.tensor([b in forge.mag_types for b in BLEND_TYPES])
         self.optimizer = (
@@ -446,7 +447,7 @@ class SynthesizerPart:
     # ---- the Auxiliary protocol ----------------------------------------------------------
     def to(self, device: torch.device) -> None:
         self.device = device
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        self.scale, self.shift = self.scale.to(device), self.shift.to(device)
         if self.net is not None:
             self.net.to(device).train()
             broadcast_from_first([*self.net.parameters(), *self.net.buffers()])
@@ -468,7 +469,7 @@ class SynthesizerPart:
         maps = np.concatenate([np.zeros((b, size, size), np.float32), np.stack([f.mask_map for f in forged])])
         nan = [float("nan")]
         out = {
-            "image": self._normalise(images.to(self.device).permute(0, 3, 1, 2)),
+            "image": self._normalise(images),
             "target": torch.tensor([0] * b + [f.label for f in forged] + [1] * m),
             "type_target": torch.tensor([REAL_TYPE] * b + [f.type_class for f in forged] + [OTHER_FAKE_TYPE] * m),
             "mag_target": torch.tensor(nan * b + [f.mag for f in forged] + nan * m, dtype=torch.float32),
@@ -546,8 +547,11 @@ class SynthesizerPart:
 
     # ---- inside the step -------------------------------------------------------------------
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW on the device -> (x / 255 - mean) / std, as the evaluation transform."""
-        return (images.float() / 255.0 - self.mean) / self.std
+        """uint8 N x H x W x 3 -> float N x 3 x H x W on the device, (x / 255 - mean) / std as the
+        evaluation transform (made contiguous while still uint8: float arithmetic on the permuted
+        view runs at a third of the speed)."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+        return x.mul_(self.scale).sub_(self.shift)
 
     def _act(self, batch: dict, learn: bool) -> Actions:
         b = len(batch["real"])
@@ -558,8 +562,7 @@ class SynthesizerPart:
                 "mag_concentration": torch.ones(b, 2),
             }
             return sample_actions(policy, self.forge.mag_min, self.takes_mag)
-        pair = torch.cat([batch["real"], batch["source"]], dim=3).to(self.device).permute(0, 3, 1, 2)
-        pair = torch.cat([self._normalise(pair[:, :3]), self._normalise(pair[:, 3:])], dim=1)
+        pair = torch.cat([self._normalise(batch["real"]), self._normalise(batch["source"])], dim=1)
         if pair.shape[-1] != self.s.image_size:
             size = (self.s.image_size,) * 2
             pair = F.interpolate(pair, size=size, mode="bilinear", align_corners=False, antialias=True)
