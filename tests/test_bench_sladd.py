@@ -21,3 +21,35 @@ def test_throughput_reports_every_rate_and_the_cores_they_imply() -> None:
     assert workers["loader_workers"] == pytest.approx(gpu_items / result["loader_items_per_cpu_s"]["per_cpu_s"], 0.01)
     uniform = result["forge_pairs_per_cpu_s"]["uniform"]["per_cpu_s"]
     assert workers["forge_threads"] == pytest.approx(gpu_items / uniform, rel=0.01)
+
+
+@pytest.mark.slow  # four short trainings: about a minute
+def test_ablation_trains_both_settings_per_seed_and_plots_the_synthesizer(tmp_path, capsys) -> None:
+    import json
+
+    import yaml
+
+    from bench import sladd_ablation
+    from tests.sladd_project import face_project
+
+    p = face_project(tmp_path)
+    work, out, png = tmp_path / "work", tmp_path / "ablation.json", tmp_path / "synth.png"
+    argv = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--seeds", "0", "1"]
+    argv += ["--folds", "0", "--keep", str(work), "--out", str(out), "--plot", str(png)]
+    assert sladd_ablation.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["setting"], r["seed"]) for r in result["rows"]] == [
+        ("random", 0),
+        ("random", 1),
+        ("learned", 0),
+        ("learned", 1),
+    ]
+    assert all(r["n_oof"] > 0 and 0 <= r["oof_auc"] <= 1 for r in result["rows"])
+    resolved = yaml.safe_load((work / "random-seed1" / "sladd_demo" / "fold0" / "config.yaml").read_text())
+    assert resolved["synthesizer"]["mode"] == "random" and resolved["train"]["seed"] == 1
+    trajectory = result["synthesizer_by_epoch"]
+    assert [row["epoch"] for row in trajectory] == [1, 2]  # the member config trains 2 epochs
+    blends = sum(trajectory[0][f"synth_p_{b}"] for b in ("alpha", "poisson", "copy", "none"))
+    assert blends == pytest.approx(1.0) and png.stat().st_size > 10_000
+    assert "| learned | 2 |" in capsys.readouterr().out
+    assert not p["outputs"].exists()
