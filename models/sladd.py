@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,9 @@ from core.log import get_logger
 from models.backbones import create_backbone
 from models.heads import fp32_head
 from models.registry import TrainData, register_criterion, register_model, register_recipe
+
+if TYPE_CHECKING:  # the forgery code is imported where it runs: `import models` stays light for inference
+    from data_prep.sladd_online import Forged, ForgeSettings, RecipeSettings
 
 log = get_logger("sladd")
 
@@ -426,7 +430,16 @@ class SynthesizerPart:
     figures the history records (its region and blend-type distributions, what the
     forgeries became, the reward)."""
 
-    def __init__(self, net: Synthesizer | None, s: SynthSettings, forge, recipe, mean, std, amp: bool):
+    def __init__(
+        self,
+        net: Synthesizer | None,
+        s: SynthSettings,
+        forge: ForgeSettings,
+        recipe: RecipeSettings,
+        mean: Sequence[float],
+        std: Sequence[float],
+        amp: bool,
+    ):
         from data_prep.blending import BLEND_TYPES
 
         self.net, self.s, self.forge, self.recipe = net, s, forge, recipe
@@ -569,7 +582,7 @@ class SynthesizerPart:
         with torch.set_grad_enabled(learn), autocast(self.device, self.amp):
             return sample_actions(self.net(pair), self.forge.mag_min, self.takes_mag)
 
-    def _forge(self, batch: dict, actions: Actions) -> list:
+    def _forge(self, batch: dict, actions: Actions) -> list[Forged]:
         from data_prep.blending import BLEND_TYPES
         from data_prep.sladd_online import forge_pair
 
@@ -578,7 +591,7 @@ class SynthesizerPart:
         region, blend, mag = (actions.region.tolist(), actions.blend.tolist(), actions.mag.tolist())
         seeds = batch["seed"].tolist()
 
-        def one(i: int):
+        def one(i: int) -> Forged:
             blend_type = BLEND_TYPES[blend[i]]
             return forge_pair(
                 real[i], real_lm[i], source[i], source_lm[i], region[i], blend_type, mag[i], seeds[i], self.forge
@@ -602,7 +615,7 @@ class SynthesizerPart:
             0.0,
         )
 
-    def _record(self, actions: Actions, forged: list) -> None:
+    def _record(self, actions: Actions, forged: list[Forged]) -> None:
         region = actions.region_probs.sum(0).tolist()
         blend = actions.blend_probs.sum(0).tolist()
         for i, p in enumerate(region):
