@@ -4,10 +4,10 @@
 
 A training step of the `sladd` member does two kinds of CPU work:
 
-- in the loader workers, per item (`data_prep.sladd_online.SLADDPairs`): decode the real, its
-  forgery source and a training fake (512 px JPEG face crops, as the competition's images),
-  resize each to 256 px, mirror;
-- in the training process, per pair, after the synthesizer has drawn its configuration
+- in the loader workers, per item (`data_prep.sladd_online.SLADDItems`): a real with a face
+  (a target) decodes itself and its forgery source, any other image itself (512 px JPEG face
+  crops, as the competition's images), each resized to 256 px and mirrored;
+- in the training process, per target, after the synthesizer has drawn its configuration
   (`forge_pair`: align the source by landmarks, colour-transfer it inside the region, blend,
   check that the fake changed, the 16 x 16 mask target), run by `recipe.forge_threads` threads.
   `prepare` adds stacking the batch; here, on a CPU, it also normalises the images (on a
@@ -18,7 +18,9 @@ types, `none` included, mag uniform in [mag_min, 1]); each blend type is also ti
 Everything runs on one thread (rates per CPU-second, robust on a shared machine); the thread
 scaling of the forging pool is wall-clock. The detector's step: its CPU rate here (fp32,
 legacy_xception with the synthesizer, `--cpu-step`), and an assumed H100 rate, whose source is
-in the JSON (`gpu_step`); `workers` divides it by the per-core rates.
+in the JSON (`gpu_step`); `workers` divides it by the per-core rates, for a training set whose
+share `--target-share` of images are reals with a face (each costs the GPU three images: itself,
+its synthesized image, and the synthesizer's pass over the pair).
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ from core.io import write_json  # noqa: E402
 from data_prep.blending import BLEND_TYPES  # noqa: E402
 from data_prep.faces import FaceAnalyzer  # noqa: E402
 from data_prep.sbi_online import RealFace  # noqa: E402
-from data_prep.sladd_online import ForgeSettings, RecipeSettings, SLADDPairs, collate_sladd, forge_pair  # noqa: E402
+from data_prep.sladd_online import (  # noqa: E402
+    Entry,
+    ForgeSettings,
+    RecipeSettings,
+    SLADDItems,
+    collate_sladd,
+    forge_pair,
+)
 from models.sladd import SynthesizerPart, SynthSettings, build_synthesizer  # noqa: E402
 
 CONFIG = "configs/members/sladd.yaml"
@@ -66,10 +75,10 @@ GPU_STEP = {
         "legacy_xception 2877.5 img/s at 299 px (benchmark-infer-amp-nchw-pt291-cu130-5090.csv) x (299/256)^2 / 3 "
         "for forward + backward x 3.35 / 1.79 TB/s = 2447"
     ),
-    "images_per_item": 4,
-    "images_per_item_why": (
-        "the detector trains on 3 images per item (the real, its synthesized image, a training fake) and the "
-        "synthesizer, an Xception of the same size, on 1 pair"
+    "images_per_target": 3,
+    "images_per_target_why": (
+        "the detector trains on the real and its synthesized image, and the synthesizer, an Xception of the "
+        "same size, on the pair; any other training image is 1"
     ),
 }
 
@@ -119,8 +128,8 @@ def _configurations(n: int, forge: ForgeSettings, blend_type: str | None) -> lis
     ]
 
 
-def _forge_rates(ds: SLADDPairs, forge: ForgeSettings, n: int) -> dict:
-    items = [ds[i % len(ds)] for i in range(8)]
+def _forge_rates(ds: SLADDItems, forge: ForgeSettings, n: int) -> dict:
+    items = [ds[i] for i in range(8)]  # targets
     out = {}
     for label, blend_type in (("uniform", None), *((b, b) for b in BLEND_TYPES[:3])):
         configs = _configurations(n + 3, forge, blend_type)
@@ -134,14 +143,14 @@ def _forge_rates(ds: SLADDPairs, forge: ForgeSettings, n: int) -> dict:
     return out
 
 
-def _prepare_rate(ds: SLADDPairs, cfg: dict, threads: int, batches: int, batch_items: int = 32) -> dict:
+def _prepare_rate(ds: SLADDItems, cfg: dict, threads: int, batches: int, batch_items: int = 32) -> dict:
     """`SynthesizerPart.prepare` (random configurations, no network) on collated batches: pairs
     per wall-second with `threads` forging threads, and per CPU-second."""
     s, forge = SynthSettings.from_cfg(cfg), ForgeSettings.from_cfg(cfg)
     recipe = replace(RecipeSettings.from_cfg(cfg), forge_threads=threads)
     part = SynthesizerPart(None, replace(s, mode="random"), forge, recipe, [0.5] * 3, [0.5] * 3, amp=False)
     part.to(torch.device("cpu"))
-    collated = [collate_sladd([ds[(b * batch_items + i) % len(ds)] for i in range(batch_items)]) for b in range(2)]
+    collated = [collate_sladd([ds[(b * batch_items + i) % 16] for i in range(batch_items)]) for b in range(2)]
     part.prepare(collated[0], learn=True)  # start the pool
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for b in range(batches):
@@ -153,7 +162,8 @@ def _prepare_rate(ds: SLADDPairs, cfg: dict, threads: int, batches: int, batch_i
 
 def _cpu_step(cfg: dict, items: int, steps: int) -> dict:
     """Detector (forward, the sladd loss, backward, Adam) and synthesizer (forward, REINFORCE,
-    backward, Adam) on `items` items of random pixels at 256 px, fp32 on this CPU."""
+    backward, Adam) on `items` targets, each with its synthesized image and one image passing
+    through (a target share of one half), random pixels at 256 px, fp32 on this CPU."""
     torch.manual_seed(0)
     net = models.build_model(cfg["model"], pretrained=False).train()
     criterion = models.build_criterion(cfg)
@@ -187,28 +197,43 @@ def _cpu_step(cfg: dict, items: int, steps: int) -> dict:
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
-    return {"items": items, "threads": torch.get_num_threads(), "items_per_s": round(items / seconds, 2)}
+    return {
+        "targets": items,
+        "threads": torch.get_num_threads(),
+        "training_images_per_s": round(2 * items / seconds, 3),
+        "gpu_images_per_s_equivalent": round(4 * items / seconds, 3),
+    }
 
 
-def run(n: int, cpu_step: bool, step_items: int = 2, step_count: int = 2, batch_items: int = 32) -> dict:
+def run(
+    n: int, cpu_step: bool, target_share: float = 0.5, step_items: int = 2, step_count: int = 2, batch_items: int = 32
+) -> dict:
     cfg = load_config([CONFIG])
     forge = ForgeSettings.from_cfg(cfg)
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     with tempfile.TemporaryDirectory(prefix="sladd_throughput_") as tmp:
         faces = _faces(Path(tmp))
         recipe = RecipeSettings.from_cfg(cfg)
-        ds = SLADDPairs(faces * 8, faces * 8, faces, [f.path for f in faces], SIZE, recipe, seed=0)
+        # 16 targets, then 16 images that pass through
+        entries = [Entry(f.path, 0, f) for f in faces * 8] + [Entry(f.path, 1, None) for f in faces * 8]
+        ds = SLADDItems(entries, faces, faces, SIZE, recipe, seed=0)
         cv2.setNumThreads(1)
         torch.set_num_threads(1)
         try:
-            loader = _per_cpu_second(lambda i: ds[i % len(ds)], n)
+            loader = {
+                "target": _per_cpu_second(lambda i: ds[i % 16], n),
+                "other": _per_cpu_second(lambda i: ds[16 + i % 16], n),
+            }
             forging = _forge_rates(ds, forge, n)
             prepare = [_prepare_rate(ds, cfg, t, max(2, n // batch_items), batch_items) for t in (1, 2)]
         finally:
             cv2.setNumThreads(cv_threads)
             torch.set_num_threads(threads)
         step = _cpu_step(cfg, step_items, step_count) if cpu_step else None
-    gpu_items = GPU_STEP["images_per_s"] / GPU_STEP["images_per_item"]
+    # Per training image: 1 + 2 r GPU images; r / target rate + (1 - r) / other rate loader CPU-seconds.
+    r = target_share
+    items = GPU_STEP["images_per_s"] / (1 + (GPU_STEP["images_per_target"] - 1) * r)
+    loader_cpu = r / loader["target"]["per_cpu_s"] + (1 - r) / loader["other"]["per_cpu_s"]
     return {
         "size": SIZE,
         "n": n,
@@ -217,15 +242,17 @@ def run(n: int, cpu_step: bool, step_items: int = 2, step_count: int = 2, batch_
         "torch": torch.__version__,
         "opencv": cv2.__version__,
         "loader_items_per_cpu_s": loader,
+        "target_share": r,
         "forge_pairs_per_cpu_s": forging,
         "prepare": prepare,
         "cpu_step": step,
         "gpu_step": GPU_STEP,
-        "gpu_items_per_s": gpu_items,
+        "gpu_training_images_per_s": round(items, 1),
+        "gpu_targets_per_s": round(items * r, 1),
         "workers": {
-            "loader_workers": round(gpu_items / loader["per_cpu_s"], 1),
-            "forge_threads": round(gpu_items / forging["uniform"]["per_cpu_s"], 1),
-            "forge_threads_with_cpu_prepare": round(gpu_items / prepare[0]["pairs_per_cpu_s"], 1),
+            "loader_workers": round(items * loader_cpu, 1),
+            "forge_threads": round(items * r / forging["uniform"]["per_cpu_s"], 1),
+            "forge_threads_with_cpu_prepare": round(items * r / prepare[0]["pairs_per_cpu_s"], 1),
             "note": "cores for one H100 at the assumed rate: loader workers (decode + resize) and forging threads "
             "(forge_pair per CPU-second; with_cpu_prepare: the whole prepare on this CPU, normalisation included, "
             "which a GPU does on the device); forging runs in the training process, so its threads need cores "
@@ -238,9 +265,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="timed items, pairs per blend type")
     parser.add_argument("--cpu-step", action="store_true", help="also time the detector + synthesizer step on this CPU")
+    parser.add_argument(
+        "--target-share", type=float, default=0.5, help="share of training images that are reals with a face"
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    result = run(args.n, args.cpu_step)
+    result = run(args.n, args.cpu_step, args.target_share)
     if args.out:
         write_json(result, args.out)
     print(json.dumps(result, indent=2))

@@ -1,17 +1,18 @@
-"""Training data of the SLADD member: real faces, each with a forgery source, forged in the
-training step with the configuration the synthesizer draws for the pair (models/sladd.py).
+"""Training data of the SLADD member: every training image once an epoch, and for every real with
+a cached face a forgery made in the training step with the configuration the synthesizer
+draws for it (models/sladd.py).
 
-Loader side (`SLADDPairs`, in the workers, deterministic in (seed, epoch, index)): one item is
-one training real with a cached face, the *target*, and
+Loader side (`SLADDItems`, in the workers, deterministic in (seed, epoch, index)): one item per
+row of the training table, decoded and resized whole to the network's input as the evaluation
+transform resizes (so training and scoring see a face at one scale), mirrored with probability
+`flip_p`.
 
-- the target decoded and resized whole to the network's input as the evaluation transform
-  resizes (so training and scoring see a face at one scale), mirrored with probability
-  `flip_p`, its cached 68 landmarks moved with it;
-- a forgery *source*: another original of the training folds with a cached face, a fake with
-  probability `source_fake_p` (else a real), resized and mirrored the same way;
-- with probability `dataset_fakes`, a fake of the training set that reaches the detector as it
-  is (resized, mirrored), as the published training sees its dataset's own fakes;
-- the seed that the forgery of this item draws from.
+- A real with a cached face is a *target*: its 68 landmarks are moved with it, and it brings a
+  forgery *source*, another original of the training folds with a cached face (a fake with
+  probability `source_fake_p`, else a real), resized and mirrored the same way, and the seed
+  that its forgery draws from.
+- Every other image (a fake, a real the data stage derived from an original) passes through
+  with its own label, as the published training sees its dataset's own fakes.
 
 Training-step side (`forge_pair`, NumPy, run in the main process because the configuration
 comes from the synthesizer): `blending.sladd_forge` pastes the source's region into the target
@@ -110,13 +111,12 @@ class RecipeSettings:
     name: str
     flip_p: float
     source_fake_p: float
-    dataset_fakes: float
     forge_threads: int
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> RecipeSettings:
         s = cls(**_section(cfg, "recipe", cls))
-        for key in ("flip_p", "source_fake_p", "dataset_fakes"):
+        for key in ("flip_p", "source_fake_p"):
             if not 0.0 <= getattr(s, key) <= 1.0:
                 raise ConfigError(f"recipe.{key} must be a probability in [0, 1], not {getattr(s, key)}")
         if s.forge_threads < 1:
@@ -216,26 +216,34 @@ def resize_face(img: np.ndarray, landmarks: np.ndarray, size: int, flip: bool) -
     return out, lm
 
 
-class SLADDPairs:
-    """Items: `real`, `source` (uint8 S x S x 3), `real_lm`, `source_lm` (68 x 2), `fake` (a
-    training fake, uint8, or None), `seed` (the forgery's) and `index`; or `index` and `error`
-    (file and reason) when an image cannot be read. See the module docstring."""
+@dataclass(frozen=True)
+class Entry:
+    """One row of the training table: its file and label, and its cached face when it is a target."""
+
+    path: str
+    label: int
+    face: RealFace | None
+
+
+class SLADDItems:
+    """Items, one per entry: a target gives `real`, `source` (uint8 S x S x 3), `real_lm`,
+    `source_lm` (68 x 2) and `seed` (its forgery's); any other image gives `other` (uint8
+    S x S x 3) and `label`; both give `index`, or `index` and `error` (file and reason) when an
+    image cannot be read. See the module docstring."""
 
     def __init__(
         self,
-        targets: Sequence[RealFace],
+        entries: Sequence[Entry],
         real_sources: Sequence[RealFace],
         fake_sources: Sequence[RealFace],
-        dataset_fakes: Sequence[str],
         size: int,
         settings: RecipeSettings,
         seed: int,
     ):
         if not real_sources and not fake_sources:
             raise ConfigError("the sladd recipe has no forgery source with a cached face")
-        self.targets = list(targets)
+        self.entries = list(entries)
         self.real_sources, self.fake_sources = list(real_sources), list(fake_sources)
-        self.dataset_fakes = list(dataset_fakes)
         self.size = size
         self.s = settings
         self.seed = seed
@@ -245,7 +253,7 @@ class SLADDPairs:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.entries)
 
     def _source(self, rng: np.random.Generator, target: RealFace) -> RealFace:
         """Another original: a fake with probability source_fake_p when there are fakes (else a
@@ -261,24 +269,20 @@ class SLADDPairs:
         return resize_face(decode_image(face.path), face.landmarks, self.size, flip)
 
     def __getitem__(self, index: int) -> dict:
-        target = self.targets[index]
+        entry = self.entries[index]
         item_seed = sample_seed(self.seed, self.epoch, index)
         # Separate streams: a recipe setting changes its own draws, never the others'.
-        flips = np.random.default_rng([item_seed, 0]).random(3) < self.s.flip_p
-        source = self._source(np.random.default_rng([item_seed, 1]), target)
-        fake_rng = np.random.default_rng([item_seed, 2])
-        with_fake = bool(self.dataset_fakes) and fake_rng.random() < self.s.dataset_fakes
-        fake_path = self.dataset_fakes[int(fake_rng.integers(len(self.dataset_fakes)))] if with_fake else None
-        path = target.path
+        flips = np.random.default_rng([item_seed, 0]).random(2) < self.s.flip_p
+        path = entry.path
         try:
-            real, real_lm = self._load(target, bool(flips[0]))
+            if entry.face is None:
+                other = cv2.resize(decode_image(path), (self.size,) * 2, interpolation=RESIZE_INTERPOLATION)
+                other = np.ascontiguousarray(other[:, ::-1]) if flips[0] else other
+                return {"index": index, "other": other, "label": entry.label}
+            source = self._source(np.random.default_rng([item_seed, 1]), entry.face)
+            real, real_lm = self._load(entry.face, bool(flips[0]))
             path = source.path
             src, src_lm = self._load(source, bool(flips[1]))
-            fake = None
-            if fake_path is not None:
-                path = fake_path
-                fake = cv2.resize(decode_image(fake_path), (self.size,) * 2, interpolation=RESIZE_INTERPOLATION)
-                fake = np.ascontiguousarray(fake[:, ::-1]) if flips[2] else fake
         except (ImageDecodeError, ValueError) as err:
             return {"index": index, "error": str(err) if path in str(err) else f"{path}: {err}"}
         return {
@@ -287,38 +291,47 @@ class SLADDPairs:
             "real_lm": real_lm,
             "source": src,
             "source_lm": src_lm,
-            "fake": fake,
             "seed": int(np.random.SeedSequence([item_seed, 3]).generate_state(1)[0]),
         }
 
 
 def collate_sladd(items: list[dict]) -> dict:
-    """B good items as the synthesizer's input: `real` and `source` (B, S, S, 3) uint8,
-    `real_lm`, `source_lm` (B, 68, 2), `seed` (B,), the training fakes `fake` (M, S, S, 3) uint8;
-    and, for the trainer's contract, `image` (the reals, (B, 3, S, S) uint8) and `target` (B zeros).
-    `errors` holds the bad items' reasons."""
+    """The good items as the synthesizer's input and the images that pass through: `real` and
+    `source` (B, S, S, 3) uint8, `real_lm`, `source_lm` (B, 68, 2), `seed` (B,) for the B targets;
+    `other` (M, S, S, 3) uint8 and `other_target` (M,) for the rest; and, for the trainer's
+    contract, `image` (all B + M, (N, 3, S, S) uint8) and `target`. `errors` holds the bad items'
+    reasons."""
     good = [it for it in items if "error" not in it]
     batch: dict[str, Any] = {"errors": [it["error"] for it in items if "error" in it]}
     batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
     if not good:
         return batch
-    for key in ("real", "source"):
-        batch[key] = torch.from_numpy(np.stack([it[key] for it in good]))
-    for key in ("real_lm", "source_lm"):
-        batch[key] = torch.from_numpy(np.stack([it[key] for it in good]).astype(np.float64))
-    batch["seed"] = torch.tensor([it["seed"] for it in good], dtype=torch.int64)
-    fakes = [it["fake"] for it in good if it["fake"] is not None]
-    size = good[0]["real"].shape[0]
-    batch["fake"] = torch.from_numpy(np.stack(fakes)) if fakes else torch.zeros((0, size, size, 3), dtype=torch.uint8)
-    batch["image"] = batch["real"].permute(0, 3, 1, 2)
-    batch["target"] = torch.zeros(len(good), dtype=torch.long)
+    targets = [it for it in good if "real" in it]
+    others = [it for it in good if "other" in it]
+    size = (targets[0]["real"] if targets else others[0]["other"]).shape[0]
+
+    def stack(rows: list[dict], key: str, shape: tuple, dtype: type) -> torch.Tensor:
+        return torch.from_numpy(np.stack([r[key] for r in rows]).astype(dtype) if rows else np.zeros(shape, dtype))
+
+    image = (0, size, size, 3)
+    batch.update(
+        real=stack(targets, "real", image, np.uint8),
+        source=stack(targets, "source", image, np.uint8),
+        real_lm=stack(targets, "real_lm", (0, 68, 2), np.float64),
+        source_lm=stack(targets, "source_lm", (0, 68, 2), np.float64),
+        seed=torch.tensor([it["seed"] for it in targets], dtype=torch.int64),
+        other=stack(others, "other", image, np.uint8),
+        other_target=torch.tensor([it["label"] for it in others], dtype=torch.long),
+    )
+    batch["image"] = torch.cat([batch["real"], batch["other"]]).permute(0, 3, 1, 2)
+    batch["target"] = torch.cat([torch.zeros(len(targets), dtype=torch.long), batch["other_target"]])
     return batch
 
 
-def sladd_pairs(cfg: dict, table: pd.DataFrame, seed: int) -> SLADDPairs:
-    """The recipe's dataset from the training table: its reals with a cached face as targets,
-    every original with a cached face as a source, its fakes as the pass-through fakes. Logs
-    one line with the counts and the skipped images by reason."""
+def sladd_items(cfg: dict, table: pd.DataFrame, seed: int) -> SLADDItems:
+    """The recipe's dataset from the training table: every row, its reals with a cached face as
+    targets, every original with a cached face as a source. Logs one line with the counts and
+    the reals that pass through unforged, by reason."""
     settings = RecipeSettings.from_cfg(cfg)
     folder = faces_dir(cfg)
     if not folder.is_dir():
@@ -331,16 +344,17 @@ def sladd_pairs(cfg: dict, table: pd.DataFrame, seed: int) -> SLADDPairs:
     targets, skipped = read_cached_faces(table[~is_fake], folder, key, progress, "sladd reals")
     # The demo's own fakes are originals whose method names the edit that made them: the cache decides.
     fake_sources, _ = read_cached_faces(table[is_fake], folder, key, progress, "sladd sources", skip_derived=False)
-    fakes = table.loc[is_fake, "path"].astype(str).tolist()
+    faces = {f.path: f for f in targets}
+    paths, labels = table["path"].astype(str).tolist(), table["target"].astype(int).tolist()
+    entries = [Entry(p, y, faces.get(p) if y == 0 else None) for p, y in zip(paths, labels, strict=True)]
     reasons = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "none"
     log.info(
-        "sladd: %d reals to forge, %d fakes with a face as further sources, %d training fakes; reals skipped: %s",
+        "sladd: %d images, %d reals to forge, %d fakes with a face as further sources; reals passing through: %s",
+        len(entries),
         len(targets),
         len(fake_sources),
-        len(fakes),
         reasons,
     )
     if not targets:
-        raise ConfigError(f"{folder}: none of the {int((table['target'] == 0).sum())} training reals has a cached face")
-    size = int(cfg["data"]["image_size"])
-    return SLADDPairs(targets, targets, fake_sources, fakes, size, settings, seed)
+        raise ConfigError(f"{folder}: none of the {int((~is_fake).sum())} training reals has a cached face")
+    return SLADDItems(entries, targets, fake_sources, int(cfg["data"]["image_size"]), settings, seed)

@@ -466,27 +466,31 @@ class SynthesizerPart:
             broadcast_from_first([*self.net.parameters(), *self.net.buffers()])
 
     def prepare(self, batch: dict, learn: bool) -> dict:
-        """The detector's batch: B reals, their B synthesized images, the M training fakes, with
-        `target`, `type_target`, `mag_target`/`mag_valid` and `map_target`/`map_valid` from the
-        configuration that made each image; tensors on the device."""
+        """The detector's batch: the B target reals, their B synthesized images, then the M images
+        that pass through, with `target`, `type_target`, `mag_target`/`mag_valid` and
+        `map_target`/`map_valid` from the configuration that made each image (a passing image's
+        mask is unknown); tensors on the device."""
         from data_prep.sladd_online import OTHER_FAKE_TYPE, REAL_TYPE
 
-        b, m = len(batch["real"]), len(batch["fake"])
-        actions = self._act(batch, learn)
-        forged = self._forge(batch, actions)
+        b, other = len(batch["real"]), batch["other_target"].tolist()
+        actions = self._act(batch, learn) if b else None
+        forged = self._forge(batch, actions) if b else []
         if learn:
             self.pending = (actions, b)
-            self._record(actions, forged)
-        images = torch.cat([batch["real"], torch.from_numpy(np.stack([f.image for f in forged])), batch["fake"]])
-        size = self.forge.map_size
-        maps = np.concatenate([np.zeros((b, size, size), np.float32), np.stack([f.mask_map for f in forged])])
+            if b:
+                self._record(actions, forged)
+        size, m = self.forge.map_size, len(other)
+        slots = torch.from_numpy(np.stack([f.image for f in forged])) if b else batch["real"][:0]
+        maps = [np.zeros((b, size, size), np.float32), *(f.mask_map[None] for f in forged)]
         nan = [float("nan")]
         out = {
-            "image": self._normalise(images),
-            "target": torch.tensor([0] * b + [f.label for f in forged] + [1] * m),
-            "type_target": torch.tensor([REAL_TYPE] * b + [f.type_class for f in forged] + [OTHER_FAKE_TYPE] * m),
+            "image": self._normalise(torch.cat([batch["real"], slots, batch["other"]])),
+            "target": torch.tensor([0] * b + [f.label for f in forged] + other),
+            "type_target": torch.tensor(
+                [REAL_TYPE] * b + [f.type_class for f in forged] + [OTHER_FAKE_TYPE if y else REAL_TYPE for y in other]
+            ),
             "mag_target": torch.tensor(nan * b + [f.mag for f in forged] + nan * m, dtype=torch.float32),
-            "map_target": torch.from_numpy(np.concatenate([maps, np.zeros((m, size, size), np.float32)]))[:, None],
+            "map_target": torch.from_numpy(np.concatenate([*maps, np.zeros((m, size, size), np.float32)]))[:, None],
             "map_valid": torch.tensor([True] * (2 * b) + [False] * m),
             "errors": batch["errors"],
         }
@@ -495,7 +499,8 @@ class SynthesizerPart:
 
     def backward(self, batch: dict, logs: dict, scale: float) -> None:
         """REINFORCE on the rewards of this batch's synthesized images (`reinforce_loss`); the
-        baseline then moves towards their mean over every process."""
+        baseline then moves towards their mean over every process. Every process takes part in
+        the sum, also one whose batch held no target."""
         if self.pending is None:
             return
         actions, b = self.pending
@@ -504,11 +509,13 @@ class SynthesizerPart:
             raise ConfigError("the sladd synthesizer learns from the sladd loss's per-image losses (loss.name: sladd)")
         reward = logs["sample_loss"][b : 2 * b].float()
         totals = sum_over_processes(torch.stack([reward.sum(), reward.new_tensor(float(b))]))
+        if totals[1] == 0:
+            return
         mean = float(totals[0] / totals[1])
         if math.isnan(self.baseline):
             self.baseline = mean
         self.stats["reward"] += float(reward.sum())
-        if self.net is not None:
+        if self.net is not None and b:
             loss = reinforce_loss(actions.log_prob, actions.entropy, reward, self.baseline, self.s.entropy_weight)
             (loss * scale).backward()
         self.baseline = self.s.baseline_momentum * self.baseline + (1.0 - self.s.baseline_momentum) * mean
@@ -580,7 +587,10 @@ class SynthesizerPart:
             size = (self.s.image_size,) * 2
             pair = F.interpolate(pair, size=size, mode="bilinear", align_corners=False, antialias=True)
         with torch.set_grad_enabled(learn), autocast(self.device, self.amp):
-            return sample_actions(self.net(pair), self.forge.mag_min, self.takes_mag)
+            # BatchNorm in training mode fails on one value per channel (a batch with one target
+            # and a 1 x 1 map): a second copy of the pair leaves every statistic as it is.
+            policy = self.net(pair.expand(2, -1, -1, -1) if b == 1 else pair)
+            return sample_actions({k: v[:b] for k, v in policy.items()}, self.forge.mag_min, self.takes_mag)
 
     def _forge(self, batch: dict, actions: Actions) -> list[Forged]:
         from data_prep.blending import BLEND_TYPES
@@ -637,7 +647,7 @@ def sladd_recipe(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int)
     synthesizer forges the pair in the training step. `transform` is not used: every image is
     resized as the evaluation transform resizes (and mirrored), so that a forgery and its real
     differ only by the forgery."""
-    from data_prep.sladd_online import ForgeSettings, RecipeSettings, collate_sladd, sladd_pairs
+    from data_prep.sladd_online import ForgeSettings, RecipeSettings, collate_sladd, sladd_items
 
     s = SynthSettings.from_cfg(cfg)
     forge = ForgeSettings.from_cfg(cfg)
@@ -646,7 +656,7 @@ def sladd_recipe(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int)
             f"forge.map_size ({forge.map_size}) must equal model.map_size ({cfg['model'].get('map_size')})"
         )
     recipe = RecipeSettings.from_cfg(cfg)
-    dataset = sladd_pairs(cfg, table, seed)
+    dataset = sladd_items(cfg, table, seed)
     net = build_synthesizer(s) if s.mode == "learned" else None
     data = cfg["data"]
     from core.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -122,7 +122,8 @@ def synthesizer_over_two_processes(rank: int, init: str) -> None:
         "real": torch.from_numpy(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
         "source": torch.from_numpy(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
         "real_lm": torch.from_numpy(lm), "source_lm": torch.from_numpy(lm),
-        "seed": torch.arange(b), "fake": torch.zeros((0, size, size, 3), dtype=torch.uint8), "errors": [],
+        "seed": torch.arange(b), "other": torch.zeros((0, size, size, 3), dtype=torch.uint8),
+        "other_target": torch.zeros(0, dtype=torch.long), "errors": [],
     }  # fmt: skip
 
     def everyone(x: torch.Tensor) -> list[torch.Tensor]:

@@ -13,14 +13,18 @@ def test_throughput_reports_every_rate_and_the_cores_they_imply() -> None:
     result = sladd_throughput.run(n=4, cpu_step=False, batch_items=4)
     assert result["size"] == 256 and result["cpu_step"] is None
     assert set(result["forge_pairs_per_cpu_s"]) == {"uniform", "alpha", "poisson", "copy"}
-    for rate in (result["loader_items_per_cpu_s"], *result["forge_pairs_per_cpu_s"].values()):
+    loader = result["loader_items_per_cpu_s"]
+    for rate in (loader["target"], loader["other"], *result["forge_pairs_per_cpu_s"].values()):
         assert rate["per_cpu_s"] > 0 and rate["cpu_ms_each"] == pytest.approx(1000 / rate["per_cpu_s"], rel=0.05)
+    assert loader["target"]["cpu_ms_each"] > loader["other"]["cpu_ms_each"]  # a target decodes its source too
     assert [p["threads"] for p in result["prepare"]] == [1, 2]
-    gpu_items = result["gpu_step"]["images_per_s"] / result["gpu_step"]["images_per_item"]
+    # Half the images are targets, each three images' work for the GPU: 2400 / 2 training images a second.
+    assert result["target_share"] == 0.5 and result["gpu_training_images_per_s"] == 1200
     workers = result["workers"]
-    assert workers["loader_workers"] == pytest.approx(gpu_items / result["loader_items_per_cpu_s"]["per_cpu_s"], 0.01)
+    loader_cpu = 0.5 / loader["target"]["per_cpu_s"] + 0.5 / loader["other"]["per_cpu_s"]
+    assert workers["loader_workers"] == pytest.approx(1200 * loader_cpu, abs=0.06)
     uniform = result["forge_pairs_per_cpu_s"]["uniform"]["per_cpu_s"]
-    assert workers["forge_threads"] == pytest.approx(gpu_items / uniform, rel=0.01)
+    assert workers["forge_threads"] == pytest.approx(600 / uniform, abs=0.06)
 
 
 @pytest.mark.slow  # four short trainings: about a minute

@@ -33,9 +33,10 @@ from data_prep.sladd_online import (
     OTHER_FAKE_TYPE,
     REAL_TYPE,
     TYPE_CLASSES,
+    Entry,
     ForgeSettings,
     RecipeSettings,
-    SLADDPairs,
+    SLADDItems,
     changed_share,
     collate_sladd,
     forge_pair,
@@ -173,59 +174,70 @@ def test_faces_are_resized_like_the_evaluation_transform_and_flipped_with_their_
     np.testing.assert_allclose(mirrored_lm, flip_landmarks(lm, SIZE), atol=1e-4)
 
 
-def _pairs(photos: dict, **settings) -> SLADDPairs:
+def _items(photos: dict, **settings) -> SLADDItems:
+    """Both portraits as targets, then the astronaut again as a fake that passes through."""
     faces = list(photos.values())
-    fakes = [photos["astronaut"].path]
-    return SLADDPairs(faces, faces, faces[:1], fakes, SIZE, replace(RECIPE, **settings), seed=3)
+    entries = [Entry(f.path, 0, f) for f in faces] + [Entry(photos["astronaut"].path, 1, None)]
+    return SLADDItems(entries, faces, faces[:1], SIZE, replace(RECIPE, **settings), seed=3)
 
 
 def test_items_depend_only_on_seed_epoch_and_index_and_never_source_themselves(photos: dict) -> None:
-    ds = _pairs(photos)
+    ds = _items(photos)
     ds.set_epoch(2)
-    again = _pairs(photos)
+    again = _items(photos)
     again.set_epoch(2)
-    for i in range(len(ds)):
+    for i in range(2):
         a, b = ds[i], again[i]
-        assert all(np.array_equal(a[k], b[k]) for k in ("real", "source", "real_lm", "fake")) and a["seed"] == b["seed"]
+        assert all(np.array_equal(a[k], b[k]) for k in ("real", "source", "real_lm")) and a["seed"] == b["seed"]
+    assert np.array_equal(ds[2]["other"], again[2]["other"]) and ds[2]["label"] == 1 and "real" not in ds[2]
     ds.set_epoch(3)
     assert ds[0]["seed"] != again[0]["seed"]
-    no_fake_sources = SLADDPairs(list(photos.values()), list(photos.values()), [], [], SIZE, RECIPE, seed=0)
+    faces = list(photos.values())
+    reals_only = SLADDItems([Entry(f.path, 0, f) for f in faces], faces, [], SIZE, RECIPE, seed=0)
     for epoch in range(6):
-        no_fake_sources.set_epoch(epoch)
-        item = no_fake_sources[0]
+        reals_only.set_epoch(epoch)
+        item = reals_only[0]
         assert not np.array_equal(item["source"], item["real"][:, ::-1]) and not np.array_equal(
             item["source"], item["real"]
         )
-        assert item["fake"] is None  # no training fakes to bring
 
 
 def test_a_broken_image_is_an_error_item_and_collate_keeps_the_rest(photos: dict, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    faces = [*photos.values(), RealFace(str(broken), photos["grace"].landmarks, (0, 0, 9, 9), None)]
-    ds = SLADDPairs(faces, faces[:2], [], [photos["astronaut"].path], SIZE, RECIPE, seed=0)
-    items = [ds[i] for i in range(3)]
+    faces = list(photos.values())
+    entries = [Entry(f.path, 0, f) for f in faces]
+    entries += [Entry(str(broken), 0, RealFace(str(broken), photos["grace"].landmarks, (0, 0, 9, 9), None))]
+    entries += [Entry(photos["astronaut"].path, 1, None), Entry(photos["grace"].path, 0, None)]
+    ds = SLADDItems(entries, faces, [], SIZE, RECIPE, seed=0)
+    items = [ds[i] for i in range(5)]
     assert "error" in items[2] and str(broken) in items[2]["error"]
     batch = collate_sladd(items)
     assert batch["errors"] == [items[2]["error"]] and batch["real"].shape == (2, SIZE, SIZE, 3)
-    assert batch["image"].shape == (2, 3, SIZE, SIZE) and batch["target"].tolist() == [0, 0]
-    assert batch["fake"].shape == (2, SIZE, SIZE, 3) and batch["real_lm"].shape == (2, 68, 2)
+    assert batch["real_lm"].shape == (2, 68, 2) and batch["seed"].shape == (2,)
+    assert batch["other"].shape == (2, SIZE, SIZE, 3) and batch["other_target"].tolist() == [1, 0]
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["target"].tolist() == [0, 0, 1, 0]
+    assert torch.equal(batch["image"][2], batch["other"][0].permute(2, 0, 1))
+    only_others = collate_sladd(items[3:])
+    assert only_others["real"].shape == (0, SIZE, SIZE, 3) and only_others["target"].tolist() == [1, 0]
+    shuffled = collate_sladd([items[3], items[0], items[4], items[1]])  # as a sampler orders them
+    assert shuffled["target"].tolist() == [0, 0, 1, 0] and torch.equal(shuffled["real"], batch["real"])
 
 
 # --------------------------------------------------------------------------- the synthesizer's step
 
 
-def _part(mode: str = "learned", **forge) -> SynthesizerPart:
+def _part(mode: str = "learned", **synth) -> SynthesizerPart:
     torch.manual_seed(0)
-    s = SynthSettings.from_cfg({"synthesizer": {**DEMO["synthesizer"], "mode": mode}})
+    s = SynthSettings.from_cfg({"synthesizer": {**DEMO["synthesizer"], "mode": mode, **synth}})
     net = build_synthesizer(s) if mode == "learned" else None
-    part = SynthesizerPart(net, s, replace(FORGE, **forge), RECIPE, [0.5] * 3, [0.5] * 3, amp=False)
+    part = SynthesizerPart(net, s, FORGE, RECIPE, [0.5] * 3, [0.5] * 3, amp=False)
     part.to(torch.device("cpu"))
     return part
 
 
 def _batch(photos: dict) -> dict:
-    return collate_sladd([_pairs(photos)[i] for i in range(2)])
+    return collate_sladd([_items(photos)[i] for i in range(3)])  # two targets, one fake passing through
 
 
 @pytest.mark.parametrize("mode", ["learned", "random"])
@@ -235,7 +247,7 @@ def test_every_target_matches_the_configuration_that_made_the_image(photos: dict
     torch.manual_seed(7)
     out = part.prepare(batch, learn=True)
     actions, b = part.pending
-    assert b == 2 and len(out["image"]) == 2 * b + len(batch["fake"])
+    assert b == 2 and len(out["image"]) == 2 * b + 1
     real, source = batch["real"].numpy(), batch["source"].numpy()
     real_lm, source_lm = batch["real_lm"].numpy(), batch["source_lm"].numpy()
     for i in range(b):
@@ -251,11 +263,12 @@ def test_every_target_matches_the_configuration_that_made_the_image(photos: dict
         if not math.isnan(f.mag):
             assert float(out["mag_target"][j]) == pytest.approx(f.mag)
         np.testing.assert_allclose(out["map_target"][j, 0].numpy(), f.mask_map)
-    # Reals first, with nothing blended; the training fakes last, their masks unknown.
+    # Reals first, with nothing blended; the images that pass through last, their masks unknown.
     torch.testing.assert_close(out["image"][0], torch.from_numpy(real[0]).permute(2, 0, 1).float() / 255 * 2 - 1)
     assert out["target"][:b].tolist() == [0] * b and out["type_target"][:b].tolist() == [REAL_TYPE] * b
     assert not out["map_target"][:b].any() and out["map_valid"][: 2 * b].all() and not out["map_valid"][2 * b :].any()
-    assert out["target"][2 * b :].tolist() == [1, 1] and out["type_target"][2 * b :].tolist() == [OTHER_FAKE_TYPE] * 2
+    assert out["target"][2 * b :].tolist() == [1] and out["type_target"][2 * b :].tolist() == [OTHER_FAKE_TYPE]
+    torch.testing.assert_close(out["image"][-1], batch["other"][0].permute(2, 0, 1).float() / 255 * 2 - 1)
     assert not out["mag_valid"][:b].any() and not out["mag_valid"][2 * b :].any()
 
 
@@ -300,31 +313,48 @@ def test_forging_threads_change_nothing_but_speed(photos: dict) -> None:
     assert "recipe.forge_threads" in RESULT_NEUTRAL_KEYS  # so a resume may change it
 
 
+def test_a_batch_with_one_target_or_none_is_forged(photos: dict) -> None:
+    """One target: the synthesizer's BatchNorm still has two values per channel (its pair at 32 px
+    ends in a 1 x 1 map); no target: nothing to forge, nothing to learn, and the step goes on."""
+    part = _part(image_size=32)
+    items = [_items(photos)[i] for i in range(3)]
+    one = part.prepare(collate_sladd(items[1:]), learn=True)
+    assert one["target"].tolist()[:1] == [0] and len(one["image"]) == 3 and part.pending[1] == 1
+    part.backward(one, {"sample_loss": torch.ones(3)}, scale=1.0)
+    none = part.prepare(collate_sladd(items[2:]), learn=True)
+    assert none["target"].tolist() == [1] and none["type_target"].tolist() == [OTHER_FAKE_TYPE]
+    part.backward(none, {"sample_loss": torch.ones(1)}, scale=1.0)
+    part.step()
+
+
 def test_the_batchnorm_pass_forges_without_learning(photos: dict) -> None:
     part = _part()
     with torch.no_grad():
         out = part.prepare(_batch(photos), learn=False)
-    assert part.pending is None and len(out["image"]) == 6
+    assert part.pending is None and len(out["image"]) == 5
     assert part.summary()["synth_fake"] == 0.0  # nothing recorded
 
 
 def test_the_registered_recipe_builds_the_dataset_and_the_synthesizer(photos: dict, tmp_path: Path) -> None:
+    """Every training image is an item: the reals with a cached face are targets, the fake (with a
+    face: a source too) and a real the data stage derived (no face of its own) pass through."""
     prep = tmp_path / "prepared"
-    names = {"astronaut.png": 0, "grace.png": 0, "fake.png": 1}
-    for name in names:
-        Image.open(photos["grace" if name == "fake.png" else name[:-4]].path).save(tmp_path / name)
+    rows = [("astronaut.png", 0, "real"), ("grace.png", 0, "real"), ("fake.png", 1, "fake")]
+    rows += [("reencoded.png", 0, "edit:reencode")]
+    for name, src in zip([r[0] for r in rows], ["astronaut", "grace", "grace", "astronaut"], strict=True):
+        Image.open(photos[src].path).save(tmp_path / name)
+    names = [r[0] for r in rows[:3]]
     FaceAnalyzer(embed=True, detector="hog", upsample=1, pick="score").analyze_files(
-        [tmp_path / n for n in names], list(names), cache_dir=prep / "faces", progress=False
+        [tmp_path / n for n in names], names, cache_dir=prep / "faces", progress=False
     )
-    table = pd.DataFrame({"img_name": list(names), "target": list(names.values()), "method": ["real", "real", "fake"]})
-    table["path"] = [str(tmp_path / n) for n in names]
+    table = pd.DataFrame(rows, columns=["img_name", "target", "method"])
+    table["path"] = [str(tmp_path / n) for n in table["img_name"]]
     cfg = {**DEMO, "prep": {"out": str(prep)}, "data": {**DEMO["data"], "image_size": 64}, "train": {"progress": False}}
     data = models.build_train_data(cfg, table, None, seed=0)
-    assert (
-        len(data.dataset) == 2
-        and len(data.dataset.fake_sources) == 1
-        and data.dataset.dataset_fakes == [str(tmp_path / "fake.png")]
-    )
+    ds = data.dataset
+    assert [e.face is not None for e in ds.entries] == [True, True, False, False] and len(ds) == 4
+    assert [f.path for f in ds.fake_sources] == [str(tmp_path / "fake.png")] and len(ds.real_sources) == 2
+    assert [ds[i]["label"] for i in (2, 3)] == [1, 0]
     assert isinstance(data.auxiliary, SynthesizerPart) and data.auxiliary.net is not None
     with pytest.raises(ConfigError, match=r"forge.map_size \(8\) must equal model.map_size"):
         models.build_train_data({**cfg, "forge": {**cfg["forge"], "map_size": 8}}, table, None, seed=0)
