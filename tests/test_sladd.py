@@ -296,4 +296,4 @@ def test_every_sladd_setting_has_its_reason(member: str) -> None:
     uncommented = [ln for ln in lines if "#" not in ln and not ln.rstrip().endswith(":")]
     assert not uncommented, f"settings without a reason: {uncommented}"
     cfg = yaml.safe_load("\n".join(text))
-    assert set(cfg) == {"name", "model", "loss", "synthesizer", "forge", "recipe", "data", "train", "device"}
+    assert set(cfg) == {"name", "model", "loss", "synthesizer", "forge", "recipe", "data", "train", "predict", "device"}
