@@ -35,7 +35,6 @@ def _args(p: dict, out) -> list[str]:
     ]
 
 
-@pytest.mark.slow  # three trainings through train.py, about 20 s; the trainer part of it is in test_training
 def test_an_interrupted_sladd_training_resumes_to_the_same_result(project, tmp_path, monkeypatch):
     assert train.main(_args(project, tmp_path / "straight")) == 0
     fold = tmp_path / "straight" / "sladd_demo" / "fold0"
