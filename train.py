@@ -182,6 +182,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
         on_epoch,
         config=cfg,
         collate=train_data.collate,
+        auxiliary=train_data.auxiliary,
     )
     trainer.resume_if_possible()  # before config.yaml is replaced: a changed config is refused here
     if dist.is_main:

@@ -160,7 +160,7 @@ def time_step(
     batch = {"image": images, "target": (torch.arange(b) % 2).to(device)}  # half real: the contrastive term has anchors
 
     def one_step() -> float:
-        loss = trainer._backward(batch)
+        loss, _ = trainer._backward(batch)
         trainer._optimizer_step([batch])
         return loss.item()  # the Trainer reads the loss every step, which waits for the device
 

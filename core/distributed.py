@@ -129,6 +129,42 @@ def average_across_ranks(tensors: list[torch.Tensor], info: DistInfo) -> None:
         t.div_(info.world)
 
 
+def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over the processes of the default group (a new tensor); a copy without one."""
+    out = x.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Each parameter's gradient replaced, in place, by its mean over the processes of the default
+    group: what DDP does for the model, for a part trained outside it. A parameter without a
+    gradient counts as zero (every rank must send the same tensors). No-op without a group."""
+    world = world_size()
+    if world == 1 or not parameters:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in parameters])  # one collective, not one per tensor
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world)
+    start = 0
+    for p in parameters:
+        n = p.grad.numel()
+        p.grad.copy_(flat[start : start + n].view_as(p.grad))
+        start += n
+
+
+def broadcast_from_first(tensors: list[torch.Tensor]) -> None:
+    """Every tensor, in place, set to rank 0's value (a part built on each rank starts equal)."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t.data if isinstance(t, torch.nn.Parameter) else t, src=0)
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows of `x` in rank order, and the row where this rank's own begin.
 

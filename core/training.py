@@ -6,7 +6,9 @@ min(decay, (1+n)/(10+n))) with BatchNorm statistics that belong to the EMA weigh
 evaluation and checkpoint selection with the EMA weights on the validation fold only. The
 state is saved as safetensors after every epoch, with a fingerprint of the config, and
 every augmentation is seeded by (seed, epoch, sample), so a killed run that is started
-again with the same config reproduces the uninterrupted run exactly on a CPU.
+again with the same config reproduces the uninterrupted run exactly on a CPU. A member may
+bring an extra trainable part with its own optimiser (`Auxiliary`: a synthesizer that makes
+the training batch); it is stepped, checkpointed and resumed with the model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -52,7 +55,7 @@ log = get_logger("train")
 
 Criterion = Callable[[torch.nn.Module, dict], tuple]
 Collate = Callable[[list[dict]], dict]
-OPTIMIZERS = ("adamw", "sam_sgd")
+OPTIMIZERS = ("adamw", "adam", "sam_sgd")
 SCHEDULES = ("warmup_cosine", "linear_decay_after")
 STATE_FILE = "last_state.safetensors"
 EMA_BN_MODES = ("recompute", "average")
@@ -64,6 +67,7 @@ RESULT_NEUTRAL_KEYS = {
     "train.num_workers": "augmentations are seeded per (seed, epoch, sample), so workers change speed only",
     "train.eval_batch_size": "evaluation runs in eval mode, where each image is scored on its own",
     "train.progress": "display only",
+    "recipe.forge_threads": "each forgery draws from its own item's seed, so threads change speed only",
     "paths.outputs": "where outputs are written, not what they hold (a moved outputs folder resumes)",
     "tune": "the search space of --tune, which training never reads",
     "prep.workers": "the data stage's output does not depend on it",
@@ -105,7 +109,8 @@ class TrainSettings:
     channels_last: bool = False
     progress: bool = True
     # `sam_sgd`: sharpness-aware minimisation over SGD (core/sam.py, as SBI trains), two
-    # forward/backward passes per step; `adamw` otherwise.
+    # forward/backward passes per step; `adam`: Adam with weight decay as an L2 term in the
+    # gradient (as SLADD trains); `adamw` (decoupled weight decay) otherwise.
     optimizer: str = "adamw"
     momentum: float = 0.9  # sam_sgd only
     sam_rho: float = 0.05  # sam_sgd only: radius of SAM's ascent step
@@ -127,6 +132,36 @@ class TrainSettings:
         if batches is not None and (not isinstance(batches, int) or batches < 1):
             raise ConfigError(f"train.ema_bn_batches must be a positive integer or null, not {batches!r}")
         return cls(**cfg)
+
+
+class Auxiliary(Protocol):
+    """An extra trainable part of a member, with its own optimiser: it makes the criterion's batch
+    from the loader's and learns from the criterion's result (SLADD's synthesizer of forgeries).
+
+    One training step: `prepare(batch, learn=True)` on the loader's batch (on the CPU; it returns
+    the criterion's batch, whose tensors the trainer then moves to the device) -> the criterion's
+    forward and backward -> `backward(batch, logs, scale)` with that batch and the criterion's
+    logs, `scale` being 1 / accum_steps -> `step()` at every optimiser step of the model. The
+    pass that recomputes the EMA weights' BatchNorm statistics calls `prepare(batch, learn=False)`,
+    from which nothing is learnt. Under torchrun every rank calls each method at the same point,
+    so it may use collectives (averaging its gradients across ranks in `step`). `summary()`: the
+    epoch's figures for the history, called once per epoch on every rank. `state_dict()` and
+    `load_state_dict()` go into the training state, so a resumed run continues it exactly.
+    """
+
+    def to(self, device: torch.device) -> None: ...
+
+    def prepare(self, batch: dict, learn: bool) -> dict: ...
+
+    def backward(self, batch: dict, logs: dict, scale: float) -> None: ...
+
+    def step(self) -> None: ...
+
+    def summary(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -162,6 +197,8 @@ def build_optimizer(module: torch.nn.Module, s: TrainSettings) -> torch.optim.Op
     groups = param_groups(module, s.weight_decay)
     if s.optimizer == "sam_sgd":
         return SAM(groups, torch.optim.SGD, rho=s.sam_rho, lr=s.lr, momentum=s.momentum)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=s.lr)
     return torch.optim.AdamW(groups, lr=s.lr)
 
 
@@ -215,7 +252,8 @@ class Trainer:
     and of the validation set, and only rank 0 writes files.
 
     `config`, the resolved config of the run, is fingerprinted into the saved state; a state
-    saved under a different config is refused rather than resumed.
+    saved under a different config is refused rather than resumed. `auxiliary`: the member's
+    extra trainable part (see `Auxiliary`), or None.
     """
 
     def __init__(
@@ -231,6 +269,7 @@ class Trainer:
         on_epoch: Callable[[int, dict], None] | None = None,
         config: dict | None = None,
         collate: Collate | None = None,
+        auxiliary: Auxiliary | None = None,
     ):
         self.s = settings
         self.dist = dist or DistInfo()
@@ -247,6 +286,9 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.criterion = criterion
+        self.auxiliary = auxiliary
+        if auxiliary is not None:
+            auxiliary.to(device)
         self.train_ds, self.val_ds = train_ds, val_ds
         self.collate = collate
         self.sampler = GlobalBatchSampler(len(train_ds), settings.batch_size, self.dist, settings.seed)
@@ -284,6 +326,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else {},
+            "auxiliary": self.auxiliary.state_dict() if self.auxiliary else {},
             "epoch": self.epoch,
             "history": self.history,
             "best": self.best or {},
@@ -296,6 +339,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
+        if self.auxiliary:
+            self.auxiliary.load_state_dict(state["auxiliary"])
         self.epoch = state["epoch"]
         self.history = list(state["history"])
         self.best = state["best"] or None
@@ -377,7 +422,7 @@ class Trainer:
             if not all_ranks_agree("image" in batch, self.dist, self.device):
                 continue
             with autocast(self.device, s.amp):
-                self.module(self._on_device(batch)["image"])
+                self.module(self._prepared(batch, learn=False)["image"])
         for m, momentum in zip(self.bn_layers, momenta, strict=True):
             m.momentum = momentum
         average_across_ranks([t for m in self.bn_layers for t in (m.running_mean, m.running_var)], self.dist)
@@ -392,6 +437,10 @@ class Trainer:
         moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         moved["image"] = moved["image"].contiguous(memory_format=self.memory_format)
         return moved
+
+    def _prepared(self, batch: dict, learn: bool) -> dict:
+        """The criterion's batch on the device: the auxiliary part's, when the member has one."""
+        return self._on_device(self.auxiliary.prepare(batch, learn) if self.auxiliary else batch)
 
     def train_epoch(self) -> float:
         s = self.s
@@ -415,8 +464,10 @@ class Trainer:
                         "batch %d of epoch %d skipped by every process: no readable image in a share", i, self.epoch + 1
                     )
                 continue
-            batch = self._on_device(batch)
-            loss = self._backward(batch)
+            batch = self._prepared(batch, learn=True)
+            loss, logs = self._backward(batch)
+            if self.auxiliary:
+                self.auxiliary.backward(batch, logs, 1.0 / s.accum_steps)
             group.append(batch)
             if (i + 1) % s.accum_steps == 0:
                 self._optimizer_step(group)
@@ -427,11 +478,12 @@ class Trainer:
         total = gather_rows(local[None], np.array([self.dist.rank]), self.dist.world, self.dist).sum(0)
         return float(total[0] / total[1]) if total[1] else float("nan")
 
-    def _backward(self, batch: dict) -> torch.Tensor:
+    def _backward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The criterion's loss (backpropagated, scaled for accumulation) and its logs."""
         with autocast(self.device, self.s.amp):
-            loss, _, _ = self.criterion(self.model, batch)
+            loss, _, logs = self.criterion(self.model, batch)
         (loss / self.s.accum_steps).backward()
-        return loss
+        return loss, logs
 
     def _clip(self) -> None:
         if self.s.clip_grad:
@@ -445,7 +497,7 @@ class Trainer:
         if isinstance(self.optimizer, SAM):
 
             def again() -> torch.Tensor:
-                losses = [self._backward(batch).detach() for batch in group]
+                losses = [self._backward(batch)[0].detach() for batch in group]
                 self._clip()
                 return torch.stack(losses).mean()
 
@@ -456,6 +508,8 @@ class Trainer:
         self.scheduler.step()
         if self.ema:
             self.ema.update()
+        if self.auxiliary:
+            self.auxiliary.step()
 
     def evaluate(self) -> tuple[dict, np.ndarray]:
         """Metrics of the weights now in the module on the whole validation fold: each process
@@ -483,6 +537,7 @@ class Trainer:
         while self.epoch < self.s.epochs:
             start = time.time()
             train_loss = self.train_epoch()
+            extra = self.auxiliary.summary() if self.auxiliary else {}
             with self.ema_weights():
                 metrics, probs = self.evaluate()
                 self.epoch += 1
@@ -495,6 +550,7 @@ class Trainer:
                 **metrics,
                 "lr": self.scheduler.get_last_lr()[0],
                 "seconds": round(time.time() - start, 2),
+                **extra,
             }
             self.history.append(row)
             if improved:

@@ -829,7 +829,8 @@ def sladd_forge(
     - "none": the target unchanged and an all-zero mask.
 
     `mask` is the effective blend weight (float32 in [0, 1], H x W), the regression target of
-    the detector's mask head.
+    the detector's mask head. "none", and a `mag` small enough to change nothing, give back the
+    real: `sladd_online.forge_pair` labels what comes out, never a fake equal to its real.
     """
     _check_image(tgt, "target image")
     _check_image(src, "source image")

@@ -196,7 +196,8 @@ def aligned_face(img: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarra
 
 @dataclass(frozen=True)
 class RealFace:
-    """One real the recipe blends: its file, cached 68 landmarks, face box and embedding."""
+    """One original with a cached face (a real the recipe blends, or a forgery source): its
+    file, cached 68 landmarks, face box and embedding."""
 
     path: str
     landmarks: np.ndarray
@@ -235,20 +236,34 @@ def _cached_face(path: str, name: str, folder: Path, settings: str) -> RealFace 
 def read_real_faces(
     table: pd.DataFrame, folder: str | Path, settings: str, progress: bool = True
 ) -> tuple[list[RealFace], dict[str, int]]:
-    """The table's reals that have a cached face, and how many were skipped for each reason.
+    """The table's reals that have a cached face, and how many were skipped for each reason
+    (`read_cached_faces` on the reals)."""
+    return read_cached_faces(table[table["target"] == 0], folder, settings, progress, "sbi faces")
+
+
+def read_cached_faces(
+    table: pd.DataFrame,
+    folder: str | Path,
+    settings: str,
+    progress: bool = True,
+    desc: str = "faces",
+    skip_derived: bool = True,
+) -> tuple[list[RealFace], dict[str, int]]:
+    """The table's images (any label) that have a cached face, and how many were skipped for each reason.
 
     The cache holds the data stage's originals (prepared name `orig/<name>`, cache file
     `<folder>/<name>.npz`, keyed by the image's size, modification time and `settings`).
-    Reals the stage derived from them (re-encoded, degraded, new backgrounds) have no face
+    Images the stage derived from them (re-encoded, degraded, new backgrounds) have no face
     of their own in it and are skipped: a parent's landmarks need not fit a derived image.
+    `skip_derived` says so by their manifest method; without it the cache alone decides, which
+    keeps originals whose method names an edit (the demo's own fakes).
     """
     folder = Path(folder)
-    reals = table[table["target"] == 0]
     faces: list[RealFace] = []
     skipped: dict[str, int] = {}
-    rows = list(zip(reals["img_name"], reals["path"], reals["method"], strict=True))
-    for img_name, path, method in progress_bar(rows, desc="sbi faces", unit="img", disable=not progress):
-        if str(method).startswith(DERIVED_METHODS):
+    rows = list(zip(table["img_name"], table["path"], table["method"], strict=True))
+    for img_name, path, method in progress_bar(rows, desc=desc, unit="img", disable=not progress):
+        if skip_derived and str(method).startswith(DERIVED_METHODS):
             found: RealFace | str = "derived by the data stage (no face of its own in the cache)"
         else:
             found = _cached_face(str(path), str(img_name).removeprefix("orig/"), folder, settings)

@@ -23,10 +23,13 @@ class TrainData:
     `collate(items) -> batch`: a dict with `errors` (the reasons, list of str) and, when any
     item was good, `image` (N, 3, H, W), `target` (N,) and whatever tensors with first
     dimension N the member's criterion reads (the trainer moves every tensor to the device).
+    `auxiliary`: an extra trainable part with its own optimiser step (`core.training.Auxiliary`,
+    e.g. a synthesizer that turns the collated batch into the criterion's), or None.
     """
 
     dataset: Any
     collate: Callable[[list[dict]], dict]
+    auxiliary: Any = None
 
 
 def register_model(name: str) -> Callable:

@@ -96,3 +96,64 @@ def train_with_an_unreadable_share(rank: int, init: str, paths: list[str], targe
         torch.testing.assert_close(everyone[0], everyone[1], msg="ranks hold the same weights")
     finally:
         dist.destroy_process_group()
+
+
+def synthesizer_over_two_processes(rank: int, init: str) -> None:
+    """Each rank builds the synthesizer from its own seed and forges its own pairs with its own
+    rewards; after joining, `to` makes every rank start from rank 0's weights, `step` averages
+    the gradients, and the baseline follows the mean reward over both ranks."""
+    import numpy as np
+    import yaml
+
+    from core.distributed import average_gradients
+    from data_prep.sladd_online import ForgeSettings, RecipeSettings
+    from models.sladd import SynthesizerPart, SynthSettings, build_synthesizer
+
+    with open("configs/members/sladd_demo.yaml") as fh:
+        cfg = yaml.safe_load(fh)
+    s = SynthSettings.from_cfg(cfg)
+    torch.manual_seed(rank)
+    part = SynthesizerPart(build_synthesizer(s), s, ForgeSettings.from_cfg(cfg), RecipeSettings.from_cfg(cfg),
+                           [0.5] * 3, [0.5] * 3, amp=False)  # fmt: skip
+    rng = np.random.default_rng(rank)
+    b, size = 3, 32
+    lm = np.stack([rng.uniform(8, 24, (68, 2)) for _ in range(b)])
+    batch = {
+        "real": torch.from_numpy(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
+        "source": torch.from_numpy(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
+        "real_lm": torch.from_numpy(lm), "source_lm": torch.from_numpy(lm),
+        "seed": torch.arange(b), "other": torch.zeros((0, size, size, 3), dtype=torch.uint8),
+        "other_target": torch.zeros(0, dtype=torch.long), "errors": [],
+    }  # fmt: skip
+
+    def everyone(x: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(x) for _ in range(WORLD)]
+        dist.all_gather(out, x)
+        return out
+
+    def flat() -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in part.net.parameters()])
+
+    join(rank, init)
+    try:
+        part.to(torch.device("cpu"))
+        a, c = everyone(flat())
+        torch.testing.assert_close(a, c, rtol=0, atol=0, msg="ranks start from rank 0's synthesizer")
+        out = part.prepare(batch, learn=True)
+        reward = torch.full((len(out["image"]),), float(rank + 1))  # rank 0: 1, rank 1: 2
+        part.backward(out, {"sample_loss": reward}, scale=1.0)
+        assert part.baseline == 1.5, "the baseline starts at the mean reward over both ranks"
+        local = torch.cat([p.grad.flatten() for p in part.net.parameters()])
+        grads = everyone(local)
+        assert not torch.equal(grads[0], grads[1]), "the ranks' own gradients differ"
+        average_gradients(list(part.net.parameters()))
+        averaged = torch.cat([p.grad.flatten() for p in part.net.parameters()])
+        torch.testing.assert_close(averaged, (grads[0] + grads[1]) / 2)
+        params = list(part.net.parameters())
+        for p, g in zip(params, torch.split(local, [p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))  # back to the rank's own: step() averages them itself
+        part.step()
+        a, c = everyone(flat())
+        torch.testing.assert_close(a, c, rtol=0, atol=0, msg="ranks hold the same synthesizer after a step")
+    finally:
+        dist.destroy_process_group()

@@ -97,3 +97,9 @@ def test_a_rank_without_readable_images_does_not_hang_the_others(tmp_path):
     for i in first_batch_of_rank1:
         Path(paths[i]).write_bytes(b"not an image")
     _run_two_processes(ddp_workers.train_with_an_unreadable_share, tmp_path, paths, targets, str(tmp_path / "out"))
+
+
+def test_the_synthesizer_starts_equal_and_steps_on_gradients_averaged_over_processes(tmp_path):
+    """SLADD's synthesizer, trained outside DDP: rank 0's weights on every rank, gradients averaged
+    across ranks before its own Adam step, the baseline from the rewards of both ranks."""
+    _run_two_processes(ddp_workers.synthesizer_over_two_processes, tmp_path)

@@ -129,7 +129,100 @@ def test_sam_sgd_step_is_sam_on_the_same_batch(tmp_path):
 
 
 def test_unknown_optimizer_or_schedule_is_refused():
-    with pytest.raises(ConfigError, match=r"train.optimizer must be one of \['adamw', 'sam_sgd'\], not 'sgd'"):
+    with pytest.raises(ConfigError, match=r"train.optimizer must be one of \['adamw', 'adam', 'sam_sgd'\], not 'sgd'"):
         TrainSettings.from_cfg({"optimizer": "sgd"})
     with pytest.raises(ConfigError, match="train.schedule must be one of"):
         TrainSettings.from_cfg({"schedule": "step"})
+
+
+def test_adam_puts_weight_decay_in_the_gradient_and_spares_biases(tmp_path):
+    """`adam`: torch's Adam with L2 weight decay on the weight matrices (SLADD's optimiser), not
+    AdamW's decoupled decay; 1-d parameters (biases, norms) keep none, as with every optimiser."""
+    settings = TrainSettings(optimizer="adam", lr=1e-3, weight_decay=5e-4, num_workers=0, progress=False)
+    ds = tiny_dataset(tmp_path, 8)
+    trainer = Trainer(TinyBatchNormNet(), models.build_criterion({}), ds, ds, settings, tmp_path, torch.device("cpu"))
+    assert type(trainer.optimizer) is torch.optim.Adam
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert decay[id(trainer.module.head.weight)] == 5e-4 and decay[id(trainer.module.head.bias)] == 0.0
+
+
+class ShiftAuxiliary:
+    """A toy extra trainable part: it adds a learnt brightness shift to every training image and
+    its own SGD pushes the shift up by `scale` per batch; it records every call it gets."""
+
+    def __init__(self):
+        self.shift = torch.zeros((), requires_grad=True)
+        self.optimizer = torch.optim.SGD([self.shift], lr=0.1)
+        self.calls: list[str] = []
+
+    def to(self, device: torch.device) -> None:
+        self.calls.append("to")
+
+    def prepare(self, batch: dict, learn: bool) -> dict:
+        self.calls.append(f"prepare:{learn}")
+        return {**batch, "image": batch["image"] + self.shift.detach()}
+
+    def backward(self, batch: dict, logs: dict, scale: float) -> None:
+        assert "ce" in logs  # the criterion's logs of this batch
+        self.calls.append("backward")
+        (-scale * self.shift).backward()
+
+    def step(self) -> None:
+        self.calls.append("step")
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def summary(self) -> dict[str, float]:
+        self.calls.append("summary")
+        return {"shift": float(self.shift.detach())}
+
+    def state_dict(self) -> dict:
+        return {"shift": self.shift.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.shift.copy_(state["shift"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after_first_epoch(epoch: int, metrics: dict) -> None:
+    if epoch == 1:
+        raise Stop
+
+
+def _fit_with_auxiliary(tmp_path, out: str, on_epoch=None) -> tuple[Trainer, ShiftAuxiliary]:
+    torch.manual_seed(0)
+    ds = tiny_dataset(tmp_path, 16)  # 4 batches of 4 an epoch, 2 optimiser steps with accum_steps 2
+    settings = TrainSettings(
+        epochs=2, batch_size=4, accum_steps=2, lr=0.05, warmup_steps=0, num_workers=0, progress=False,
+        amp=False, ema_bn="recompute", ema_bn_batches=1,
+    )  # fmt: skip
+    aux = ShiftAuxiliary()
+    trainer = Trainer(
+        TinyBatchNormNet(), models.build_criterion({}), ds, ds, settings, tmp_path / out, torch.device("cpu"),
+        on_epoch=on_epoch, auxiliary=aux,
+    )  # fmt: skip
+    trainer.fit()
+    return trainer, aux
+
+
+def test_an_auxiliary_part_is_stepped_recorded_and_resumed_with_the_model(tmp_path):
+    trainer, aux = _fit_with_auxiliary(tmp_path, "full")
+    batch = ["prepare:True", "backward"]
+    epoch = batch * 2 + ["step"] + batch * 2 + ["step"] + ["summary", "prepare:False"]
+    assert aux.calls == ["to"] + epoch * 2  # the BatchNorm pass forges without learning
+    assert float(aux.shift.detach()) == pytest.approx(0.1 * 4 * 2 * 0.5)  # 4 steps of 2 batches at scale 1/2
+    assert [row["shift"] for row in trainer.history] == pytest.approx([0.2, 0.4])
+
+    # Stopped after one epoch and started again: the part resumes with the model, to the same end.
+    with pytest.raises(Stop):
+        _fit_with_auxiliary(tmp_path, "resumed", on_epoch=stop_after_first_epoch)
+    resumed, aux_resumed = _fit_with_auxiliary(tmp_path, "resumed")
+    assert resumed.resumed and aux_resumed.calls[0] == "to" and "summary" in aux_resumed.calls
+    assert float(aux_resumed.shift.detach()) == float(aux.shift.detach())
+    for key, value in trainer.module.state_dict().items():
+        torch.testing.assert_close(resumed.module.state_dict()[key], value, rtol=0, atol=0, msg=key)

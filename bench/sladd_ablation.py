@@ -1,0 +1,168 @@
+"""Ablation of the sladd member: forgeries from random configurations against the synthesizer's,
+out of fold, over several seeds; and how the synthesizer's choices move over training (PNG).
+
+  python -m bench.sladd_ablation                                  # demo member, every fold, seeds 0 1 2
+  python -m bench.sladd_ablation --seeds 0 1 --folds 0 --out bench/results/sladd_ablation_demo.json \
+      --plot bench/results/sladd_synthesizer_demo.png
+
+Each setting trains the member on every chosen fold of a label-stratified split built first in
+the work folder (bench.loss_ablation.split_work; nothing under outputs/ is read or written),
+once per seed (`train.seed`: the initialisations, the batches, the sources, every forgery):
+
+- `random`: `synthesizer.mode=random`, configurations drawn uniformly (regions, blend types,
+  `none` included, mag in [mag_min, 1]) and never learnt;
+- `learned`: the synthesizer trained by REINFORCE, which starts from that same uniform policy.
+
+A setting's out-of-fold (OOF) predictions are its folds' oof.csv files together; rows give
+their ROC-AUC and TPR at FPR = 1e-3 per seed, the summary the mean and sample standard
+deviation over seeds. The plot reads the learnt runs' metrics.csv: per epoch, the mean
+probability of each region and blend type under the synthesizer, and what its images became
+(the share of fakes), averaged over seeds and folds. Prints a JSON object, then a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from bench.loss_ablation import split_work
+from bench.sbi_ablation import fold_result, markdown, summarise
+from core.blend import SubmissionError, member_predictions
+from core.config import ConfigError, load_config
+from core.datasource import resolve_data
+from core.folds import FoldError
+from core.io import write_json
+from core.labels import LabelError
+from core.metrics import score_report
+from core.report import pyplot, save_figure
+
+SETTINGS: dict[str, list[str]] = {"random": ["synthesizer.mode=random"], "learned": []}
+BLENDS = ("alpha", "poisson", "copy", "none")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/members/sladd_demo.yaml", help="member config (default: %(default)s)")
+    p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
+    p.add_argument("--folds", type=int, nargs="+", help="validation folds to run (default: all)")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="default: both")
+    p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder, removed)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--plot", help="write the synthesizer's distributions over training here (PNG)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
+    """Train `setting` with `seed` on every fold; its OOF scores and the learnt runs' histories."""
+    out = work / f"{setting}-seed{seed}"
+    overrides = [
+        *args.overrides,
+        *SETTINGS[setting],
+        f"train.seed={seed}",
+        f"paths.outputs={out}",
+        f"paths.folds={folds_csv}",
+        "+train.progress=false",
+    ]
+    cfg = load_config([args.data_config, args.config], overrides)
+    results = {str(k): fold_result(cfg, k) for k in folds}
+    oof, _ = member_predictions(out, cfg["name"], folds)
+    report = score_report(oof["target"], oof["y_pred"])
+    history = [
+        pd.read_csv(out / cfg["name"] / f"fold{k}" / "metrics.csv").assign(fold=k, seed=seed).to_dict("records")
+        for k in folds
+    ]
+    return {
+        "setting": setting,
+        "seed": seed,
+        "overrides": SETTINGS[setting],
+        "n_oof": len(oof),
+        "oof_auc": report["auc"],
+        "oof_tpr@fpr1e-3": report["tpr@fpr1e-3"],
+        "fold_auc": {k: auc for k, (auc, _) in results.items()},
+        "train_seconds": round(sum(seconds for _, seconds in results.values()), 1),
+        "history": [row for rows in history for row in rows],
+    }
+
+
+def synthesizer_trajectory(rows: list[dict]) -> pd.DataFrame:
+    """Per epoch, the synthesizer's figures (synth_* columns) averaged over the learnt runs' seeds and folds."""
+    history = pd.DataFrame([h for r in rows if r["setting"] == "learned" for h in r["history"]])
+    if history.empty:
+        return history
+    columns = [c for c in history if c.startswith("synth_")]
+    return history.groupby("epoch")[columns].mean().reset_index()
+
+
+def plot_trajectory(trajectory: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Three panels over the epochs: region probabilities, blend-type probabilities, and the
+    share of the synthesized images that were fakes (the rest the real unchanged)."""
+    plt = pyplot()
+    fig, (ax_r, ax_b, ax_f) = plt.subplots(1, 3, figsize=(14, 4))
+    epochs = trajectory["epoch"]
+    blend_cols = [f"synth_p_{b}" for b in BLENDS]
+    region_cols = [c for c in trajectory if c.startswith("synth_p_") and c not in blend_cols]
+    for col in region_cols:
+        ax_r.plot(epochs, trajectory[col], marker=".", label=col.removeprefix("synth_p_"))
+    ax_r.set(xlabel="epoch", ylabel="mean probability", title="region")
+    ax_r.legend(fontsize=7, ncol=2)
+    for col in blend_cols:
+        ax_b.plot(epochs, trajectory[col], marker="o", label=col.removeprefix("synth_p_"))
+    ax_b.set(xlabel="epoch", title="blend type")
+    ax_b.legend(fontsize=8)
+    ax_f.plot(epochs, trajectory["synth_fake"], marker="o", label="fake")
+    ax_f.plot(epochs, trajectory["synth_none"], marker="s", label="none (real)")
+    ax_f.plot(epochs, trajectory["synth_unchanged"], marker="^", label="changed too little (real)")
+    ax_f.set(xlabel="epoch", ylim=(0, 1), title="what the synthesized images became")
+    ax_f.legend(fontsize=8)
+    return save_figure(fig, path, title)
+
+
+def run(args: argparse.Namespace) -> dict:
+    with split_work(args, "sladd_ablation_") as (work, folds_csv, folds):
+        rows = [run_one(args, s, seed, work, folds_csv, folds) for s in args.settings for seed in args.seeds]
+    cfg = load_config([args.data_config, args.config], args.overrides)
+    trajectory = synthesizer_trajectory(rows)
+    if args.plot and not trajectory.empty:
+        plot_trajectory(trajectory, args.plot, f"{cfg['name']}: the synthesizer over training (seeds {args.seeds})")
+    return {
+        "config": args.config,
+        "overrides": list(args.overrides),
+        "epochs": cfg["train"]["epochs"],
+        "folds": folds,
+        "seeds": args.seeds,
+        "split": "stratified",
+        "train_labels": str(resolve_data(cfg).train_labels),
+        "summary": summarise([{k: v for k, v in r.items() if k != "history"} for r in rows]),
+        "synthesizer_by_epoch": trajectory.to_dict("records"),
+        "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ConfigError, LabelError, FoldError, SubmissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_json(result, args.out)
+    print(json.dumps(result, indent=2))
+    print()
+    print(markdown(result["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
