@@ -29,8 +29,7 @@ import numpy as np
 
 from core.config import ConfigError
 from core.fitted_blend import CALIBRATIONS, METHODS, FittedBlend, blend_scores, calibrate, ecdf_knots, logit
-from core.metrics import brier_score, expected_calibration_error, roc_auc, score_report
-from core.trained import nan_weighted_mean
+from core.metrics import brier_score, expected_calibration_error, score_report
 
 CHOICES = ("auto", *METHODS)
 

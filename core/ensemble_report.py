@@ -282,5 +282,5 @@ def write_report(
         plot_roc(curves, out_dir / ROC_FILE),
         plot_correlation(correlation(oof, fit.members), out_dir / CORRELATION_FILE),
         plot_reliability(target, reliability, fit.calibration.bins, out_dir / RELIABILITY_FILE),
-        write_text("\n".join(lines), out_dir / REPORT_FILE),
+        write_text("\n".join(lines) + "\n", out_dir / REPORT_FILE),
     ]

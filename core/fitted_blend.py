@@ -14,8 +14,9 @@ importing any of those (nor pandas), and no fitted object is ever unpickled. The
   | `isotonic` (`x`, `y`: the breakpoints, linear in between, clipped at the ends).
 
 Rank averaging needs a reference to rank one image against: each member's score is replaced by
-the share of that member's out-of-fold scores below it (ties counted half), read off the stored
-knots, so a single image gets the same number it would get inside the submission.
+its place among that member's out-of-fold scores, the share below it with ties counted half
+(exact at the stored knots, linear between them, so two images rarely tie), so a single image
+gets the same number it gets inside the submission.
 """
 
 from __future__ import annotations
