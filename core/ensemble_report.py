@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.blend_fit import EnsembleFit, MethodResult, gain_over_mean
+from core.blend_fit import EnsembleFit, MethodResult, evaluate, fold_metrics, gain_over_mean
 from core.io import write_text
 from core.metrics import TIE_BREAK_FPR, reliability_bins
 from core.report import pyplot, save_figure
@@ -34,8 +34,6 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def members_section(oof: pd.DataFrame, members: list[str]) -> list[str]:
-    from core.blend_fit import evaluate
-
     target, folds = oof["target"].to_numpy(), oof["fold"].to_numpy()
     rows = []
     for m in members:
@@ -85,8 +83,6 @@ def methods_section(fit: EnsembleFit) -> list[str]:
 
 
 def per_fold_section(fit: EnsembleFit, oof: pd.DataFrame) -> list[str]:
-    from core.blend_fit import fold_metrics
-
     target, folds = oof["target"].to_numpy(), oof["fold"].to_numpy()
     columns = {m: fold_metrics(oof[m].to_numpy(dtype=float), target, folds) for m in fit.members}
     columns.update({n: r.fold_metrics for n, r in fit.results.items() if r.error is None})
