@@ -134,7 +134,9 @@ def calibration_section(fit: EnsembleFit) -> list[str]:
     if temperature["method"] == "temperature":
         detail = [
             f"Fitted on all folds: temperature {temperature['temperature']:.4f}, shift {temperature['shift']:+.4f} "
-            "(p = sigmoid(logit(s) / T + shift)); strictly increasing, so no AUC changes, the submission's included.",
+            "(p = sigmoid(logit(s) / T + shift)). One strictly increasing map: the submission's AUC and TPR are "
+            "the uncalibrated blend's, and so is every per-fold figure above; only the pooled out-of-fold AUC of "
+            "the calibrated scores can move, each fold being calibrated by its own out-of-fold fit.",
             "",
         ]
     elif temperature["method"] == "isotonic":
