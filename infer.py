@@ -13,6 +13,9 @@ each with the meta.json that train.py or models.import_published wrote beside it
 folder stands for its finished folds). Each network is fed as its meta.json records; a
 checkpoint that takes face crops (imported SBI) scores each face's crop and keeps the highest,
 and an image where it finds no face is reported and scored by the other members only.
+Members are blended as ensemble.py fitted them (method and calibration, read from
+outputs/ensemble_fit.json, said on stderr) when that file was fitted for exactly these members,
+else by the plain mean.
 Folders are searched recursively for videos and for every file the decoder can open (any
 image format, by its name or its header); other files are counted in one line. A video is scored from
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
@@ -69,6 +72,7 @@ from core.attributes import AttributeScorer, format_attributes
 from core.config import ConfigError, load_config
 from core.datasource import resolve_data
 from core.device import gpu_may_be_present
+from core.fitted_blend import FIT_FILE, BlendFileError, read_fitted_blend
 from core.imaging import ImageDecodeError, decode_image, is_image, is_video, opens_as_image, sample_video_frames
 from core.io import write_csv
 from core.labels import LabelError
@@ -240,7 +244,11 @@ def load_ensemble(args: argparse.Namespace) -> Ensemble:
     """The models to score with, read from their meta.json files (no network is built here)."""
     cfg = load_config([args.data_config, args.config])
     paths = [p for w in args.weights for p in weights_files(w)] if args.weights else blended_weights(cfg, args)
-    return Ensemble([read_model_file(p) for p in paths], cfg.get("weights"))
+    fit_file = Path(args.outputs or cfg["paths"]["outputs"]) / FIT_FILE
+    ensemble = Ensemble([read_model_file(p) for p in paths], cfg.get("weights"), read_fitted_blend(fit_file))
+    if ensemble.fit is not None:
+        print(f"blend: {ensemble.fit.describe()}, as fitted in {fit_file}", file=sys.stderr)
+    return ensemble
 
 
 def face_crops(frame: np.ndarray, analyzer, size: int = 512) -> list[np.ndarray]:
@@ -456,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(str(err), file=sys.stderr)
         return NO_MODEL
-    except (ConfigError, CheckpointError, LabelError, SubmissionError) as err:
+    except (ConfigError, CheckpointError, LabelError, SubmissionError, BlendFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.serve:

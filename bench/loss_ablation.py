@@ -86,22 +86,24 @@ def _has_key(cfg: dict, dotted: str) -> bool:
     return True
 
 
-def make_split(work: Path, data_config: str, overrides: Sequence[str]) -> Path:
-    """A stratified split in `work`; the overrides of keys the data config has (e.g.
-    data.use_prepared) apply to it as they do to training."""
+def make_split(
+    work: Path, data_config: str, overrides: Sequence[str], mode: str = "stratified", name: str = "folds.csv"
+) -> Path:
+    """A split (`mode`: stratified or clusters) written to `work`/`name`; the overrides of keys
+    the data config has (e.g. data.use_prepared) apply to it as they do to training."""
     data_cfg = read_yaml(data_config)
-    folds = work / "folds.csv"
+    folds = work / name
     argv = [
         "--config",
         data_config,
         "--force",
         *[o for o in overrides if _has_key(data_cfg, o.split("=", 1)[0].lstrip("+"))],
-        "split.mode=stratified",
+        f"split.mode={mode}",
         f"paths.outputs={work}",
         f"paths.folds={folds}",
     ]
     if cv_split.main(argv) != 0:
-        raise FoldError(f"cv_split.py could not build the stratified split in {work}")
+        raise FoldError(f"cv_split.py could not build the {mode} split in {work}")
     return folds
 
 

@@ -59,17 +59,14 @@ def member_predictions(outputs: str | Path, member: str, folds: list[int]) -> tu
     return oof, test
 
 
-def weighted_mean(frames: dict[str, pd.DataFrame], weights: dict[str, float] | None) -> pd.DataFrame:
-    """Mean of `y_pred` over members on the images they all scored (the winning solution's blend)."""
+def member_matrix(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The images every member scored, one row each: `img_name` (with `target` and `fold` where
+    the first member's table has them) and one column of `y_pred` per member, named after it."""
     names = list(frames)
-    w = np.array([1.0 if not weights else float(weights.get(n, 0.0)) for n in names])
-    if w.sum() <= 0:
-        raise SubmissionError(f"ensemble weights {weights} give no member a positive weight")
     keys = [c for c in ("img_name", "target", "fold") if c in frames[names[0]].columns]
     merged = frames[names[0]][keys].copy()
     for n in names:
         merged = merged.merge(frames[n][["img_name", "y_pred"]].rename(columns={"y_pred": n}), on="img_name")
-    merged["y_pred"] = nan_weighted_mean(merged[names].to_numpy(), w)
     return merged
 
 
@@ -77,7 +74,8 @@ SCORES_NOTE = (
     "pooled: every train image scored once, by the model whose fold held it out, and the metric taken over "
     "all of them together;\nper fold: the metric within each validation fold, mean +- std over the folds "
     "(population std) and (min..max), "
-    "as papers quote it.\nThe submission averages the models of every fold, which neither measures exactly."
+    "as papers quote it.\nThe blend row: the chosen blend, each fold blended and calibrated by fits on the other "
+    "folds only (nested).\nThe submission averages the models of every fold, which neither measures exactly."
 )
 
 
@@ -102,7 +100,10 @@ def metrics_table(oofs: dict[str, pd.DataFrame], blend: pd.DataFrame) -> pd.Data
                 fold_auc_std=auc.std(ddof=0),
                 fold_auc_min=auc.min(),
                 fold_auc_max=auc.max(),
-                **{"fold_tpr@fpr1e-3_mean": per_fold["tpr@fpr1e-3"].mean()},
+                **{
+                    "fold_tpr@fpr1e-3_mean": per_fold["tpr@fpr1e-3"].mean(),
+                    "fold_tpr@fpr1e-3_std": per_fold["tpr@fpr1e-3"].std(ddof=0),
+                },
             )
         rows.append(row)
     return pd.DataFrame(rows)

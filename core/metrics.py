@@ -44,3 +44,36 @@ def tpr_at_fpr(target: np.ndarray, score: np.ndarray, max_fpr: float = TIE_BREAK
 def score_report(target: np.ndarray, score: np.ndarray) -> dict[str, float]:
     """Both competition metrics, with the keys used in every report and meta.json."""
     return {"auc": roc_auc(target, score), "tpr@fpr1e-3": tpr_at_fpr(target, score)}
+
+
+def reliability_bins(target: np.ndarray, prob: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Per equal-width probability bin ([0, 1/bins), ..., [1 - 1/bins, 1]): how many images, their
+    mean predicted probability and their share of fakes (NaN for an empty bin)."""
+    target = np.asarray(target, dtype=float)
+    prob = np.asarray(prob, dtype=float)
+    which = np.minimum((prob * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        mean_prob = float(prob[inside].mean()) if n else float("nan")
+        fake_rate = float(target[inside].mean()) if n else float("nan")
+        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": n, "mean_prob": mean_prob, "fake_rate": fake_rate})
+    return out
+
+
+def expected_calibration_error(target: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: over `bins` equal-width probability bins, the share of images
+    in a bin times the gap between its share of fakes and its mean probability, summed."""
+    n = len(np.asarray(prob))
+    if n == 0:
+        return float("nan")
+    return float(
+        sum(b["n"] / n * abs(b["fake_rate"] - b["mean_prob"]) for b in reliability_bins(target, prob, bins) if b["n"])
+    )
+
+
+def brier_score(target: np.ndarray, prob: np.ndarray) -> float:
+    """Mean squared difference between the probability and the label (1 = fake)."""
+    diff = np.asarray(prob, dtype=float) - np.asarray(target, dtype=float)
+    return float(np.mean(diff**2)) if len(diff) else float("nan")

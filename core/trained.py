@@ -13,8 +13,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # core.fitted_blend imports this module
+    from core.fitted_blend import FittedBlend
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -140,15 +144,20 @@ def read_model_file(weights: str | Path) -> ModelFile:
 
 
 class Ensemble:
-    """Trained models grouped by member; a member's folds are averaged first, then members
-    are blended with `weights` (equal by default), as ensemble.py does for the submission."""
+    """Trained models grouped by member; a member's folds are averaged first, then members are
+    blended as ensemble.py blends them for the submission: with the blend it fitted (`fit`,
+    read from its ensemble_fit.json) when that was fitted for exactly these members, else
+    with `weights` (equal by default)."""
 
-    def __init__(self, trained: Iterable[ModelFile], weights: dict[str, float] | None = None):
+    def __init__(
+        self, trained: Iterable[ModelFile], weights: dict[str, float] | None = None, fit: FittedBlend | None = None
+    ):
         self.trained = list(trained)
         if not self.trained:
             raise CheckpointError("no trained model given")
         self.members = sorted({t.member for t in self.trained})
         self.weights = np.array([1.0 if not weights else float(weights.get(m, 0.0)) for m in self.members])
+        self.fit = fit.reorder(self.members) if fit is not None and sorted(fit.members) == self.members else None
 
     def groups(self) -> dict[str, list[int]]:
         """Indices of models sharing one evaluation transform, so each image is decoded and
@@ -165,4 +174,6 @@ class Ensemble:
 
     def blend(self, probs: np.ndarray) -> np.ndarray:
         """(N, n_models) per-model probabilities -> (N,) ensemble probability (NaN-aware)."""
+        if self.fit is not None:
+            return self.fit.apply(self.member_probs(probs))
         return nan_weighted_mean(self.member_probs(probs), self.weights)

@@ -1,0 +1,423 @@
+"""Fitting the blend and its calibration on out-of-fold predictions, and measuring both honestly.
+
+Everything here sees out-of-fold (OOF) member probabilities and their labels only; the test
+answers are never read. What a method is worth is measured by nested cross-validation over the
+members' own folds: for each fold k the method is fitted on the OOF rows of the other folds and
+scores fold k, so no row's score comes from a fit that saw its label. The same is done for the
+calibration, on the blend's nested scores.
+
+Methods (`core.fitted_blend` applies them):
+- `mean`: the plain mean of the members' probabilities (the winning solution's blend);
+- `rank_mean`: the mean of each member's rank within its own OOF scores;
+- `weights`: non-negative weights summing to 1 that maximise the OOF AUC. AUC only changes
+  where two images swap places, so it is flat almost everywhere in the weights: a gradient
+  (scipy's L-BFGS or SLSQP) is zero there and the search stops where it starts. The search
+  is scipy's differential evolution: gradient-free (it compares AUCs, never slopes), seeded
+  (the same OOF predictions give the same weights), and vectorised (a whole population is
+  ranked in one NumPy pass). Optuna's TPE, the project's tuner, was the other candidate, but
+  its sampler costs milliseconds a trial, more than an AUC on a few thousand images. The
+  plain mean and each member alone are in the first population, and the plain mean is kept
+  unless a weighting beats its AUC strictly;
+- `stack`: scikit-learn's logistic regression on the members' logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from core.config import ConfigError
+from core.fitted_blend import CALIBRATIONS, METHODS, FittedBlend, blend_scores, calibrate, ecdf_knots, logit
+from core.metrics import brier_score, expected_calibration_error, score_report
+
+CHOICES = ("auto", *METHODS)
+
+
+class BlendFitError(ValueError):
+    """A method or calibration cannot be fitted on these rows; the message says why."""
+
+
+@dataclass(frozen=True)
+class BlendSettings:
+    """The `ensemble:` section of configs/ensemble.yaml (documented there)."""
+
+    method: str = "auto"
+    calibration: str = "temperature"
+    weight_generations: int = 50
+    stack_c: float = 1.0
+    seed: int = 0
+    ece_bins: int = 10
+    rank_knots: int = 1001
+
+    @classmethod
+    def from_cfg(cls, section: dict | None) -> BlendSettings:
+        section = dict(section or {})
+        unknown = sorted(set(section) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"ensemble config: unknown key(s) {unknown} in the ensemble section")
+        settings = cls(**section)
+        if settings.method not in CHOICES:
+            raise ConfigError(f"ensemble.method={settings.method!r}: expected one of {', '.join(CHOICES)}")
+        if settings.calibration not in CALIBRATIONS:
+            raise ConfigError(
+                f"ensemble.calibration={settings.calibration!r}: expected one of {', '.join(CALIBRATIONS)}"
+            )
+        if settings.weight_generations < 1 or settings.ece_bins < 1 or settings.rank_knots < 2:
+            raise ConfigError("ensemble: weight_generations and ece_bins must be >= 1, rank_knots >= 2")
+        return settings
+
+
+def _need_both_classes(target: np.ndarray, what: str) -> None:
+    if len(np.unique(target)) < 2:
+        raise BlendFitError(f"{what} needs real and fake images among the rows it is fitted on")
+
+
+def rank_auc(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC-AUC of each column of (N, S) `scores` at once (Mann-Whitney: average ranks, so a tie
+    counts half, as scikit-learn's roc_auc_score)."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(target) == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    ranks = rankdata(scores, axis=0)
+    return (ranks[pos].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def search_weights(probs: np.ndarray, target: np.ndarray, generations: int, seed: int) -> np.ndarray:
+    """Simplex weights with the highest AUC of the weighted mean, on the images every member
+    scored (see the module docstring for the search); the plain mean unless strictly beaten."""
+    m = probs.shape[1]
+    equal = np.full(m, 1.0 / m)
+    if m == 1:
+        return equal
+    _need_both_classes(target, "the weights search")
+    from scipy.optimize import differential_evolution
+
+    ok = ~np.isnan(probs).any(axis=1)
+    probs, target = probs[ok], np.asarray(target)[ok]
+
+    def simplex(raw: np.ndarray) -> np.ndarray:  # (m, S) raw values in [0, 1] -> columns summing to 1
+        total = raw.sum(axis=0, keepdims=True)
+        return np.where(total > 0, raw / np.where(total > 0, total, 1.0), 1.0 / m)
+
+    def negative_auc(raw: np.ndarray) -> np.ndarray:  # vectorised: a whole population per call
+        raw = raw.reshape(m, -1)
+        return -rank_auc(target, probs @ simplex(raw))
+
+    rng = np.random.default_rng(seed)
+    starts = np.vstack([np.ones(m), np.eye(m), rng.uniform(size=(14 * m, m))])  # the mean, each member alone
+    result = differential_evolution(
+        negative_auc,
+        [(0.0, 1.0)] * m,
+        init=starts,
+        maxiter=generations,
+        tol=0.0,  # the default stops once AUCs agree within 1%, which they do from the first generation
+        polish=False,  # polishing is a gradient search: nothing to gain on a flat objective
+        vectorized=True,
+        updating="deferred",
+        rng=seed,
+    )
+    best = simplex(result.x.reshape(m, 1))[:, 0]
+    return best if -result.fun > rank_auc(target, (probs @ equal)[:, None])[0] else equal
+
+
+def fit_stack(probs: np.ndarray, target: np.ndarray, c: float) -> dict:
+    """Logistic regression on the members' logits; a member's missing scores are imputed with
+    its mean logit over these rows (stored, so inference imputes the same)."""
+    _need_both_classes(target, "stacking")
+    from sklearn.linear_model import LogisticRegression
+
+    z = logit(probs)
+    impute = np.nan_to_num(np.nanmean(np.where(np.isnan(probs), np.nan, z), axis=0))
+    z = np.where(np.isnan(probs), impute, z)
+    model = LogisticRegression(C=c, max_iter=1000).fit(z, target)
+    return {"coef": model.coef_[0].tolist(), "intercept": float(model.intercept_[0]), "impute": impute.tolist()}
+
+
+def fit_method(
+    method: str, probs: np.ndarray, target: np.ndarray, settings: BlendSettings, fixed: np.ndarray | None = None
+) -> dict:
+    """The numbers of `method` fitted on these OOF rows (`fixed`: weights given in the config)."""
+    if method == "mean":
+        return {}
+    if method == "rank_mean":
+        if np.isnan(probs).all(axis=0).any():
+            raise BlendFitError("rank_mean needs out-of-fold scores of every member to rank against")
+        return {"knots": [ecdf_knots(probs[:, j], settings.rank_knots) for j in range(probs.shape[1])]}
+    if method == "weights":
+        w = fixed if fixed is not None else search_weights(probs, target, settings.weight_generations, settings.seed)
+        return {"weights": (np.asarray(w, dtype=float) / np.sum(w)).tolist()}
+    if method == "stack":
+        return fit_stack(probs, target, settings.stack_c)
+    raise BlendFitError(f"unknown method {method!r}")
+
+
+def fit_calibration(kind: str, scores: np.ndarray, target: np.ndarray) -> dict:
+    """`temperature`: T and shift of sigmoid(logit(s) / T + shift), by maximum likelihood (scipy);
+    strictly increasing, so the order of the scores and every AUC stay as they were.
+    `isotonic`: scikit-learn's isotonic regression, stored as its breakpoints; it merges
+    neighbouring scores into steps, so ties appear and an AUC can move slightly."""
+    if kind == "none":
+        return {"method": "none"}
+    ok = ~np.isnan(scores)
+    scores, target = scores[ok], np.asarray(target)[ok]
+    _need_both_classes(target, f"{kind} calibration")
+    if kind == "temperature":
+        from scipy.optimize import minimize
+
+        z = logit(scores)
+
+        def nll(theta: np.ndarray) -> float:
+            u = z * np.exp(-theta[0]) + theta[1]  # theta[0] = log T keeps T > 0
+            return float(np.mean(np.logaddexp(0.0, u) - target * u))
+
+        res = minimize(nll, np.zeros(2), method="L-BFGS-B")
+        return {"method": "temperature", "temperature": float(np.exp(res.x[0])), "shift": float(res.x[1])}
+    if kind == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, target)
+        return {"method": "isotonic", "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+    raise BlendFitError(f"unknown calibration {kind!r}")
+
+
+# --------------------------------------------------------------------------- nested cross-validation
+
+
+def nested_scores(fit, apply, n: int, folds: np.ndarray) -> np.ndarray:
+    """Each fold's rows scored by `apply(fitted, rows)` where `fitted = fit(other rows)`."""
+    if len(np.unique(folds)) < 2:
+        raise BlendFitError("measuring a fit out of fold needs out-of-fold predictions from two folds or more")
+    out = np.full(n, np.nan)
+    for k in np.unique(folds):
+        held = folds == k
+        out[held] = apply(fit(~held), held)
+    return out
+
+
+def nested_method(
+    method: str,
+    probs: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    settings: BlendSettings,
+    fixed: np.ndarray | None = None,
+) -> np.ndarray:
+    """OOF scores of `method`, each fold blended by a fit on the other folds' OOF rows only."""
+    if method == "mean":  # nothing to fit
+        return blend_scores("mean", {}, probs)
+    return nested_scores(
+        lambda train: fit_method(method, probs[train], target[train], settings, fixed),
+        lambda params, held: blend_scores(method, params, probs[held]),
+        len(target),
+        folds,
+    )
+
+
+def nested_calibration(kind: str, scores: np.ndarray, target: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """The blend's nested scores calibrated fold by fold, each by a fit on the other folds."""
+    return nested_scores(
+        lambda train: fit_calibration(kind, scores[train], target[train]),
+        lambda cal, held: calibrate(cal, scores[held]),
+        len(target),
+        folds,
+    )
+
+
+@dataclass
+class MethodResult:
+    """A method's nested OOF scores and how they rank, per fold and pooled."""
+
+    method: str
+    scores: np.ndarray | None
+    fold_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    pooled: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def fold_values(self, key: str = "auc") -> np.ndarray:
+        return np.array([m[key] for _, m in sorted(self.fold_metrics.items())], dtype=float)
+
+    @property
+    def fold_auc_mean(self) -> float:
+        v = self.fold_values()
+        return float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else float("nan")
+
+
+def fold_metrics(scores: np.ndarray, target: np.ndarray, folds: np.ndarray) -> dict[int, dict[str, float]]:
+    out = {}
+    for k in np.unique(folds):
+        held = (folds == k) & ~np.isnan(scores)
+        out[int(k)] = score_report(target[held], scores[held])
+    return out
+
+
+def evaluate(method: str, scores: np.ndarray, target: np.ndarray, folds: np.ndarray) -> MethodResult:
+    ok = ~np.isnan(scores)
+    return MethodResult(method, scores, fold_metrics(scores, target, folds), score_report(target[ok], scores[ok]))
+
+
+def evaluate_methods(
+    probs: np.ndarray, target: np.ndarray, folds: np.ndarray, settings: BlendSettings, fixed: np.ndarray | None
+) -> dict[str, MethodResult]:
+    """Every method measured by nested CV; one that cannot be fitted carries its reason."""
+    out = {}
+    for method in METHODS:
+        try:
+            scores = nested_method(method, probs, target, folds, settings, fixed)
+        except BlendFitError as err:
+            out[method] = MethodResult(method, None, error=str(err))
+            continue
+        out[method] = evaluate(method, scores, target, folds)
+    return out
+
+
+@dataclass
+class Gain:
+    """A method's per-fold AUC minus the plain mean's on the same fold."""
+
+    mean: float
+    spread: float  # population std over the folds, as the report's other spreads
+
+
+def gain_over_mean(result: MethodResult, baseline: MethodResult) -> Gain:
+    diff = result.fold_values() - baseline.fold_values()
+    diff = diff[~np.isnan(diff)]
+    if len(diff) == 0:
+        return Gain(float("nan"), float("nan"))
+    return Gain(float(diff.mean()), float(diff.std(ddof=0)))
+
+
+def choose_method(results: dict[str, MethodResult], requested: str) -> tuple[str, str]:
+    """The method to use and why. `auto`: the best mean per-fold nested AUC, but the plain mean
+    unless that method beats it by more than the spread of its per-fold gain."""
+    base = results["mean"]
+    if requested != "auto":
+        res = results[requested]
+        if res.error:
+            raise BlendFitError(f"ensemble.method={requested}: {res.error}")
+        if requested == "mean":
+            return "mean", "forced by ensemble.method=mean"
+        g = gain_over_mean(res, base)
+        verdict = (
+            f"it loses to the plain mean out of fold ({res.fold_auc_mean:.4f} against {base.fold_auc_mean:.4f}, "
+            f"per-fold gain {g.mean:+.4f} +- {g.spread:.4f})"
+            if not g.mean > 0
+            else f"per-fold gain over the plain mean {g.mean:+.4f} +- {g.spread:.4f}"
+        )
+        return requested, f"forced by ensemble.method={requested}; {verdict}"
+    usable = {m: r for m, r in results.items() if r.error is None and not np.isnan(r.fold_auc_mean)}
+    best = max(usable, key=lambda m: (usable[m].fold_auc_mean, m == "mean"))
+    if best == "mean":
+        return "mean", "auto: the plain mean has the best nested out-of-fold AUC"
+    g = gain_over_mean(usable[best], base)
+    if g.mean > g.spread:
+        return best, (
+            f"auto: {best} beats the plain mean by {g.mean:+.4f} mean per-fold AUC, "
+            f"more than the fold-to-fold spread of that gain ({g.spread:.4f})"
+        )
+    return "mean", (
+        f"auto: {best} has the best nested out-of-fold AUC but beats the plain mean by {g.mean:+.4f}, "
+        f"not more than the fold-to-fold spread of that gain ({g.spread:.4f}); the plain mean is kept"
+    )
+
+
+@dataclass
+class CalibrationResult:
+    """ECE and Brier score of the blend's nested scores, uncalibrated and calibrated out of fold."""
+
+    requested: str
+    applied: str
+    reason: str
+    before: dict[str, float]
+    after: dict[str, dict[str, float]]  # per calibration tried: its nested ECE / Brier
+    uncalibrated: np.ndarray  # the blend's nested scores
+    calibrated: np.ndarray  # the same calibrated out of fold by the applied calibration
+    bins: int
+
+
+def calibration_metrics(scores: np.ndarray, target: np.ndarray, bins: int) -> dict[str, float]:
+    ok = ~np.isnan(scores)
+    return {
+        "ece": expected_calibration_error(target[ok], scores[ok], bins),
+        "brier": brier_score(target[ok], scores[ok]),
+    }
+
+
+def evaluate_calibration(
+    scores: np.ndarray, target: np.ndarray, folds: np.ndarray, requested: str, bins: int
+) -> CalibrationResult:
+    """Both calibrations measured out of fold; the requested one is applied when it lowers the
+    nested ECE of the blend, else the blend stays as it is and the reason says so."""
+    before = calibration_metrics(scores, target, bins)
+    after, nested = {}, {}
+    for kind in CALIBRATIONS[1:]:
+        try:
+            nested[kind] = nested_calibration(kind, scores, target, folds)
+        except BlendFitError as err:
+            after[kind] = {"error": str(err)}
+            continue
+        after[kind] = calibration_metrics(nested[kind], target, bins)
+    if requested == "none":
+        return CalibrationResult(requested, "none", "ensemble.calibration=none", before, after, scores, scores, bins)
+    if "error" in after[requested]:
+        reason = f"{requested} not applied: {after[requested]['error']}"
+        return CalibrationResult(requested, "none", reason, before, after, scores, scores, bins)
+    ece = after[requested]["ece"]
+    if ece < before["ece"]:
+        reason = f"{requested} lowers the out-of-fold ECE from {before['ece']:.4f} to {ece:.4f}"
+        return CalibrationResult(requested, requested, reason, before, after, scores, nested[requested], bins)
+    reason = (
+        f"{requested} not applied: fitted out of fold it gives an ECE of {ece:.4f}, not below the "
+        f"uncalibrated blend's {before['ece']:.4f}"
+    )
+    return CalibrationResult(requested, "none", reason, before, after, scores, scores, bins)
+
+
+# --------------------------------------------------------------------------- the whole fit
+
+
+@dataclass
+class EnsembleFit:
+    """What ensemble.py reports and writes: every method's nested result, the choice, the blend
+    fitted on all OOF rows with its calibration, and the chosen blend's nested OOF scores."""
+
+    members: list[str]
+    results: dict[str, MethodResult]
+    method: str
+    reason: str
+    fitted: FittedBlend
+    calibration: CalibrationResult
+    fixed_weights: bool
+
+
+def fixed_weight_vector(members: list[str], weights: dict[str, float] | None) -> np.ndarray | None:
+    if not weights:
+        return None
+    w = np.array([float(weights.get(m, 0.0)) for m in members])
+    if (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"ensemble weights {weights}: need non-negative weights, one of them positive")
+    return w
+
+
+def fit_ensemble(
+    members: list[str],
+    probs: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    settings: BlendSettings,
+    weights: dict[str, float] | None = None,
+) -> EnsembleFit:
+    """Measure every method out of fold, choose, fit the choice on all OOF rows, then calibrate
+    it on its own nested OOF scores (never on scores it was fitted on)."""
+    target = np.asarray(target, dtype=int)
+    folds = np.asarray(folds)
+    fixed = fixed_weight_vector(members, weights)
+    results = evaluate_methods(probs, target, folds, settings, fixed)
+    method, reason = choose_method(results, settings.method)
+    params = fit_method(method, probs, target, settings, fixed)
+    nested = results[method].scores
+    cal = evaluate_calibration(nested, target, folds, settings.calibration, settings.ece_bins)
+    calibration = fit_calibration(cal.applied, nested, target)
+    fitted = FittedBlend(list(members), method, params, calibration)
+    return EnsembleFit(list(members), results, method, reason, fitted, cal, fixed is not None)
