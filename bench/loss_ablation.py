@@ -18,7 +18,6 @@ markdown table. `key=value` overrides apply to every setting (e.g. train.lr=1e-3
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -32,11 +31,11 @@ import pandas as pd
 
 import cv_split
 import train
-from core.blend import SubmissionError, member_predictions
-from core.config import ConfigError, load_config, read_yaml
+from bench.output import run_and_publish
+from core.blend import member_predictions
+from core.config import load_config, read_yaml
 from core.datasource import resolve_data
 from core.folds import FoldError
-from core.labels import LabelError
 from core.metrics import score_report
 
 # setting -> which of the auxiliary terms are on (CE is always on)
@@ -191,15 +190,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (ConfigError, LabelError, FoldError, SubmissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    print()
-    print(markdown(result["rows"]))
-    return 0
+    return run_and_publish(lambda: run(args), lambda result: markdown(result["rows"]), None)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,11 @@ import pandas as pd
 
 import train
 from bench.loss_ablation import split_work
-from core.blend import SubmissionError, member_predictions
+from bench.output import run_and_publish
+from core.blend import member_predictions
 from core.checkpoint import META_FILE
-from core.config import ConfigError, load_config
+from core.config import load_config
 from core.datasource import resolve_data
-from core.folds import FoldError
-from core.io import write_json
-from core.labels import LabelError
 from core.metrics import score_report
 
 NO_GUIDANCE = ["model.guidance=false"]
@@ -152,17 +150,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (ConfigError, LabelError, FoldError, SubmissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_json(result, args.out)
-    print(json.dumps(result, indent=2))
-    print()
-    print(markdown(result["summary"]))
-    return 0
+    return run_and_publish(lambda: run(args), lambda result: markdown(result["summary"]), args.out)
 
 
 if __name__ == "__main__":

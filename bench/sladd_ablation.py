@@ -23,7 +23,6 @@ probability of each region and blend type under the synthesizer, and what its im
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,13 +30,11 @@ from pathlib import Path
 import pandas as pd
 
 from bench.loss_ablation import split_work
+from bench.output import run_and_publish
 from bench.sbi_ablation import fold_result, markdown, summarise
-from core.blend import SubmissionError, member_predictions
-from core.config import ConfigError, load_config
+from core.blend import member_predictions
+from core.config import load_config
 from core.datasource import resolve_data
-from core.folds import FoldError
-from core.io import write_json
-from core.labels import LabelError
 from core.metrics import score_report
 from core.report import pyplot, save_figure
 
@@ -151,17 +148,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (ConfigError, LabelError, FoldError, SubmissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_json(result, args.out)
-    print(json.dumps(result, indent=2))
-    print()
-    print(markdown(result["summary"]))
-    return 0
+    return run_and_publish(lambda: run(args), lambda result: markdown(result["summary"]), args.out)
 
 
 if __name__ == "__main__":
