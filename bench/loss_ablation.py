@@ -48,6 +48,16 @@ SETTINGS: dict[str, tuple[bool, bool]] = {
 DEFAULT_WEIGHTS = {"nce": 0.1, "kl": 1.0}  # used when the member config turns a term off
 
 
+def parse_with_overrides(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse `argv` with `p`, whose last positional is `overrides`: key=value words are overrides
+    wherever they stand (after `--folds 0 1` too, where argparse would take them as folds)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/members/mff_demo.yaml", help="member config (default: %(default)s)")
@@ -57,12 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="default: all four")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder, removed)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
-    # key=value words are overrides wherever they stand (after --folds 0 1 too)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = p.parse_args([a for a in argv if a not in overrides])
-    args.overrides = [*args.overrides, *overrides]
-    return args
+    return parse_with_overrides(p, argv)
 
 
 def loss_overrides(cfg: dict, setting: str) -> list[str]:

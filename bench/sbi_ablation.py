@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 import train
-from bench.loss_ablation import split_work
+from bench.loss_ablation import parse_with_overrides, split_work
 from bench.output import run_and_publish
 from core.blend import member_predictions
 from core.checkpoint import META_FILE
@@ -58,11 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder, removed)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = p.parse_args([a for a in argv if a not in overrides])
-    args.overrides = [*args.overrides, *overrides]
-    return args
+    return parse_with_overrides(p, argv)
 
 
 def fold_result(cfg: dict, fold: int) -> tuple[float, float]:

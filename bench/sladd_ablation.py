@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.loss_ablation import split_work
+from bench.loss_ablation import parse_with_overrides, split_work
 from bench.output import run_and_publish
 from bench.sbi_ablation import fold_result, markdown, summarise
 from core.blend import member_predictions
@@ -53,11 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--plot", help="write the synthesizer's distributions over training here (PNG)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = p.parse_args([a for a in argv if a not in overrides])
-    args.overrides = [*args.overrides, *overrides]
-    return args
+    return parse_with_overrides(p, argv)
 
 
 def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
