@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # only named in a signature: importing pandas costs infer.py's fast path ~0.5 s
     import pandas as pd
 
+# The process's umask, read once at import (os.umask can only be read by setting it): a file made
+# by mkstemp is private (0600), so each output gets the mode a plain open() would have given it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -25,6 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
