@@ -52,7 +52,7 @@ log = get_logger("train")
 
 Criterion = Callable[[torch.nn.Module, dict], tuple]
 Collate = Callable[[list[dict]], dict]
-OPTIMIZERS = ("adamw", "sam_sgd")
+OPTIMIZERS = ("adamw", "adam", "sam_sgd")
 SCHEDULES = ("warmup_cosine", "linear_decay_after")
 STATE_FILE = "last_state.safetensors"
 EMA_BN_MODES = ("recompute", "average")
@@ -105,7 +105,8 @@ class TrainSettings:
     channels_last: bool = False
     progress: bool = True
     # `sam_sgd`: sharpness-aware minimisation over SGD (core/sam.py, as SBI trains), two
-    # forward/backward passes per step; `adamw` otherwise.
+    # forward/backward passes per step; `adam`: Adam with weight decay as an L2 term in the
+    # gradient (not decoupled); `adamw` otherwise.
     optimizer: str = "adamw"
     momentum: float = 0.9  # sam_sgd only
     sam_rho: float = 0.05  # sam_sgd only: radius of SAM's ascent step
@@ -162,6 +163,8 @@ def build_optimizer(module: torch.nn.Module, s: TrainSettings) -> torch.optim.Op
     groups = param_groups(module, s.weight_decay)
     if s.optimizer == "sam_sgd":
         return SAM(groups, torch.optim.SGD, rho=s.sam_rho, lr=s.lr, momentum=s.momentum)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=s.lr)
     return torch.optim.AdamW(groups, lr=s.lr)
 
 
