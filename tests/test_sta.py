@@ -102,6 +102,18 @@ def test_temporal_stream_mixes_frames_and_spatial_stream_does_not():
     assert temporal[0, :, [1, 7]].abs().sum() > 0 and temporal[0, :, 4, 0, 0].abs().sum() == 0
 
 
+def test_the_fast_convolutions_equal_the_3d_ones():
+    from models.sta import spatial_conv, temporal_conv
+
+    adapter = tiny().blocks[0].adapter
+    z = torch.randn(2, 16, 8, 4, 4)
+    with torch.no_grad():
+        for conv in adapter.spatial:
+            assert torch.allclose(spatial_conv(conv, z), conv(z), atol=1e-5)
+        for conv in adapter.temporal:
+            assert torch.allclose(temporal_conv(conv, z), conv(z), atol=1e-5)
+
+
 def test_longer_clips_than_temporal_embeddings_are_refused():
     with pytest.raises(ValueError, match="clip of 9 frames"):
         tiny()(torch.randn(1, 9, 3, 32, 32))
