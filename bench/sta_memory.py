@@ -1,13 +1,13 @@
 """Parameters and peak memory of the sta member: what the adapters add to a frozen CLIP.
 
   python -m bench.sta_memory                                  # ViT-L-14 (random weights) and the demo model
-  python -m bench.sta_memory --configs configs/members/sta_demo.yaml --frames 8 --size 224
+  python -m bench.sta_memory --configs configs/members/sta_demo.yaml --frames 8
   python -m bench.sta_memory --out bench/results/sta_memory_cpu.json
 
 For every member config: trainable and total parameters, and the peak memory of one clip of
-`--frames` frames at `--size` px, in training (forward, cross-entropy, backward, an Adam step) and in
-inference (forward under inference_mode), each in a fresh process so one does not hide the other.
-Weights are random (open_clip's architecture from its config, nothing downloaded): memory does not
+`--frames` frames at the config's `data.image_size` (224 for sta.yaml; the demo tower takes 48 only),
+in training (forward, cross-entropy, backward, an Adam step) and in inference (forward under
+inference_mode), each in a fresh process so one does not hide the other. Weights are random (open_clip's architecture from its config, nothing downloaded): memory does not
 depend on their values. On a GPU the peak is torch.cuda.max_memory_allocated (tensors only, the
 network's weights included); on a CPU the process's peak resident set (ru_maxrss) minus its resident
 set before the network was built, so it includes the allocator's slack. Prints a JSON object and a
@@ -79,13 +79,14 @@ def measure_in_child(config: str, mode: str, frames: int, size: int, device: str
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| config | architecture | trainable / total parameters | train peak MB | inference peak MB |",
-        "|---|---|---:|---:|---:|",
+        "| config | architecture | input | trainable / total parameters | train peak MB | inference peak MB |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         share = f"{r['trainable_params'] / 1e6:.2f} M / {r['total_params'] / 1e6:.2f} M ({r['trainable_share']:.1%})"
         lines.append(
-            f"| `{r['config']}` | {r['architecture']} | {share} | {r['train_peak_mb']} | {r['infer_peak_mb']} |"
+            f"| `{r['config']}` | {r['architecture']} | {r['size']} px | {share} | {r['train_peak_mb']} | "
+            f"{r['infer_peak_mb']} |"
         )
     return "\n".join(lines)
 
@@ -98,19 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="member configs (default: %(default)s)")
     p.add_argument("--frames", type=int, default=8, help="frames per clip (default: %(default)s)")
-    p.add_argument("--size", type=int, default=224, help="frame side in px (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     rows = []
     for config in args.configs:
-        model = load_config([config])["model"]
-        train = measure_in_child(config, "train", args.frames, args.size, args.device)
-        infer = measure_in_child(config, "infer", args.frames, args.size, args.device)
+        cfg = load_config([config])
+        model, size = cfg["model"], int(cfg["data"]["image_size"])
+        train = measure_in_child(config, "train", args.frames, size, args.device)
+        infer = measure_in_child(config, "infer", args.frames, size, args.device)
         rows.append(
             {
                 "config": config,
                 "architecture": model.get("clip") or "inline model_cfg",
+                "size": size,
                 "trainable_params": train["trainable_params"],
                 "total_params": train["total_params"],
                 "trainable_share": train["trainable_params"] / train["total_params"],
@@ -120,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "frames": args.frames,
-        "size": args.size,
         "device": args.device,
         "torch": torch.__version__,
         "peak": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss growth",
