@@ -7,11 +7,11 @@
 For every member config: trainable and total parameters, and the peak memory of one clip of
 `--frames` frames at the config's `data.image_size` (224 for sta.yaml; the demo tower takes 48 only),
 in training (forward, cross-entropy, backward, an Adam step) and in inference (forward under
-inference_mode), each in a fresh process so one does not hide the other. Weights are random (open_clip's architecture from its config, nothing downloaded): memory does not
-depend on their values. On a GPU the peak is torch.cuda.max_memory_allocated (tensors only, the
-network's weights included); on a CPU the process's peak resident set (ru_maxrss) minus its resident
-set before the network was built, so it includes the allocator's slack. Prints a JSON object and a
-markdown table.
+inference_mode), each in a fresh process so one does not hide the other. Weights are random
+(open_clip's architecture from its config, nothing downloaded): memory does not depend on their
+values. On a GPU the peak is torch.cuda.max_memory_allocated (tensors only, the network's weights
+included); on a CPU the process's peak resident set (ru_maxrss) minus its resident set before the
+network was built, so it includes the allocator's slack. Prints a JSON object and a markdown table.
 """
 
 from __future__ import annotations
