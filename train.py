@@ -37,8 +37,9 @@ import torch
 
 import models
 from core.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_weights
+from core.clips import eval_dataset, with_videos
 from core.config import ConfigError, deep_merge, load_config, save_config
-from core.dataset import ImageDataset
+from core.dataset import make_loader
 from core.datasource import read_test_table, read_train_table, resolve_data
 from core.device import pick_device
 from core.distributed import DistInfo, barrier, gather_rows, init_distributed, shard, shutdown
@@ -47,12 +48,13 @@ from core.io import write_csv, write_json
 from core.labels import LabelError
 from core.log import get_logger
 from core.metrics import score_report
-from core.predict import predict_paths
+from core.predict import predict_loader
 from core.report import plot_history, versions
 from core.training import STATE_FILE, Trainer, TrainSettings, config_fingerprint, describe_changes
 from core.transforms import build_transform
 from core.tta import tta_mode
 from core.tuning import tune
+from data_prep.clip_faces import clip_cropper
 
 log = get_logger("train")
 
@@ -150,7 +152,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     tta = tta_mode(cfg)  # a bad value fails here, before training
     out_dir = fold_dir(cfg, fold)
     data = resolve_data(cfg)
-    table = read_folds(cfg["paths"]["folds"], read_train_table(data))
+    table = with_videos(cfg, data, read_folds(cfg["paths"]["folds"], read_train_table(data)))
     if fold not in set(table["fold"]):
         raise FoldError(f"fold {fold} not in {cfg['paths']['folds']} (folds: {sorted(set(table['fold']))})")
     train_df, val_df = table[table["fold"] != fold], table[table["fold"] == fold]
@@ -167,8 +169,9 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     model = models.build_model(cfg["model"])
+    crop = clip_cropper(cfg)
     train_data = models.build_train_data(cfg, train_df, build_transform(cfg["data"], train=True), settings.seed)
-    val_ds = ImageDataset(val_df["path"], val_df["target"], build_transform(cfg["data"], train=False))
+    val_ds = eval_dataset(cfg, val_df["path"], val_df["target"], build_transform(cfg["data"], train=False), crop)
     criterion = models.build_criterion(cfg)
     trainer = Trainer(
         model,
@@ -247,13 +250,13 @@ def score_selected(
     rank 0 alone would keep the others waiting past the collective timeout."""
     model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))  # rank 0 wrote it before fit's last barrier
     idx = shard(len(paths), dist)
-    local = predict_paths(
+    dataset = eval_dataset(
+        cfg, [paths[i] for i in idx], None, build_transform(cfg["data"], train=False), clip_cropper(cfg)
+    )
+    local = predict_loader(
         [model],
-        [paths[i] for i in idx],
-        build_transform(cfg["data"], train=False),
+        make_loader(dataset, settings.eval_batch_size, settings.num_workers),
         device,
-        batch_size=settings.eval_batch_size,
-        num_workers=settings.num_workers,
         channels_last=settings.channels_last,
         amp=settings.amp,
         progress=settings.progress and dist.is_main,

@@ -25,6 +25,10 @@ class DataPaths:
     is_demo: bool
     # Face embeddings of the original images, written by the data stage (names and 128-d vectors)
     face_embeddings: Path | None = None
+    # Labelled videos for members that take clips (core.clips): labels, root, manifest
+    video_labels: Path | None = None
+    video_root: Path | None = None
+    video_manifest: Path | None = None
 
 
 # Written by the data stage beside its manifest; read by the split for identity grouping.
@@ -75,6 +79,9 @@ def _resolve_original(d: dict) -> DataPaths:
             opt("test_labels"),
             opt("manifest"),
             is_demo=False,
+            video_labels=opt("video_labels"),
+            video_root=opt("video_root"),
+            video_manifest=opt("video_manifest"),
         )
     demo = Path(d.get("demo_dir", "data/demo"))
     return DataPaths(
@@ -85,6 +92,9 @@ def _resolve_original(d: dict) -> DataPaths:
         demo / "test_labels.csv",
         demo / "manifest.csv",
         is_demo=True,
+        video_labels=demo / "video_labels.csv",
+        video_root=demo,
+        video_manifest=demo / "video_manifest.csv",
     )
 
 

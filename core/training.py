@@ -110,7 +110,7 @@ class TrainSettings:
     progress: bool = True
     # `sam_sgd`: sharpness-aware minimisation over SGD (core/sam.py, as SBI trains), two
     # forward/backward passes per step; `adam`: Adam with weight decay as an L2 term in the
-    # gradient (as SLADD trains); `adamw` (decoupled weight decay) otherwise.
+    # gradient (as SLADD and StA train); `adamw` (decoupled weight decay) otherwise.
     optimizer: str = "adamw"
     momentum: float = 0.9  # sam_sgd only
     sam_rho: float = 0.05  # sam_sgd only: radius of SAM's ascent step

@@ -23,7 +23,14 @@ Layout under `out` (image names are relative to their own image root, `train/` o
 
     train/*.jpg  train_labels.csv (img_name,target)  manifest.csv (img_name,target,method,parent,region,sources)
     test/*.jpg   test_list.csv (img_name)  test_labels.csv (img_name,target)  test_manifest.csv
+    videos/*.mp4       video_labels.csv (img_name videos/NNNNN.mp4,target)  video_manifest.csv
+    video_test/*.mp4   video_test_labels.csv  video_test_manifest.csv
     DONE         the parameters, written last
+
+The videos (`data_prep.demo_videos`): `n_videos` real clips of 16-32 frames at 128 px made from the
+photographs with camera motion and lighting change, and as many fakes made from them (per-frame
+image edits and video-level blends); a quarter as many of each for `video_test/`. Their names are
+relative to `out` itself (`data.video_root`), so they never collide with image names.
 
 Train has `n_real` reals and as many fakes; test has `n_test` images, half of each, drawn
 from a separate random stream. Every real is the parent of at most one fake, and every
@@ -53,7 +60,7 @@ from data_prep.edits import encode_jpeg, face_swap, region_swap, to_uint8
 from data_prep.faces import FaceAnalyzer, flip_landmarks
 
 # Bump whenever the recipe changes what gets written, so an old build is not taken as current.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 
 PHOTOS = ("astronaut", "grace_hopper")
 # skimage.data.camera() was considered too: dlib's HOG detector finds no face in it at
@@ -84,8 +91,12 @@ OUTPUT_FILES = (
     "test_list.csv",
     "test_labels.csv",
     "test_manifest.csv",
+    "video_labels.csv",
+    "video_manifest.csv",
+    "video_test_labels.csv",
+    "video_test_manifest.csv",
 )
-OUTPUT_DIRS = ("train", "test")
+OUTPUT_DIRS = ("train", "test", "videos", "video_test")
 
 
 class DemoError(RuntimeError):
@@ -262,8 +273,15 @@ def _build_split(
     return pd.DataFrame(rows).sort_values("img_name").reset_index(drop=True)
 
 
-def _params(seed: int, n_real: int, n_test: int, size: int) -> dict[str, int]:
-    return {"recipe": RECIPE_VERSION, "seed": seed, "n_real": n_real, "n_test": n_test, "size": size}
+def _params(seed: int, n_real: int, n_test: int, size: int, n_videos: int) -> dict[str, int]:
+    return {
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "n_real": n_real,
+        "n_test": n_test,
+        "size": size,
+        "n_videos": n_videos,
+    }
 
 
 def _done_params(out: Path) -> dict[str, int] | None:
@@ -296,6 +314,7 @@ def build_demo(
     size: int = 256,
     progress: bool = True,
     force: bool = False,
+    n_videos: int = 16,
 ) -> Path:
     """Build the demo sample under `out_dir` (see the module docstring); return `out_dir`.
 
@@ -310,7 +329,7 @@ def build_demo(
     if size < MIN_SIZE:
         raise DemoError(f"size must be >= {MIN_SIZE}, not {size}")
     out = Path(out_dir)
-    params = _params(seed, n_real, n_test, size)
+    params = _params(seed, n_real, n_test, size, n_videos)
     if _done_params(out) == params and not force:
         print(f"demo: {out} is already built with {params}; nothing to do")
         return out
@@ -326,7 +345,8 @@ def build_demo(
     _clear(out)
 
     photos = load_photos()
-    train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
+    # children 0 and 1 are what spawn(2) gave before the videos: the images stay byte-identical
+    train_ss, test_ss, video_ss, video_test_ss = np.random.SeedSequence(seed).spawn(4)
     train = _build_split(
         out / "train", np.random.default_rng(train_ss), n_real, n_real, size, photos, progress, "demo train"
     )
@@ -342,6 +362,18 @@ def build_demo(
         "demo test",
     )
 
+    from data_prep.demo_videos import build_videos  # it builds on this module's views and edits
+
+    n_video_test = max(1, n_videos // 4)
+    videos = build_videos(out, "videos", np.random.default_rng(video_ss), n_videos, n_videos, photos, progress)
+    video_test = build_videos(
+        out, "video_test", np.random.default_rng(video_test_ss), n_video_test, n_video_test, photos, progress
+    )
+    write_csv(videos[["img_name", "target"]], out / "video_labels.csv")
+    write_csv(videos, out / "video_manifest.csv")
+    write_csv(video_test[["img_name", "target"]], out / "video_test_labels.csv")
+    write_csv(video_test, out / "video_test_manifest.csv")
+
     write_csv(train[["img_name", "target"]], out / "train_labels.csv")
     write_csv(train, out / "manifest.csv")
     write_csv(test[["img_name"]], out / "test_list.csv")
@@ -351,12 +383,14 @@ def build_demo(
         "train": {"real": int((train.target == 0).sum()), "fake": int((train.target == 1).sum())},
         "test": {"real": int((test.target == 0).sum()), "fake": int((test.target == 1).sum())},
     }
+    counts["videos"] = {"real": int((videos.target == 0).sum()), "fake": int((videos.target == 1).sum())}
     write_json({"params": params, "photos": list(PHOTOS), "counts": counts}, out / DONE_FILE)
     (out / BUILDING_FILE).unlink(missing_ok=True)
 
-    for split, df in (("train", train), ("test", test)):
+    for split, df in (("train", train), ("test", test), ("videos", videos)):
         c = counts[split]
-        print(f"demo: wrote {len(df)} {split} images ({c['real']} real, {c['fake']} fake: {_counts(df)})")
+        kind = "clips" if split == "videos" else "images"
+        print(f"demo: wrote {len(df)} {split} {kind} ({c['real']} real, {c['fake']} fake: {_counts(df)})")
     print(f"demo: {out} built in {time.perf_counter() - start:.1f}s with {params}")
     return out
 
@@ -368,12 +402,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-real", type=int, default=160, help="real training images (as many fakes are added)")
     parser.add_argument("--n-test", type=int, default=80, help="test images in all, half real and half fake")
     parser.add_argument("--size", type=int, default=256, help="side of the square images in pixels")
+    parser.add_argument("--n-videos", type=int, default=16, help="real training clips (as many fakes are added)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds this build")
     args = parser.parse_args(argv)
     try:
         build_demo(
-            args.out, args.seed, args.n_real, args.n_test, args.size, progress=not args.no_progress, force=args.force
+            args.out,
+            args.seed,
+            args.n_real,
+            args.n_test,
+            args.size,
+            progress=not args.no_progress,
+            force=args.force,
+            n_videos=args.n_videos,
         )
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,7 +3,7 @@
 Importing the package registers every member.
 """
 
-from models import losses, mff, recipes, sbi_fed, sjedd, sladd  # noqa: F401  (registration side effects)
+from models import losses, mff, recipes, sbi_fed, sjedd, sladd, sta  # noqa: F401  (registration side effects)
 from models.losses import build_criterion
 from models.registry import build_model, build_train_data
 

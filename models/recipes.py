@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from core.clips import ClipDataset, ClipSettings, check_uniform_clips
 from core.dataset import ImageDataset, collate_skip_errors
 from models.registry import TrainData, register_recipe
 
@@ -18,3 +19,15 @@ from models.registry import TrainData, register_recipe
 def image_files(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int) -> TrainData:
     """Every row's file, decoded and transformed with a per-(seed, epoch, index) seed."""
     return TrainData(ImageDataset(table["path"], table["target"], transform, seed), collate_skip_errors)
+
+
+@register_recipe("clips")
+def clip_files(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int) -> TrainData:
+    """Every row as a clip (`core.clips`): a video's evenly spaced frames (face-cropped with
+    `clip.face_crop`), a still image's one-frame clip or a clip built from it (`clip.still`)."""
+    from data_prep.clip_faces import clip_cropper
+
+    settings = ClipSettings.from_cfg(cfg)
+    check_uniform_clips(table["path"].tolist(), settings, f"{cfg['name']}'s training set")
+    dataset = ClipDataset(table["path"], table["target"], transform, settings, seed, clip_cropper(cfg))
+    return TrainData(dataset, collate_skip_errors)

@@ -1,0 +1,129 @@
+"""The sta member: spatiotemporal adapters on a frozen CLIP image tower (models/sta.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.sta import STANet
+
+TINY = {
+    "name": "sta",
+    "frames": 8,
+    "model_cfg": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+    },
+    "heads": 2,
+}
+
+
+def tiny(**overrides) -> STANet:
+    torch.manual_seed(0)
+    return models.build_model({**TINY, **overrides})
+
+
+def unadapted(net: STANet, clips: torch.Tensor) -> torch.Tensor:
+    """The frozen CLIP tower alone: each frame's CLS feature, averaged over the clip."""
+    v = net.visual
+    x = v._embeds(clips.flatten(0, 1))
+    for block in net.blocks:
+        x = block.block(x)
+    pooled, _ = v._pool(x)
+    return (pooled @ v.proj).unflatten(0, clips.shape[:2]).mean(1)
+
+
+def test_at_init_the_adapted_features_equal_the_frozen_clip_features():
+    net = tiny().eval()
+    clips = torch.randn(3, 8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net.features(clips), unadapted(net, clips), atol=1e-6)
+        # and the adapters do compute something: their residual is zero only through the zero up-projection
+        torch.nn.init.normal_(net.blocks[0].adapter.up.weight)
+        assert not torch.allclose(net.features(clips), unadapted(net, clips), atol=1e-3)
+
+
+def test_adapter_shapes_follow_the_issue():
+    net = tiny()
+    adapter = net.blocks[0].adapter
+    assert (adapter.down.in_features, adapter.down.out_features) == (32, 16)  # width -> width / 2
+    assert [c.kernel_size for c in adapter.spatial] == [(1, 3, 3), (1, 5, 5), (1, 7, 7)]
+    assert [c.kernel_size for c in adapter.temporal] == [(3, 1, 1), (5, 1, 1), (7, 1, 1)]
+    assert all(c.groups == 16 for c in [*adapter.spatial, *adapter.temporal])  # depthwise
+    assert torch.count_nonzero(adapter.up.weight) == 0 and torch.count_nonzero(adapter.up.bias) == 0
+    assert len(net.blocks) == 2 and net.temporal_embedding.shape == (8, 32)
+    assert isinstance(net.head[0], torch.nn.Dropout) and net.head[0].p == 0.5 and net.head[1].out_features == 2
+
+
+def test_only_adapters_temporal_embedding_and_head_get_gradients():
+    net = tiny().train()
+    out = net(torch.randn(2, 8, 3, 32, 32))
+    torch.nn.functional.cross_entropy(out["logits"], torch.tensor([0, 1])).backward()
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.", "temporal_embedding", "head.")) for n in trainable)
+    assert all(".adapter." in n for n in trainable if n.startswith("blocks."))
+    assert all(".adapter." not in n for n in frozen) and len(frozen) > len(trainable) // 2
+    assert all(p.grad is None for n, p in net.named_parameters() if n in frozen)
+    assert all(p.grad is not None for n, p in net.named_parameters() if n in trainable)
+    # the zero up-projections learn first: their gradient is non-zero from the first step
+    assert all(torch.count_nonzero(b.adapter.up.weight.grad) > 0 for b in net.blocks)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 1, 3, 32, 32), (2, 8, 3, 32, 32)])
+def test_stills_and_clips_give_one_pair_of_logits_per_item(shape):
+    net = tiny().eval()
+    with torch.no_grad():
+        out = net(torch.randn(*shape))
+    assert out["logits"].shape == (2, 2) and out["logits"].dtype == torch.float32
+    assert out["features"].shape == (2, 16)
+
+
+def test_a_still_is_a_one_frame_clip():
+    net = tiny().eval()
+    torch.nn.init.normal_(net.blocks[1].adapter.up.weight)  # so the adapters matter
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(images)["logits"], net(images[:, None])["logits"])
+
+
+def test_temporal_stream_mixes_frames_and_spatial_stream_does_not():
+    adapter = tiny().blocks[0].adapter
+    z = torch.zeros(1, 16, 8, 4, 4)
+    z[0, :, 4, 1, 1] = 1.0  # one token of frame 4
+    with torch.no_grad():  # the response to the impulse alone, biases taken out
+
+        def response(convs):
+            return torch.stack([c(z) - c(torch.zeros_like(z)) for c in convs]).mean(0)
+
+        spatial, temporal = response(adapter.spatial), response(adapter.temporal)
+    assert spatial[0, :, [3, 5]].abs().sum() == 0 and spatial[0, :, 4].abs().sum() > 0
+    assert temporal[0, :, [1, 7]].abs().sum() > 0 and temporal[0, :, 4, 0, 0].abs().sum() == 0
+
+
+def test_the_fast_convolutions_equal_the_3d_ones():
+    from models.sta import spatial_conv, temporal_conv
+
+    adapter = tiny().blocks[0].adapter
+    z = torch.randn(2, 16, 8, 4, 4)
+    with torch.no_grad():
+        for conv in adapter.spatial:
+            assert torch.allclose(spatial_conv(conv, z), conv(z), atol=1e-5)
+        for conv in adapter.temporal:
+            assert torch.allclose(temporal_conv(conv, z), conv(z), atol=1e-5)
+
+
+def test_longer_clips_than_temporal_embeddings_are_refused():
+    with pytest.raises(ValueError, match="clip of 9 frames"):
+        tiny()(torch.randn(1, 9, 3, 32, 32))
+
+
+def test_state_dict_saves_each_frozen_tensor_once(tmp_path):
+    from core.checkpoint import load_weights, save_weights
+
+    net = tiny()
+    save_weights(net.state_dict(), tmp_path / "w.safetensors")
+    other = tiny()
+    other.load_state_dict(load_weights(tmp_path / "w.safetensors"))
+    assert not any(k.startswith("visual.transformer") for k in net.state_dict())
