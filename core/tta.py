@@ -37,7 +37,8 @@ TTA_MODES = {
     "6view": ("identity", "rot90", "rot180", "rot270", "hflip", "vflip"),
 }
 ROTATIONS = {"rot90": 1, "rot180": 2, "rot270": 3}
-H_AXIS, W_AXIS = 2, 3
+# Counted from the end, so an image batch (N, C, H, W) and a clip batch (N, T, C, H, W) turn alike.
+H_AXIS, W_AXIS = -2, -1
 
 
 class TTAError(ConfigError):

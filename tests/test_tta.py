@@ -261,3 +261,13 @@ def test_a_bad_predict_tta_stops_train_before_training(tiny_project, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: predict.tta must be one of ['none', 'flip', '6view'], not '8view'"
     assert not (p["outputs"] / "tiny" / "fold0").exists()
+
+
+def test_a_clip_batch_turns_each_frame_as_an_image_batch_turns():
+    clips = np.random.default_rng(0).random((2, 3, 3, 4, 4)).astype(np.float32)  # (N, T, C, H, W)
+    for clip_view, *frame_views in zip(
+        views(clips, "6view"), *(views(clips[:, t], "6view") for t in range(3)), strict=True
+    ):
+        assert np.array_equal(clip_view, np.stack(frame_views, axis=1))
+    as_tensor = views(torch.from_numpy(clips), "6view")
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(views(clips, "6view"), as_tensor, strict=True))
