@@ -72,12 +72,20 @@ def fold_result(cfg: dict, fold: int) -> tuple[float, float]:
     return float(meta["val"]["auc"]), float(sum(epoch.get("seconds", 0.0) for epoch in meta["history"]))
 
 
-def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
-    """Train `setting` with `seed` on every fold; its OOF scores."""
-    out = work / f"{setting}-seed{seed}"
+def train_setting(
+    args: argparse.Namespace,
+    setting: str,
+    setting_overrides: list[str],
+    seed: int,
+    folds_csv: Path,
+    out: Path,
+    folds: list[int],
+) -> dict:
+    """Train a setting (`setting_overrides` on top of the command line's) with `seed` on every
+    fold under `out`; its OOF scores. The sbi and sladd ablations share it."""
     overrides = [
         *args.overrides,
-        *SETTINGS[setting],
+        *setting_overrides,
         f"train.seed={seed}",
         f"paths.outputs={out}",
         f"paths.folds={folds_csv}",
@@ -90,13 +98,18 @@ def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds
     return {
         "setting": setting,
         "seed": seed,
-        "overrides": SETTINGS[setting],
+        "overrides": setting_overrides,
         "n_oof": len(oof),
         "oof_auc": report["auc"],
         "oof_tpr@fpr1e-3": report["tpr@fpr1e-3"],
         "fold_auc": {k: auc for k, (auc, _) in results.items()},
         "train_seconds": round(sum(seconds for _, seconds in results.values()), 1),
     }
+
+
+def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
+    """Train `setting` with `seed` on every fold; its OOF scores."""
+    return train_setting(args, setting, SETTINGS[setting], seed, folds_csv, work / f"{setting}-seed{seed}", folds)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -31,11 +31,9 @@ import pandas as pd
 
 from bench.loss_ablation import parse_with_overrides, split_work
 from bench.output import run_and_publish
-from bench.sbi_ablation import fold_result, markdown, summarise
-from core.blend import member_predictions
+from bench.sbi_ablation import markdown, summarise, train_setting
 from core.config import load_config
 from core.datasource import resolve_data
-from core.metrics import score_report
 from core.report import pyplot, save_figure
 
 SETTINGS: dict[str, list[str]] = {"random": ["synthesizer.mode=random"], "learned": []}
@@ -57,35 +55,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds_csv: Path, folds: list[int]) -> dict:
-    """Train `setting` with `seed` on every fold; its OOF scores and the learnt runs' histories."""
+    """Train `setting` with `seed` on every fold; its OOF scores and the runs' histories."""
     out = work / f"{setting}-seed{seed}"
-    overrides = [
-        *args.overrides,
-        *SETTINGS[setting],
-        f"train.seed={seed}",
-        f"paths.outputs={out}",
-        f"paths.folds={folds_csv}",
-        "+train.progress=false",
-    ]
-    cfg = load_config([args.data_config, args.config], overrides)
-    results = {str(k): fold_result(cfg, k) for k in folds}
-    oof, _ = member_predictions(out, cfg["name"], folds)
-    report = score_report(oof["target"], oof["y_pred"])
+    row = train_setting(args, setting, SETTINGS[setting], seed, folds_csv, out, folds)
+    name = load_config([args.config])["name"]
     history = [
-        pd.read_csv(out / cfg["name"] / f"fold{k}" / "metrics.csv").assign(fold=k, seed=seed).to_dict("records")
-        for k in folds
+        pd.read_csv(out / name / f"fold{k}" / "metrics.csv").assign(fold=k, seed=seed).to_dict("records") for k in folds
     ]
-    return {
-        "setting": setting,
-        "seed": seed,
-        "overrides": SETTINGS[setting],
-        "n_oof": len(oof),
-        "oof_auc": report["auc"],
-        "oof_tpr@fpr1e-3": report["tpr@fpr1e-3"],
-        "fold_auc": {k: auc for k, (auc, _) in results.items()},
-        "train_seconds": round(sum(seconds for _, seconds in results.values()), 1),
-        "history": [row for rows in history for row in rows],
-    }
+    return {**row, "history": [r for rows in history for r in rows]}
 
 
 def synthesizer_trajectory(rows: list[dict]) -> pd.DataFrame:
