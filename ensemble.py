@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from core.blend import (
@@ -51,6 +52,7 @@ from core.io import write_csv, write_json
 from core.labels import LabelError
 from core.log import get_logger
 from core.metrics import score_report
+from core.trained import META_FILE, meta_stamp, models_stamp
 
 log = get_logger("ensemble")
 
@@ -94,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         outputs = Path(cfg["paths"]["outputs"])
         expected = expected_folds(cfg["paths"]["folds"])
-        oofs, tests = {}, {}
+        oofs, tests, stamps = {}, {}, []
         for m in members:
             folds = member_folds(outputs, m, expected, args.allow_partial)
             oofs[m], tests[m] = member_predictions(outputs, m, folds)
+            stamps += [meta_stamp(outputs / m / f"fold{k}" / META_FILE) for k in folds]
             log.info("%s: folds %s, %d OOF predictions", m, ",".join(map(str, folds)), len(oofs[m]))
         oof, test = member_matrix(oofs), member_matrix(tests)
         probs = oof[members].to_numpy(dtype=float)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     write_submission(sub, out)
     write_csv(table, out.with_name("oof_scores.csv"))
     write_csv(oof_blend, outputs / "oof_blend.csv")
-    write_json(fit.fitted.to_json(), outputs / FIT_FILE)
+    write_json(replace(fit.fitted, models=models_stamp(stamps)).to_json(), outputs / FIT_FILE)
     test_scores = None
     if "target" in test_table.columns:
         scored = test_table[["img_name", "target"]].merge(sub, on="img_name")

@@ -248,6 +248,10 @@ def load_ensemble(args: argparse.Namespace) -> Ensemble:
     ensemble = Ensemble([read_model_file(p) for p in paths], cfg.get("weights"), read_fitted_blend(fit_file))
     if ensemble.fit is not None:
         print(f"blend: {ensemble.fit.describe()}, as fitted in {fit_file}", file=sys.stderr)
+    elif ensemble.fit_refused:
+        print(
+            f"blend: plain mean; {fit_file} is not applied: {ensemble.fit_refused} (rerun ensemble.py)", file=sys.stderr
+        )
     return ensemble
 
 

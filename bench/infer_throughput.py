@@ -372,7 +372,7 @@ def make_scorer(model: torch.nn.Module, arch: str, size: int, device: str, weigh
         "model": {"name": "mff_expert", "backbone": arch, "pretrained": False},
         "data": {"image_size": size},
     }
-    ensemble = Ensemble([TrainedModel("mff_expert", Path(weights), cfg, model)])
+    ensemble = Ensemble([TrainedModel("mff_expert", Path(weights), cfg, "", model)])
     problems: list[str] = []
     return infer.Scorer(ensemble, infer_namespace(device), problems.append)
 

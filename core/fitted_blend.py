@@ -11,7 +11,10 @@ importing any of those (nor pandas), and no fitted object is ever unpickled. The
   `stack`: `coef`, `intercept` of a logistic regression on the members' logits and `impute`
   (each member's mean OOF logit, used where that member could not score an image);
 - `calibration`: `none` | `temperature` (`temperature`, `shift`: p = sigmoid(logit(s) / T + shift))
-  | `isotonic` (`x`, `y`: the breakpoints, linear in between, clipped at the ends).
+  | `isotonic` (`x`, `y`: the breakpoints, linear in between, clipped at the ends);
+- `models`: a fingerprint of the trained folds whose predictions it was fitted on
+  (`core.trained.models_stamp` of their meta.json files), so infer.py falls back to the plain
+  mean, and says so, once a member is trained again.
 
 Rank averaging needs a reference to rank one image against: each member's score is replaced by
 its place among that member's out-of-fold scores, the share below it with ties counted half
@@ -117,6 +120,7 @@ class FittedBlend:
     method: str = "mean"
     params: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=lambda: {"method": "none"})
+    models: str | None = None  # core.trained.models_stamp of the models it was fitted on (None: not recorded)
 
     def scores(self, probs: np.ndarray) -> np.ndarray:
         """(N, M) member probabilities, columns in `members` order -> uncalibrated blend."""
@@ -135,14 +139,20 @@ class FittedBlend:
         for key in ("weights", "coef", "impute", "knots"):
             if key in params:
                 params[key] = [params[key][i] for i in idx]
-        return FittedBlend(list(members), self.method, params, dict(self.calibration))
+        return FittedBlend(list(members), self.method, params, dict(self.calibration), self.models)
 
     def describe(self) -> str:
         cal = self.calibration.get("method", "none")
         return f"{self.method}" + ("" if cal == "none" else f", {cal}-calibrated")
 
     def to_json(self) -> dict:
-        return {"members": self.members, "method": self.method, "params": self.params, "calibration": self.calibration}
+        return {
+            "members": self.members,
+            "method": self.method,
+            "params": self.params,
+            "calibration": self.calibration,
+            "models": self.models,
+        }
 
 
 def read_fitted_blend(path: str | Path) -> FittedBlend | None:
@@ -152,7 +162,9 @@ def read_fitted_blend(path: str | Path) -> FittedBlend | None:
         return None
     try:
         obj = json.loads(path.read_text())
-        fit = FittedBlend(list(obj["members"]), obj["method"], dict(obj["params"]), dict(obj["calibration"]))
+        fit = FittedBlend(
+            list(obj["members"]), obj["method"], dict(obj["params"]), dict(obj["calibration"]), obj.get("models")
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise BlendFileError(f"{path}: not a blend file written by ensemble.py ({err!r})") from None
     if fit.method not in METHODS or fit.calibration.get("method") not in CALIBRATIONS:

@@ -9,6 +9,7 @@ probabilities. infer.py's ONNX path reads all of this without importing torch or
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ class ModelFile:
     member: str
     weights: Path
     config: dict
+    stamp: str  # SHA-256 of its meta.json: changes whenever train.py writes the fold anew
 
 
 def read_model_file(weights: str | Path) -> ModelFile:
@@ -137,17 +139,29 @@ def read_model_file(weights: str | Path) -> ModelFile:
     if not meta_path.is_file():
         raise CheckpointError(f"{weights}: no {META_FILE} beside it to say which architecture it holds")
     try:
-        cfg = json.loads(meta_path.read_text())["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raw = meta_path.read_bytes()
+        cfg = json.loads(raw)["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path}: not a meta.json written by train.py ({err!r})") from None
-    return ModelFile(cfg["name"], weights, cfg)
+    return ModelFile(cfg["name"], weights, cfg, hashlib.sha256(raw).hexdigest())
+
+
+def models_stamp(stamps: Iterable[str]) -> str:
+    """One fingerprint of a set of trained models (their meta.json stamps, in any order), so a blend
+    fitted on their predictions is not applied to models trained since."""
+    return hashlib.sha256("\n".join(sorted(stamps)).encode()).hexdigest()
+
+
+def meta_stamp(meta_path: str | Path) -> str:
+    """The stamp read_model_file gives the model whose meta.json is `meta_path`."""
+    return hashlib.sha256(Path(meta_path).read_bytes()).hexdigest()
 
 
 class Ensemble:
     """Trained models grouped by member; a member's folds are averaged first, then members are
     blended as ensemble.py blends them for the submission: with the blend it fitted (`fit`,
-    read from its ensemble_fit.json) when that was fitted for exactly these members, else
-    with `weights` (equal by default)."""
+    read from its ensemble_fit.json) when that was fitted for exactly these members and these
+    trained models, else with `weights` (equal by default; `fit_refused` then says why)."""
 
     def __init__(
         self, trained: Iterable[ModelFile], weights: dict[str, float] | None = None, fit: FittedBlend | None = None
@@ -157,7 +171,13 @@ class Ensemble:
             raise CheckpointError("no trained model given")
         self.members = sorted({t.member for t in self.trained})
         self.weights = np.array([1.0 if not weights else float(weights.get(m, 0.0)) for m in self.members])
-        self.fit = fit.reorder(self.members) if fit is not None and sorted(fit.members) == self.members else None
+        self.fit, self.fit_refused = None, None
+        if fit is not None and sorted(fit.members) != self.members:
+            self.fit_refused = f"it was fitted for {', '.join(sorted(fit.members))}"
+        elif fit is not None and fit.models is not None and fit.models != models_stamp(t.stamp for t in self.trained):
+            self.fit_refused = "a member was trained again since it was fitted"
+        elif fit is not None:
+            self.fit = fit.reorder(self.members)
 
     def groups(self) -> dict[str, list[int]]:
         """Indices of models sharing one evaluation transform, so each image is decoded and

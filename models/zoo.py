@@ -31,4 +31,4 @@ def load_trained(weights: str | Path) -> TrainedModel:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{stored.weights}: does not fit {stored.config['model']['name']} ({first})") from None
-    return TrainedModel(stored.member, stored.weights, stored.config, model.eval())
+    return TrainedModel(stored.member, stored.weights, stored.config, stored.stamp, model.eval())

@@ -214,7 +214,7 @@ def test_the_blend_file_round_trips_and_follows_the_member_order(tmp_path, metho
 
 def test_ensemble_applies_a_fit_for_its_members_only():
     fit = FittedBlend(["b", "a"], "weights", {"weights": [0.25, 0.75]}, {"method": "none"})
-    models = [ModelFile(m, Path(f"{m}.safetensors"), {}) for m in ("a", "b")]
+    models = [ModelFile(m, Path(f"{m}.safetensors"), {}, "") for m in ("a", "b")]
     probs = np.array([[0.2, 0.6]])  # per model: a, b
     assert Ensemble(models, fit=fit).blend(probs)[0] == pytest.approx(0.75 * 0.2 + 0.25 * 0.6)
     other = FittedBlend(["a", "c"], "weights", {"weights": [1.0, 0.0]}, {"method": "none"})
@@ -232,7 +232,7 @@ def test_infer_applies_the_fit_without_sklearn_scipy_or_pandas(tmp_path):
         "from pathlib import Path\n"
         "from core.fitted_blend import read_fitted_blend\n"
         "from core.trained import Ensemble, ModelFile\n"
-        "models = [ModelFile(m, Path(m), {}) for m in ('a', 'b', 'c')]\n"
+        "models = [ModelFile(m, Path(m), {}, '') for m in ('a', 'b', 'c')]\n"
         "e = Ensemble(models, fit=read_fitted_blend(sys.argv[1]))\n"
         "out = e.blend(np.array(json.loads(sys.argv[2])))\n"
         "heavy = [m for m in ('sklearn', 'scipy', 'pandas', 'torch', 'optuna') if m in sys.modules]\n"

@@ -16,7 +16,7 @@ import yaml
 import ensemble
 from core import io as core_io
 from core.fitted_blend import FIT_FILE, read_fitted_blend, sigmoid
-from core.trained import Ensemble, ModelFile
+from core.trained import Ensemble, ModelFile, meta_stamp
 
 MEMBERS = ("sharp", "vague")
 N_FOLDS, PER_FOLD, N_TEST = 3, 40, 24
@@ -74,6 +74,13 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def trained(outputs: Path, member: str, fold: int) -> ModelFile:
+    """The fold as infer.py reads it: its member and the stamp of its meta.json."""
+    return ModelFile(
+        member, Path(member) / f"fold{fold}", {}, meta_stamp(outputs / member / f"fold{fold}" / "meta.json")
+    )
+
+
 def run(project: Path, *extra: str) -> int:
     return ensemble.main(
         ["--config", str(project / "ensemble.yaml"), "--data-config", str(project / "data.yaml"), *extra]
@@ -118,7 +125,7 @@ def test_the_submission_is_what_infer_computes_from_the_fit_file(project, method
     fit = read_fitted_blend(out / FIT_FILE)
     assert fit.method == method
     # infer.py's Ensemble scores one image at a time, folds per member as columns
-    models = [ModelFile(m, Path(m) / f"fold{k}", {}) for m in MEMBERS for k in range(N_FOLDS)]
+    models = [trained(out, m, k) for m in MEMBERS for k in range(N_FOLDS)]
     ens = Ensemble(models, fit=fit)
     tests = {
         m: [pd.read_csv(out / m / f"fold{k}" / "test.csv")["y_pred"].to_numpy() for k in range(N_FOLDS)]
@@ -172,3 +179,17 @@ def test_a_bad_method_is_one_line(project, capsys):
     assert run(project, "ensemble.method=median") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: ensemble.method='median': expected one of auto, mean, rank_mean, weights, stack"]
+
+
+def test_a_fit_is_not_applied_once_a_member_is_trained_again(project):
+    assert run(project, "ensemble.method=weights") == 0
+    out = project / "outputs"
+    fit = read_fitted_blend(out / FIT_FILE)
+    assert fit.method == "weights" and fit.params["weights"] != [0.5, 0.5]
+    assert Ensemble([trained(out, m, k) for m in MEMBERS for k in range(N_FOLDS)], fit=fit).fit is not None
+    (out / MEMBERS[1] / "fold2" / "meta.json").write_text(json.dumps({"complete": True, "retrained": 1}))
+    ens = Ensemble([trained(out, m, k) for m in MEMBERS for k in range(N_FOLDS)], fit=fit)
+    assert ens.fit is None and ens.fit_refused == "a member was trained again since it was fitted"
+    row = np.full((1, len(MEMBERS) * N_FOLDS), 0.2)
+    row[0, N_FOLDS:] = 0.6  # the second member's folds
+    assert ens.blend(row)[0] == pytest.approx(0.4)  # the plain mean
