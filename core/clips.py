@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from core.config import ConfigError
 from core.dataset import ImageDataset, Transform, sample_seed
-from core.imaging import ImageDecodeError, decode_image, is_video
+from core.imaging import ImageDecodeError, decode_image, is_video, open_video
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,17 +80,11 @@ def clip_indices(n_frames: int, frames: int) -> np.ndarray:
 
 def read_clip(path: str, frames: int) -> list[np.ndarray]:
     """`frames` RGB frames of the video at `path`, at `clip_indices` over its whole length. A file
-    that cannot be opened, reports no frames or ends before its last frame raises
+    that is missing, cannot be opened, reports no frames or ends before its last frame raises
     ImageDecodeError naming it."""
     import cv2
 
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise ImageDecodeError(f"{path}: cannot open as a video")
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        if total <= 0:
-            raise ImageDecodeError(f"{path}: video reports no frames")
+    with open_video(path) as (cap, total):
         wanted = clip_indices(total, frames)
         kept: dict[int, np.ndarray] = {}
         for index in range(int(wanted.max()) + 1):  # read in order: seeking is unreliable in many codecs
@@ -102,8 +96,6 @@ def read_clip(path: str, frames: int) -> list[np.ndarray]:
                 ok = cap.grab()
             if not ok:
                 raise ImageDecodeError(f"{path}: truncated: frame {index} of {total} could not be decoded")
-    finally:
-        cap.release()
     return [kept[i] for i in wanted]
 
 

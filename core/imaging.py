@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -104,12 +107,10 @@ def opens_as_image(path: str | Path) -> bool:
         return False
 
 
-def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
-    """Return `num_frames` RGB frames spread evenly over the whole video.
-
-    Frames are taken at evenly spaced indices from first to last, not from the start,
-    so a long video is represented by all of its length.
-    """
+@contextmanager
+def open_video(path: str | Path) -> Iterator[tuple[Any, int]]:
+    """OpenCV's capture of the video at `path` and its frame count, released on exit. A file that
+    is missing, cannot be opened or reports no frames raises ImageDecodeError naming it."""
     import cv2
 
     path = Path(path)
@@ -122,6 +123,20 @@ def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if total <= 0:
             raise ImageDecodeError(f"{path}: video reports no frames")
+        yield cap, total
+    finally:
+        cap.release()
+
+
+def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
+    """Return `num_frames` RGB frames spread evenly over the whole video.
+
+    Frames are taken at evenly spaced indices from first to last, not from the start,
+    so a long video is represented by all of its length.
+    """
+    import cv2
+
+    with open_video(path) as (cap, total):
         indices = np.unique(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(int))
         frames = []
         for idx in indices:
@@ -129,8 +144,6 @@ def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
             ok, frame = cap.read()
             if ok:
                 frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    finally:
-        cap.release()
     if not frames:
         raise ImageDecodeError(f"{path}: no frame could be decoded")
     return frames
