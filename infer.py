@@ -334,6 +334,11 @@ class Scorer:
             from models.scoring import TorchScorer
 
             self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, face_cropper, args.tta)
+        self.clips = None
+        if ensemble.clip_models():  # torch only where a member takes clips: the image-only fast path stays torch-free
+            from models.clip_scoring import ClipScorer
+
+            self.clips = ClipScorer(ensemble, self.device)
 
     @property
     def columns(self) -> list[str]:
@@ -350,14 +355,16 @@ class Scorer:
     def _table(self, probs: np.ndarray) -> np.ndarray:
         return np.column_stack([self.ensemble.blend(probs), self.ensemble.member_probs(probs)])
 
-    def score_files(self, paths: list[Path]) -> np.ndarray:
-        return self._table(self.engine.score_files(paths, self.report))
-
     def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
         return self._table(self.engine.score_arrays(arrays))
 
     def score_faces(self, path: Path, frames: list[np.ndarray]) -> np.ndarray | None:
-        """Per column, max over the faces of a frame, mean over frames; None (reported) when no face."""
+        """The row of `columns` for the faces in `frames` (`pool_faces`); None (reported) when no face."""
+        pooled = self.pool_faces(path, frames)
+        return None if pooled is None else self._table(pooled[None])[0]
+
+    def pool_faces(self, path: Path, frames: list[np.ndarray]) -> np.ndarray | None:
+        """Per image model, max over the faces of a frame, mean over frames; None (reported) when no face."""
         crops, owner = [], []
         for f, frame in enumerate(frames):
             for crop in face_crops(frame, self.analyzer):
@@ -366,29 +373,39 @@ class Scorer:
         if not crops:
             self.report(f"{path}: no face found in {len(frames)} frame(s)")
             return None
-        scores = np.asarray(self.score_arrays(crops), dtype=float).reshape(len(crops), -1)
+        scores = np.asarray(self.engine.score_arrays(crops), dtype=float).reshape(len(crops), -1)
         owner = np.asarray(owner)
-        return np.mean([scores[owner == f].max(axis=0) for f in np.unique(owner)], axis=0)
+        # fmax skips the NaN columns of models that do not score crops (clip models)
+        return np.mean([np.fmax.reduce(scores[owner == f], axis=0) for f in np.unique(owner)], axis=0)
 
     def score(self, paths: list[Path]) -> np.ndarray:
-        out = np.full((len(paths), len(self.columns)), np.nan)
+        """Per input: the blend, then each member's probability; image models score frames and
+        crops, clip models (`models.clip_scoring`) the whole clip, and the blend takes them all."""
+        probs = np.full((len(paths), len(self.ensemble.trained)), np.nan)
         stills = [i for i, p in enumerate(paths) if not is_video(p)]
         if stills and not self.crop_faces:
-            out[stills] = self.score_files([paths[i] for i in stills])
+            probs[stills] = self.engine.score_files([paths[i] for i in stills], self.report)
+        unreadable = set()
         for i, p in enumerate(paths):
             try:
                 if is_video(p):
-                    pooled = self.score_faces(p, sample_video_frames(p, self.frames))
+                    pooled = self.pool_faces(p, sample_video_frames(p, self.frames))
                 elif self.crop_faces:
-                    pooled = self.score_faces(p, [decode_image(p)])
+                    pooled = self.pool_faces(p, [decode_image(p)])
                 else:
                     continue
             except ImageDecodeError as err:
                 self.report(str(err))
+                unreadable.add(i)
                 continue
             if pooled is not None:
-                out[i] = pooled
-        return out
+                probs[i] = pooled
+        if self.clips is not None:
+            readable = [i for i in range(len(paths)) if i not in unreadable]
+            clip_probs = probs[readable]
+            self.clips.score([paths[i] for i in readable], clip_probs, self.report)
+            probs[readable] = clip_probs
+        return self._table(probs)
 
 
 def attribute_scores(scorer: Scorer, paths: list[Path]) -> list[dict]:

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from core.config import ConfigError
 from core.dataset import ImageDataset, Transform, sample_seed
 from core.imaging import ImageDecodeError, decode_image, is_video, open_video
+from core.trained import takes_clips
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,11 +61,6 @@ class ClipSettings:
         if settings.still not in STILL_MODES:
             raise ConfigError(f"clip.still must be one of {list(STILL_MODES)}, not {settings.still!r}")
         return settings
-
-
-def takes_clips(cfg: dict) -> bool:
-    """Whether a member config feeds its network clips (it has a `clip` section)."""
-    return bool(cfg.get("clip"))
 
 
 # --------------------------------------------------------------------------- reading clips

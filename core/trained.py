@@ -146,6 +146,11 @@ def read_model_file(weights: str | Path) -> ModelFile:
     return ModelFile(cfg["name"], weights, cfg, hashlib.sha256(raw).hexdigest())
 
 
+def takes_clips(cfg: dict) -> bool:
+    """Whether a member config feeds its network clips (it has a `clip` section)."""
+    return bool(cfg.get("clip"))
+
+
 def models_stamp(stamps: Iterable[str]) -> str:
     """One fingerprint of a set of trained models (their meta.json stamps, in any order), so a blend
     fitted on their predictions is not applied to models trained since."""
@@ -180,12 +185,17 @@ class Ensemble:
             self.fit = fit.reorder(self.members)
 
     def groups(self) -> dict[str, list[int]]:
-        """Indices of models sharing one evaluation transform, so each image is decoded and
-        resized once per input size rather than once per model."""
+        """Indices of the image models sharing one evaluation transform, so each image is decoded
+        and resized once per input size rather than once per model. Clip models are not in them."""
         out: dict[str, list[int]] = {}
         for i, t in enumerate(self.trained):
-            out.setdefault(json.dumps(t.config["data"], sort_keys=True), []).append(i)
+            if not takes_clips(t.config):
+                out.setdefault(json.dumps(t.config["data"], sort_keys=True), []).append(i)
         return out
+
+    def clip_models(self) -> list[int]:
+        """Indices of the models that take clips of frames (scored apart, in PyTorch)."""
+        return [i for i, t in enumerate(self.trained) if takes_clips(t.config)]
 
     def member_probs(self, probs: np.ndarray) -> np.ndarray:
         """(N, n_models) per-model probabilities -> (N, n_members): each member's folds averaged."""

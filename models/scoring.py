@@ -71,7 +71,7 @@ class NumpyIn:
         return out.float().cpu().numpy()
 
 
-def _loaded(trained: ModelFile) -> torch.nn.Module:
+def loaded_network(trained: ModelFile) -> torch.nn.Module:
     """The network of `trained`: already built (a `models.zoo.TrainedModel`) or loaded now."""
     model = getattr(trained, "model", None)
     return model if model is not None else load_trained(trained.weights).model
@@ -81,7 +81,7 @@ def cpu_network(trained: ModelFile, size: int, cached: CachedExport) -> Callable
     """For infer.py's CPU path, a network without a verified export in the cache: exported and
     checked now (the verdict recorded beside its weights), or, where the export fails or
     disagrees now or did before, the PyTorch network (one line on stderr either way)."""
-    model = _loaded(trained).eval()
+    model = loaded_network(trained).eval()
     name = str(trained.weights)
     if cached.state == FAILED:
         log.warning("%s: no ONNX export (%s, recorded in its tag); scoring with PyTorch", name, cached.reason)
@@ -130,7 +130,7 @@ class TorchScorer:
         for idx in ensemble.groups().values():
             data_cfg = ensemble.trained[idx[0]].config["data"]
             size = int(data_cfg["image_size"])
-            networks = [torch_network(_loaded(ensemble.trained[i]), size, self.device) for i in idx]
+            networks = [torch_network(loaded_network(ensemble.trained[i]), size, self.device) for i in idx]
             crop = cropper(Preprocessing.from_config({"data": data_cfg})) if cropper else None
             label = ", ".join(sorted({ensemble.trained[i].member for i in idx}))
             self.groups.append(TorchGroup(build_transform(data_cfg, train=False), networks, idx, crop, label))

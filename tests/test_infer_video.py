@@ -54,7 +54,7 @@ def test_scores_pool_max_over_faces_then_mean_over_frames(weights, monkeypatch):
     scorer = infer.Scorer(infer.load_ensemble(args), args, report=lambda m: None)
     crops = {0: [np.zeros((8, 8, 3))] * 2, 1: [np.ones((8, 8, 3))]}  # frame 0: two faces, frame 1: one
     monkeypatch.setattr(infer, "face_crops", lambda frame, analyzer: crops[int(frame)])
-    # per crop: the blend, then the one member
-    monkeypatch.setattr(scorer, "score_arrays", lambda arrays: np.array([[0.2, 0.3], [0.6, 0.1], [0.9, 0.5]]))
+    # per crop, the one model's probability; the blend is taken of the pooled model probabilities
+    monkeypatch.setattr(scorer.engine, "score_arrays", lambda arrays: np.array([[0.3], [0.1], [0.5]]))
     monkeypatch.setattr(infer.Scorer, "analyzer", None)
-    assert scorer.score_faces("x.avi", [0, 1]) == pytest.approx([(0.6 + 0.9) / 2, (0.3 + 0.5) / 2])
+    assert scorer.score_faces("x.avi", [0, 1]) == pytest.approx([(0.3 + 0.5) / 2, (0.3 + 0.5) / 2])

@@ -1,0 +1,101 @@
+"""infer.py with a member whose network takes clips: it scores a video as the clip its validation
+read, a still as its clip setting says, and the blend takes it with the image members."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from skimage import data as skdata
+
+import infer
+import models
+from core.checkpoint import save_weights
+from core.clips import eval_dataset
+from core.transforms import build_transform
+from tests.test_infer_video import CFG as IMAGE_CFG
+from tests.test_infer_video import write_video
+
+
+def save_member(folder, cfg: dict) -> torch.nn.Module:
+    folder.mkdir(parents=True)
+    model = models.build_model(cfg["model"]).eval()
+    save_weights(model.state_dict(), folder / "model.safetensors")
+    (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """An image member and sta_demo's clip member (random weights), each one fold."""
+    root = tmp_path_factory.mktemp("members")
+    with open("configs/members/sta_demo.yaml") as fh:
+        clip_cfg = yaml.safe_load(fh)
+    clip_cfg["prep"] = {"out": str(root / "prepared")}
+    torch.manual_seed(0)
+    clip_model = save_member(root / "clip", clip_cfg)
+    with torch.no_grad():  # the zero-initialised adapters and head would give every clip 0.5
+        for p in clip_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_weights(clip_model.state_dict(), root / "clip" / "model.safetensors")
+    save_member(root / "image", IMAGE_CFG)
+    return {"root": root, "clip_cfg": clip_cfg, "clip_model": clip_model}
+
+
+def frames(n: int) -> list[np.ndarray]:
+    face = skdata.astronaut()[:256, 96:352]
+    return [np.ascontiguousarray(np.roll(face, 3 * i, axis=1)) for i in range(n)]
+
+
+def expected(members, path) -> float:
+    cfg = members["clip_cfg"]
+    item = eval_dataset(cfg, [str(path)], None, build_transform(cfg["data"], train=False))[0]
+    with torch.no_grad():
+        logits = members["clip_model"](item["image"][None])["logits"]
+    return torch.softmax(logits, dim=1)[0, 1].item()
+
+
+def weights_args(members) -> list[str]:
+    root = members["root"]
+    return [
+        "--weights",
+        str(root / "clip" / "model.safetensors"),
+        "--weights",
+        str(root / "image" / "model.safetensors"),
+    ]
+
+
+def run_json(members, *inputs, capsys) -> dict[str, dict]:
+    infer.main([*map(str, inputs), "--json", *weights_args(members)])
+    return {o["path"]: o for o in map(json.loads, capsys.readouterr().out.splitlines())}
+
+
+def test_a_clip_member_scores_a_video_as_its_clip_and_joins_the_blend(members, tmp_path, capsys):
+    video = write_video(tmp_path / "v.avi", frames(12))
+    out = run_json(members, video, capsys=capsys)[str(video)]
+    clip_p = out["members"]["sta_demo"]
+    assert clip_p == pytest.approx(expected(members, video), abs=1e-5)
+    assert clip_p != pytest.approx(0.5, abs=1e-4)  # the clip network really ran
+    # the image member scores the video's face crops; the plain mean blends both
+    assert out["probability"] == pytest.approx((clip_p + out["members"]["tiny"]) / 2, abs=1e-6)
+
+
+def test_a_clip_member_scores_a_still_as_its_clip_setting_says(members, tmp_path, capsys):
+    still = tmp_path / "s.png"
+    from PIL import Image
+
+    Image.fromarray(frames(1)[0]).save(still)
+    out = run_json(members, still, capsys=capsys)[str(still)]
+    assert out["members"]["sta_demo"] == pytest.approx(expected(members, still), abs=1e-5)
+    assert np.isfinite(out["members"]["tiny"])
+
+
+def test_an_unreadable_video_is_reported_once_and_skipped(members, tmp_path, capsys):
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(b"not a video at all")
+    code = infer.main([str(bad), *weights_args(members)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("bad.avi: cannot open as a video") == 1
