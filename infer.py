@@ -73,7 +73,7 @@ from core.config import ConfigError, load_config
 from core.datasource import resolve_data
 from core.device import gpu_may_be_present
 from core.fitted_blend import FIT_FILE, BlendFileError, read_fitted_blend
-from core.imaging import ImageDecodeError, decode_image, is_image, is_video, opens_as_image, sample_video_frames
+from core.imaging import ImageDecodeError, decode_image, indexed_video_frames, is_image, is_video, opens_as_image
 from core.io import write_csv
 from core.labels import LabelError
 from core.onnx_cache import VERIFIED, lookup
@@ -131,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", help="also write img_name,y_pred to this CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object per input (JSON lines)")
+    p.add_argument(
+        "--per-frame",
+        metavar="CSV",
+        help="also write each scored video frame's member probabilities here: path,frame,member,probability "
+        "(image members, max over the frame's faces; a clip member scores the whole clip, so it has no rows)",
+    )
     p.add_argument(
         "--attributes", action="store_true", help="also print what was altered (attribute probabilities) per image"
     )
@@ -328,6 +334,7 @@ class Scorer:
         self.crop_faces = args.crop_faces
         self.report = report
         self._analyzer = None
+        self.per_frame: list[tuple[str, int, str, float]] = []  # video frames' member scores (--per-frame)
         if self.runtime == "onnx":
             self.engine = onnx_scorer(ensemble, self.batch_size, self.workers, args.tta)
         else:
@@ -363,8 +370,10 @@ class Scorer:
         pooled = self.pool_faces(path, frames)
         return None if pooled is None else self._table(pooled[None])[0]
 
-    def pool_faces(self, path: Path, frames: list[np.ndarray]) -> np.ndarray | None:
-        """Per image model, max over the faces of a frame, mean over frames; None (reported) when no face."""
+    def pool_faces(self, path: Path, frames: list[np.ndarray], indices: list[int] | None = None) -> np.ndarray | None:
+        """Per image model, max over the faces of a frame, mean over frames; None (reported) when no
+        face. With `indices` (the frames' places in the video), each frame's member scores are kept
+        in `per_frame`."""
         crops, owner = [], []
         for f, frame in enumerate(frames):
             for crop in face_crops(frame, self.analyzer):
@@ -376,7 +385,17 @@ class Scorer:
         scores = np.asarray(self.engine.score_arrays(crops), dtype=float).reshape(len(crops), -1)
         owner = np.asarray(owner)
         # fmax skips the NaN columns of models that do not score crops (clip models)
-        return np.mean([np.fmax.reduce(scores[owner == f], axis=0) for f in np.unique(owner)], axis=0)
+        per_frame = {f: np.fmax.reduce(scores[owner == f], axis=0) for f in np.unique(owner)}
+        if indices is not None:
+            self.keep_frames(path, {indices[f]: probs for f, probs in per_frame.items()})
+        return np.mean(list(per_frame.values()), axis=0)
+
+    def keep_frames(self, path: Path, frames: dict[int, np.ndarray]) -> None:
+        """Rows (path, frame, member, probability) of each image member's score of each frame."""
+        for frame, probs in frames.items():
+            for member, p in zip(self.ensemble.members, self.ensemble.member_probs(probs[None])[0], strict=True):
+                if not np.isnan(p):  # a clip member scores the whole clip, not frames
+                    self.per_frame.append((str(path), frame, member, float(p)))
 
     def score(self, paths: list[Path]) -> np.ndarray:
         """Per input: the blend, then each member's probability; image models score frames and
@@ -389,7 +408,8 @@ class Scorer:
         for i, p in enumerate(paths):
             try:
                 if is_video(p):
-                    pooled = self.pool_faces(p, sample_video_frames(p, self.frames))
+                    indexed = indexed_video_frames(p, self.frames)
+                    pooled = self.pool_faces(p, [f for _, f in indexed], [i for i, _ in indexed])
                 elif self.crop_faces:
                     pooled = self.pool_faces(p, [decode_image(p)])
                 else:
@@ -513,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         import pandas as pd
 
         write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
+    if args.per_frame:
+        import pandas as pd
+
+        write_csv(pd.DataFrame(scorer.per_frame, columns=["path", "frame", "member", "probability"]), args.per_frame)
     if args.explain:
         from models.explain import ExplainError, write_explanations
 

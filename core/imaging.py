@@ -128,11 +128,11 @@ def open_video(path: str | Path) -> Iterator[tuple[Any, int]]:
         cap.release()
 
 
-def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
-    """Return `num_frames` RGB frames spread evenly over the whole video.
+def indexed_video_frames(path: str | Path, num_frames: int) -> list[tuple[int, np.ndarray]]:
+    """`num_frames` (frame index, RGB frame) pairs spread evenly over the whole video.
 
     Frames are taken at evenly spaced indices from first to last, not from the start,
-    so a long video is represented by all of its length.
+    so a long video is represented by all of its length; a frame that does not decode is left out.
     """
     import cv2
 
@@ -143,7 +143,12 @@ def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
             cap.set(cv2.CAP_PROP_POS_FRAMES, int(idx))
             ok, frame = cap.read()
             if ok:
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                frames.append((int(idx), cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
     if not frames:
         raise ImageDecodeError(f"{path}: no frame could be decoded")
     return frames
+
+
+def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
+    """The frames of `indexed_video_frames`, without their indices."""
+    return [frame for _, frame in indexed_video_frames(path, num_frames)]

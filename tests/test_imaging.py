@@ -106,6 +106,9 @@ def test_video_frames_are_spread_over_the_whole_video(tmp_path):
     frames = imaging.sample_video_frames(path, 5)
     levels = [int(round(f.mean() / 5)) for f in frames]
     assert len(frames) == 5 and levels[0] == 0 and levels[-1] >= 48  # first and last, not the first five
+    indexed = imaging.indexed_video_frames(path, 5)
+    assert [i for i, _ in indexed] == [0, 12, 24, 37, 49]  # np.linspace(0, 49, 5), rounded
+    assert all(abs(int(round(f.mean() / 5)) - i) <= 1 for i, f in indexed)  # each index names its frame
 
 
 def test_an_upload_in_memory_decodes_as_its_file_does(tmp_path, photo):

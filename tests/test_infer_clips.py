@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -99,3 +100,16 @@ def test_an_unreadable_video_is_reported_once_and_skipped(members, tmp_path, cap
     code = infer.main([str(bad), *weights_args(members)])
     err = capsys.readouterr().err
     assert code != 0 and err.count("bad.avi: cannot open as a video") == 1
+
+
+def test_per_frame_writes_each_sampled_frame_of_the_image_members(members, tmp_path, capsys):
+    video = write_video(tmp_path / "v.avi", frames(12))
+    out_csv = tmp_path / "frames.csv"
+    infer.main([str(video), "--json", "--frames", "4", "--per-frame", str(out_csv), *weights_args(members)])
+    scored = json.loads(capsys.readouterr().out.splitlines()[0])
+    rows = pd.read_csv(out_csv)
+    assert list(rows.columns) == ["path", "frame", "member", "probability"]
+    assert set(rows["member"]) == {"tiny"}  # the clip member scores the clip, not frames
+    assert rows["frame"].tolist() == [0, 4, 7, 11]  # evenly spaced over the 12 frames
+    # the video's image-member score is the mean of its frames' scores
+    assert rows["probability"].mean() == pytest.approx(scored["members"]["tiny"], abs=1e-6)
