@@ -9,6 +9,7 @@ input shape, and a clip's length differs between stills and videos).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,28 +24,36 @@ from models.scoring import loaded_network
 
 
 class ClipScorer:
-    """Fills the clip models' columns of infer.py's (N, n_models) probabilities."""
+    """Fills the clip models' columns of infer.py's (N, n_models) probabilities. Models fed the
+    same clips (a member's folds) form a group: each input is read once per group."""
 
     def __init__(self, ensemble: Ensemble, device: str):
         self.device = torch.device(device)
-        self.trained = [(i, ensemble.trained[i]) for i in ensemble.clip_models()]
-        self.networks = {i: loaded_network(t).float().to(self.device).eval() for i, t in self.trained}
+        groups: dict[str, list[int]] = {}
+        for i in ensemble.clip_models():
+            cfg = ensemble.trained[i].config
+            groups.setdefault(json.dumps([cfg["data"], cfg["clip"], cfg.get("prep")], sort_keys=True), []).append(i)
+        self.groups = []
+        for idx in groups.values():
+            cfg = ensemble.trained[idx[0]].config
+            self.groups.append((cfg, build_transform(cfg["data"], train=False), clip_cropper(cfg), idx))
+        self.networks = {
+            i: loaded_network(ensemble.trained[i]).float().to(self.device).eval()
+            for *_, idx in self.groups
+            for i in idx
+        }
 
     @torch.no_grad()
     def score(self, paths: Sequence[Path], probs: np.ndarray, report: Callable[[str], None]) -> None:
         """Score every input with every clip model into `probs[:, model]`; an input that cannot be
         read as a clip is reported once and left NaN."""
-        unreadable: set[int] = set()
-        for i, trained in self.trained:
-            cfg = trained.config
-            transform, crop = build_transform(cfg["data"], train=False), clip_cropper(cfg)
-            for row, path in enumerate(paths):
-                if row in unreadable:
-                    continue
+        for row, path in enumerate(paths):
+            for cfg, transform, crop, idx in self.groups:
                 item = eval_dataset(cfg, [str(path)], None, transform, crop)[0]  # one input: any still mode
                 if "error" in item:
                     report(item["error"])
-                    unreadable.add(row)
-                    continue
-                logits = self.networks[i](item["image"][None].to(self.device))["logits"].float()
-                probs[row, i] = torch.softmax(logits, dim=1)[0, 1].item()
+                    break
+                clip = item["image"][None].to(self.device)
+                for i in idx:
+                    logits = self.networks[i](clip)["logits"].float()
+                    probs[row, i] = torch.softmax(logits, dim=1)[0, 1].item()

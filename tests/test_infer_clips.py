@@ -113,3 +113,20 @@ def test_per_frame_writes_each_sampled_frame_of_the_image_members(members, tmp_p
     assert rows["frame"].tolist() == [0, 4, 7, 11]  # evenly spaced over the 12 frames
     # the video's image-member score is the mean of its frames' scores
     assert rows["probability"].mean() == pytest.approx(scored["members"]["tiny"], abs=1e-6)
+
+
+def test_a_clip_members_folds_read_each_video_once(members, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import core.clips
+
+    second = tmp_path / "fold1"
+    shutil.copytree(members["root"] / "clip", second)  # another fold of the same member
+    reads = []
+    real_read = core.clips.read_clip
+    monkeypatch.setattr(core.clips, "read_clip", lambda path, frames: reads.append(path) or real_read(path, frames))
+    video = write_video(tmp_path / "v.avi", frames(12))
+    infer.main([str(video), "--json", *weights_args(members), "--weights", str(second / "model.safetensors")])
+    out = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert len(reads) == 1
+    assert out["members"]["sta_demo"] == pytest.approx(expected(members, video), abs=1e-5)  # both folds alike
