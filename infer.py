@@ -14,8 +14,8 @@ folder stands for its finished folds). Each network is fed as its meta.json reco
 checkpoint that takes face crops (imported SBI) scores each face's crop and keeps the highest,
 and an image where it finds no face is reported and scored by the other members only.
 Members are blended as ensemble.py fitted them (method and calibration, read from
-outputs/ensemble_fit.json, said on stderr) when that file was fitted for exactly these members,
-else by the plain mean.
+outputs/ensemble_fit.json, said on stderr) when that file was fitted for exactly these members
+and these trained folds, else by the plain mean (and stderr says why).
 Folders are searched recursively for videos and for every file the decoder can open (any
 image format, by its name or its header); other files are counted in one line. A video is scored from
 --frames frames spread evenly over its length: the faces in each frame are cropped, the

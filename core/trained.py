@@ -143,7 +143,7 @@ def read_model_file(weights: str | Path) -> ModelFile:
         cfg = json.loads(raw)["config"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path}: not a meta.json written by train.py ({err!r})") from None
-    return ModelFile(cfg["name"], weights, cfg, hashlib.sha256(raw).hexdigest())
+    return ModelFile(cfg["name"], weights, cfg, _stamp(raw))
 
 
 def takes_clips(cfg: dict) -> bool:
@@ -157,9 +157,13 @@ def models_stamp(stamps: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(stamps)).encode()).hexdigest()
 
 
+def _stamp(meta: bytes) -> str:
+    return hashlib.sha256(meta).hexdigest()
+
+
 def meta_stamp(meta_path: str | Path) -> str:
     """The stamp read_model_file gives the model whose meta.json is `meta_path`."""
-    return hashlib.sha256(Path(meta_path).read_bytes()).hexdigest()
+    return _stamp(Path(meta_path).read_bytes())
 
 
 class Ensemble:
@@ -176,13 +180,16 @@ class Ensemble:
             raise CheckpointError("no trained model given")
         self.members = sorted({t.member for t in self.trained})
         self.weights = np.array([1.0 if not weights else float(weights.get(m, 0.0)) for m in self.members])
-        self.fit, self.fit_refused = None, None
-        if fit is not None and sorted(fit.members) != self.members:
-            self.fit_refused = f"it was fitted for {', '.join(sorted(fit.members))}"
-        elif fit is not None and fit.models is not None and fit.models != models_stamp(t.stamp for t in self.trained):
-            self.fit_refused = "a member was trained again since it was fitted"
-        elif fit is not None:
-            self.fit = fit.reorder(self.members)
+        self.fit_refused = None if fit is None else self._refusal(fit)
+        self.fit = fit.reorder(self.members) if fit is not None and self.fit_refused is None else None
+
+    def _refusal(self, fit: FittedBlend) -> str | None:
+        """Why `fit` does not apply to these models, or None when it does."""
+        if sorted(fit.members) != self.members:
+            return f"it was fitted for {', '.join(sorted(fit.members))}"
+        if fit.models is not None and fit.models != models_stamp(t.stamp for t in self.trained):
+            return "a member was trained again since it was fitted"
+        return None
 
     def groups(self) -> dict[str, list[int]]:
         """Indices of the image models sharing one evaluation transform, so each image is decoded
