@@ -48,15 +48,21 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/members/sbi_fed_demo.yaml", help="member config (default: %(default)s)")
+def ablation_parser(doc: str, config: str, settings: Sequence[str]) -> argparse.ArgumentParser:
+    """The options the sbi and sladd ablations share; the caller adds its own, then `overrides`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config, help="member config (default: %(default)s)")
     p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     p.add_argument("--folds", type=int, nargs="+", help="validation folds to run (default: all)")
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="default: all")
+    p.add_argument("--settings", nargs="+", choices=list(settings), default=list(settings), help="default: all")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder, removed)")
     p.add_argument("--out", help="also write the JSON here")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = ablation_parser(__doc__, "configs/members/sbi_fed_demo.yaml", SETTINGS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
     return parse_with_overrides(p, argv)
 

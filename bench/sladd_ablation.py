@@ -31,7 +31,7 @@ import pandas as pd
 
 from bench.loss_ablation import parse_with_overrides, split_work
 from bench.output import run_and_publish
-from bench.sbi_ablation import markdown, summarise, train_setting
+from bench.sbi_ablation import ablation_parser, markdown, summarise, train_setting
 from core.config import load_config
 from core.datasource import resolve_data
 from core.report import pyplot, save_figure
@@ -41,14 +41,7 @@ BLENDS = ("alpha", "poisson", "copy", "none")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/members/sladd_demo.yaml", help="member config (default: %(default)s)")
-    p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
-    p.add_argument("--folds", type=int, nargs="+", help="validation folds to run (default: all)")
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="default: both")
-    p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder, removed)")
-    p.add_argument("--out", help="also write the JSON here")
+    p = ablation_parser(__doc__, "configs/members/sladd_demo.yaml", SETTINGS)
     p.add_argument("--plot", help="write the synthesizer's distributions over training here (PNG)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setting")
     return parse_with_overrides(p, argv)
