@@ -146,10 +146,8 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict:
-    with split_work(args, "sbi_ablation_") as (work, folds_csv, folds):
-        rows = [run_one(args, s, seed, work, folds_csv, folds) for s in args.settings for seed in args.seeds]
-    cfg = load_config([args.data_config, args.config], args.overrides)
+def ablation_result(args: argparse.Namespace, cfg: dict, folds: list[int], rows: list[dict]) -> dict:
+    """The JSON of an ablation (sbi's, sladd's): what ran, on which data, each run and their summary."""
     return {
         "config": args.config,
         "overrides": list(args.overrides),
@@ -161,6 +159,12 @@ def run(args: argparse.Namespace) -> dict:
         "summary": summarise(rows),
         "rows": rows,
     }
+
+
+def run(args: argparse.Namespace) -> dict:
+    with split_work(args, "sbi_ablation_") as (work, folds_csv, folds):
+        rows = [run_one(args, s, seed, work, folds_csv, folds) for s in args.settings for seed in args.seeds]
+    return ablation_result(args, load_config([args.data_config, args.config], args.overrides), folds, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,9 +31,8 @@ import pandas as pd
 
 from bench.loss_ablation import parse_with_overrides, split_work
 from bench.output import run_and_publish
-from bench.sbi_ablation import ablation_parser, markdown, summarise, train_setting
+from bench.sbi_ablation import ablation_parser, ablation_result, markdown, train_setting
 from core.config import load_config
-from core.datasource import resolve_data
 from core.report import pyplot, save_figure
 
 SETTINGS: dict[str, list[str]] = {"random": ["synthesizer.mode=random"], "learned": []}
@@ -98,18 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     trajectory = synthesizer_trajectory(rows)
     if args.plot and not trajectory.empty:
         plot_trajectory(trajectory, args.plot, f"{cfg['name']}: the synthesizer over training (seeds {args.seeds})")
-    return {
-        "config": args.config,
-        "overrides": list(args.overrides),
-        "epochs": cfg["train"]["epochs"],
-        "folds": folds,
-        "seeds": args.seeds,
-        "split": "stratified",
-        "train_labels": str(resolve_data(cfg).train_labels),
-        "summary": summarise([{k: v for k, v in r.items() if k != "history"} for r in rows]),
-        "synthesizer_by_epoch": trajectory.to_dict("records"),
-        "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows],
-    }
+    runs = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    return {**ablation_result(args, cfg, folds, runs), "synthesizer_by_epoch": trajectory.to_dict("records")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
