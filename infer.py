@@ -409,7 +409,7 @@ class Scorer:
             try:
                 if is_video(p):
                     indexed = indexed_video_frames(p, self.frames)
-                    pooled = self.pool_faces(p, [f for _, f in indexed], [i for i, _ in indexed])
+                    pooled = self.pool_faces(p, [frame for _, frame in indexed], [k for k, _ in indexed])
                 elif self.crop_faces:
                     pooled = self.pool_faces(p, [decode_image(p)])
                 else:

@@ -4,8 +4,8 @@
   python -m bench.sta_demo_towers --folds 0 1 --out bench/results/sta_demo_towers.json
 
 Each variant trains on the still images of the other folds and is scored on the held-out fold, all
-under one plain loop (stills decoded once and resized to --size px, horizontal flips only, Adam, batch
-16, no schedule, no EMA), so the networks differ and nothing else:
+under one plain loop (stills decoded once through the member's evaluation transform at --size px,
+horizontal flips only, Adam, batch 16, no schedule, no EMA), so the networks differ and nothing else:
 
   cnn                timm's test_resnet, whole network trained (the tiny CNN of the image members' demos)
   vit                sta_demo's open_clip ViT tower with a linear head, whole network trained
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from core.datasource import read_train_table, resolve_data
 from core.folds import read_folds
 from core.imaging import decode_image
 from core.metrics import score_report
+from core.transforms import build_transform
 from models.sta import build_sta, build_visual
 
 
@@ -58,7 +58,7 @@ class Logits(nn.Module):
 
 
 def tower_cfg(model: dict, size: int) -> dict:
-    cfg = dict(model["model_cfg"])
+    cfg = model["model_cfg"]
     return {**cfg, "vision_cfg": {**cfg["vision_cfg"], "image_size": size}}
 
 
@@ -86,10 +86,10 @@ VARIANTS = {
 }
 
 
-def load_stills(paths: list[str], size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    images = [cv2.resize(decode_image(p), (size, size), interpolation=cv2.INTER_AREA) for p in paths]
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+def load_stills(paths: list[str], data: dict, size: int) -> torch.Tensor:
+    """Every still as the member's evaluation transform feeds it, at `size` px."""
+    transform = build_transform({**data, "image_size": size}, train=False)
+    return torch.stack([transform(decode_image(p), 0) for p in paths])
 
 
 def scores(net: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -126,7 +126,7 @@ def train_variant(variant: Variant, model: dict, size: int, data: tuple, epochs:
 def run(args: argparse.Namespace) -> dict:
     cfg = load_config([args.data_config, args.config], args.overrides)
     table = read_folds(cfg["paths"]["folds"], read_train_table(resolve_data(cfg)))
-    x = load_stills(table["path"].tolist(), args.size, cfg["data"]["mean"], cfg["data"]["std"])
+    x = load_stills(table["path"].tolist(), cfg["data"], args.size)
     y = torch.tensor(table["target"].to_numpy())
     rows = []
     for fold in args.folds:
