@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import core.predict as predict
-from core.predict import read_ahead
+import core.train.prediction as predict
+from core.train.prediction import read_ahead
 from models.heads import fp32_head
 
 
@@ -108,7 +108,9 @@ def test_ten_thousand_distinct_logits_stay_distinct_under_bf16(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what a plain head under autocast gives
             collapsed = torch.softmax(net.head(as_batch).double(), 1)[:, 1].numpy()
     assert probs.dtype == np.float64
-    assert len(np.unique(probs)) == 10_000
+    # Every distinction the float32 head makes survives (a CPU's float32 kernels may map two of the
+    # 10,000 inputs to one logit, so the count is the exact head's, not 10,000 itself).
+    assert len(np.unique(probs)) == len(np.unique(exact)) >= 9_990
     np.testing.assert_allclose(probs, exact, rtol=0, atol=1e-6)
     assert len(np.unique(collapsed)) < 5_000
 

@@ -18,11 +18,11 @@ import models
 import train
 from core.checkpoint import save_weights
 from core.config import load_config
-from core.predict import predict_arrays, predict_paths
-from core.scoring import ArrayScorer, network_probability
-from core.training import STATE_FILE, config_fingerprint, fingerprint_hash
-from core.transforms import build_transform
-from core.tta import TTA_MODES, TTAError, tta_mode, views
+from core.data.transforms import build_transform
+from core.data.tta import TTA_MODES, TTAError, tta_mode, views
+from core.infer.scoring import ArrayScorer, network_probability
+from core.train.prediction import predict_arrays, predict_paths
+from core.train.trainer import STATE_FILE, config_fingerprint, fingerprint_hash
 from models.scoring import NumpyIn
 from models.zoo import load_trained
 
@@ -232,8 +232,10 @@ def test_predict_tta_reaches_oof_and_test_and_a_change_rescores_without_training
     oof, test = pd.read_csv(fold / "oof.csv"), pd.read_csv(fold / "test.csv")
     val_paths = [str(Path(p["train_root"]) / n) for n in oof["img_name"]]
     test_paths = [str(Path(p["test_root"]) / n) for n in test["img_name"]]
-    np.testing.assert_allclose(oof["y_pred"], saved_predictions(fold, val_paths, "6view"), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(test["y_pred"], saved_predictions(fold, test_paths, "6view"), rtol=0, atol=1e-9)
+    # 1e-6: float32 logits of the same image in batches of other sizes differ in their last bits on
+    # CPUs whose matrix kernels block by batch (AVX-512, AMX); TTA itself moves them by > 1e-4.
+    np.testing.assert_allclose(oof["y_pred"], saved_predictions(fold, val_paths, "6view"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(test["y_pred"], saved_predictions(fold, test_paths, "6view"), rtol=0, atol=1e-6)
     plain = saved_predictions(fold, val_paths, "none")
     assert np.abs(oof["y_pred"] - plain).max() > 1e-4
     assert meta["oof"]["tta"] == "6view" and meta["config"]["predict"] == {"tta": "6view"}
@@ -246,7 +248,7 @@ def test_predict_tta_reaches_oof_and_test_and_a_change_rescores_without_training
     again = json.loads((fold / "meta.json").read_text())
     assert again["history"] == meta["history"] and again["oof"]["tta"] == "none"
     assert again["oof"]["auc"] == pytest.approx(again["val"]["auc"])  # the selection's own scores
-    np.testing.assert_allclose(pd.read_csv(fold / "oof.csv")["y_pred"], plain, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(pd.read_csv(fold / "oof.csv")["y_pred"], plain, rtol=0, atol=1e-6)
     # Unchanged settings: skipped.
     before = (fold / "oof.csv").stat().st_mtime_ns
     assert train.main([*args, "predict.tta=none"]) == 0
