@@ -31,12 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.clustering import kmeans, plot_projection, sweep
 from core.config import ConfigError, load_config, read_yaml, save_config
-from core.datasource import DataPaths, read_train_table, resolve_data
-from core.device import pick_device
-from core.features import FeatureError, cached_features
-from core.folds import (
+from core.data.clustering import kmeans, plot_projection, sweep
+from core.data.features import FeatureError, cached_features
+from core.data.folds import (
     FOLD_COLUMNS,
     FoldError,
     check_folds,
@@ -48,10 +46,12 @@ from core.folds import (
     stratified_group_folds,
     summary_markdown,
 )
+from core.data.labels import LabelError
+from core.data.sources import DataPaths, read_train_table, resolve_data
+from core.data.transforms import build_transform
+from core.device import pick_device
 from core.io import write_csv, write_json, write_text
-from core.labels import LabelError
 from core.log import get_logger
-from core.transforms import build_transform
 from models.encoders import EncoderError, build_encoder, encoder_key
 
 log = get_logger("cv_split")

@@ -30,29 +30,33 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from core.blend import (
+from core.blend.applied import FIT_FILE
+from core.blend.fitting import BlendFitError, BlendSettings, EnsembleFit, fit_ensemble
+from core.blend.predictions import (
     SCORES_NOTE,
-    SubmissionError,
-    blend_members,
     check_submission,
-    expected_folds,
     format_table,
-    member_folds,
     member_matrix,
     member_predictions,
     metrics_table,
     write_submission,
 )
-from core.blend_fit import BlendFitError, BlendSettings, EnsembleFit, fit_ensemble
+from core.blend.report import write_report
 from core.config import ConfigError, load_config
-from core.datasource import read_test_table, resolve_data
-from core.ensemble_report import write_report
-from core.fitted_blend import FIT_FILE
+from core.data.labels import LabelError
+from core.data.sources import read_test_table, resolve_data
 from core.io import write_csv, write_json
-from core.labels import LabelError
 from core.log import get_logger
 from core.metrics import score_report
-from core.trained import META_FILE, meta_stamp, models_stamp
+from core.trained import (
+    META_FILE,
+    SubmissionError,
+    blend_members,
+    expected_folds,
+    member_folds,
+    meta_stamp,
+    models_stamp,
+)
 
 log = get_logger("ensemble")
 

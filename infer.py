@@ -31,14 +31,14 @@ torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 aut
 
 --serve runs an HTTP service instead (models loaded once, uploads scored in micro-batches):
 POST /predict with a multipart file field `file`, GET /health, and an upload page at /; see
-core/service.py. --host, --port, --max-upload-mb and --batch-window-ms set it up.
+core/infer/service.py. --host, --port, --max-upload-mb and --batch-window-ms set it up.
 
 --explain DIR writes, per still image scored, a Grad-CAM overlay for each member (its folds
 averaged) and one for the blend, captioned with the probability (models/explain.py); the
 networks run in PyTorch for it, on the CPU too.
 
 --tta flip scores each image and its mirror, --tta 6view the image, its three rotations and both
-mirrors (`core.tta`), averaging the probabilities: as many forward passes per image as views.
+mirrors (`core.data.tta`), averaging the probabilities: as many forward passes per image as views.
 
 --json prints one JSON object per input instead of the tab-separated line: {"path", "probability"
 (the blend; null when skipped), "members" (each member's probability), "skipped" (the reason, or
@@ -65,24 +65,26 @@ from pathlib import Path
 
 import numpy as np
 
+from core.blend.applied import FIT_FILE, BlendFileError, read_fitted_blend
+from core.config import ConfigError, load_config
+from core.data.labels import LabelError
+from core.data.sources import resolve_data
+from core.data.tta import TTA_MODES
+from core.device import gpu_may_be_present
+from core.imaging import ImageDecodeError, decode_image, indexed_video_frames, is_image, is_video, opens_as_image
+
 # Only light modules here: on a CPU whose networks all have a verified ONNX export, scoring
 # imports neither torch nor timm (seconds of a one-image run); the PyTorch side is imported
 # where it is needed (`--runtime torch`, a GPU, an export to make).
-from core.attributes import AttributeScorer, format_attributes
-from core.config import ConfigError, load_config
-from core.datasource import resolve_data
-from core.device import gpu_may_be_present
-from core.fitted_blend import FIT_FILE, BlendFileError, read_fitted_blend
-from core.imaging import ImageDecodeError, decode_image, indexed_video_frames, is_image, is_video, opens_as_image
+from core.infer.attributes import AttributeScorer, format_attributes
+from core.infer.ensemble import Ensemble
+from core.infer.onnx_cache import VERIFIED, lookup
+from core.infer.scoring import ArrayScorer, Crop, Group, Network
 from core.io import write_csv
-from core.labels import LabelError
-from core.onnx_cache import VERIFIED, lookup
 from core.preprocess import Preprocessing
-from core.scoring import ArrayScorer, Crop, Group, Network
 from core.trained import (
     WEIGHTS_FILE,
     CheckpointError,
-    Ensemble,
     ModelFile,
     SubmissionError,
     blend_members,
@@ -92,7 +94,6 @@ from core.trained import (
     read_model_file,
     weights_files,
 )
-from core.tta import TTA_MODES
 
 NO_MODEL = 3
 
@@ -166,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="write Grad-CAM overlays of each still image to DIR: <stem>__<member>.png and <stem>__blend.png",
     )
-    serving = p.add_argument_group("HTTP service (--serve; see core/service.py)")
+    serving = p.add_argument_group("HTTP service (--serve; see core/infer/service.py)")
     serving.add_argument("--serve", action="store_true", help="load the models once and score uploads over HTTP")
     serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serving.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -478,7 +479,7 @@ def make_scorer(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[
 
 def serve(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], None]) -> int:
     """Runs the HTTP service until it is told to stop (starlette and uvicorn only imported here)."""
-    from core.service import ServedModel, run_server
+    from core.infer.service import ServedModel, run_server
 
     scorer = make_scorer(ensemble, args, report)
     if scorer is None:

@@ -15,7 +15,7 @@ error names the changed keys; --force starts over).
 
 The best epoch is selected on the validation fold as the network scores it; oof.csv and
 test.csv then hold the selected weights' predictions under `predict.tta` (none, flip or
-6view: test-time augmentation, core/tta.py). A finished fold whose config changed only
+6view: test-time augmentation, core/data/tta.py). A finished fold whose config changed only
 there is scored again, not trained again.
 
 Several GPUs (or CPU processes) with PyTorch DDP; batch_size stays the global batch:
@@ -37,23 +37,23 @@ import torch
 
 import models
 from core.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_weights
-from core.clips import eval_dataset, with_videos
 from core.config import ConfigError, deep_merge, load_config, save_config
-from core.dataset import make_loader
-from core.datasource import read_test_table, read_train_table, resolve_data
+from core.data.clips import eval_dataset, with_videos
+from core.data.datasets import make_loader
+from core.data.folds import FoldError, read_folds
+from core.data.labels import LabelError
+from core.data.sources import read_test_table, read_train_table, resolve_data
+from core.data.transforms import build_transform
+from core.data.tta import tta_mode
 from core.device import pick_device
 from core.distributed import DistInfo, barrier, gather_rows, init_distributed, shard, shutdown
-from core.folds import FoldError, read_folds
 from core.io import write_csv, write_json
-from core.labels import LabelError
 from core.log import get_logger
 from core.metrics import score_report
-from core.predict import predict_loader
 from core.report import plot_history, versions
-from core.training import STATE_FILE, Trainer, TrainSettings, config_fingerprint, describe_changes
-from core.transforms import build_transform
-from core.tta import tta_mode
-from core.tuning import tune
+from core.train.prediction import predict_loader
+from core.train.trainer import STATE_FILE, Trainer, TrainSettings, config_fingerprint, describe_changes
+from core.train.tuning import tune
 from data_prep.clip_faces import clip_cropper
 
 log = get_logger("train")

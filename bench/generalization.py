@@ -39,13 +39,13 @@ import torch
 
 import train
 from bench.loss_ablation import make_split, split_work
-from core.blend import blend_members
 from core.config import ConfigError, load_config
-from core.datasource import DataPaths, read_train_table, resolve_data
-from core.folds import FoldError
+from core.data.folds import FoldError
+from core.data.labels import LabelError
+from core.data.sources import DataPaths, read_train_table, resolve_data
 from core.io import write_csv, write_json
-from core.labels import LabelError
 from core.metrics import roc_auc
+from core.trained import blend_members
 
 KINDS = ("both", "methods", "clusters")
 

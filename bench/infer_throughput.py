@@ -12,7 +12,7 @@ What is measured, every contender on the same photographs:
 - `naive`: the released inference reproduced: one image at a time, decoded with PIL,
   normalised at full size, then resized, forward at batch 1 in NCHW fp32, softmax.
 - `infer_path`: `infer.Scorer.score_files` at infer.py's defaults for the device.
-- `loader_*` (the sweep): `core.predict.predict_loader` over a fresh loader, as score_files
+- `loader_*` (the sweep): `core.train.prediction.predict_loader` over a fresh loader, as score_files
   runs it, for batch size x network x decode workers.
 - `pure_forward_*`: the network alone on decoded, resized, normalised tensors already on the
   device, for batch size x network.
@@ -63,15 +63,16 @@ from PIL import Image
 
 import infer
 from core.checkpoint import load_weights, save_weights
-from core.dataset import ImageDataset, make_loader
+from core.data.datasets import ImageDataset, make_loader
+from core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from core.device import autocast, pick_device
 from core.imaging import decode_image
-from core.predict import fake_probability, predict_loader
-from core.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from core.infer.ensemble import Ensemble
+from core.train.prediction import fake_probability, predict_loader
 from models import build_model
 from models.onnx_export import OnnxNetwork
 from models.scoring import prepare_network
-from models.zoo import Ensemble, TrainedModel
+from models.zoo import TrainedModel
 
 SPEEDUP_TARGET = {"cpu": 1.5, "cuda": 10.0}
 END_TO_END_TARGET = 0.85
@@ -79,7 +80,17 @@ PHOTO_SIDES = (512, 768, 1024)
 JPEG_QUALITY = 95
 DEFAULT_IMAGES = {"cpu": 8, "cuda": 256}
 NETWORKS = {"cpu": ("onnx", "channels_last", "nchw"), "cuda": ("channels_last", "nchw")}
-PRELOAD = ["torch", "timm", "albumentations", "cv2", "PIL.Image", "onnxruntime", "infer", "models", "core.predict"]
+PRELOAD = [
+    "torch",
+    "timm",
+    "albumentations",
+    "cv2",
+    "PIL.Image",
+    "onnxruntime",
+    "infer",
+    "models",
+    "core.train.prediction",
+]
 
 MEMORY_METHOD = (
     "Each sweep configuration runs in its own process, forked from a multiprocessing forkserver "

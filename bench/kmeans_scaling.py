@@ -5,7 +5,7 @@
 
 Each size runs in its own process (so its peak memory is its own) on synthetic float32
 features: K well-separated directions plus noise, L2-normalised like the real embeddings.
-`core.clustering.kmeans` runs with tol = 0, so every size does exactly `--iters` full-data
+`core.data.clustering.kmeans` runs with tol = 0, so every size does exactly `--iters` full-data
 iterations and the time per iteration is comparable across sizes; torch_kmeans's
 initialisation on a memory-capped sample is timed apart (it does not grow with N).
 For reference, torch_kmeans alone on all the data is timed where it fits (`--direct-max`);
@@ -44,7 +44,7 @@ def peak_rss_mb() -> float:
 
 
 def run_one(n: int, dim: int, k: int, iters: int, seed: int, direct: bool) -> dict:
-    from core.clustering import kmeans
+    from core.data.clustering import kmeans
 
     x = synthetic(n, dim, k, seed)
     rss_before = peak_rss_mb()  # torch, the data and generation scratch: what k-means adds comes on top
@@ -65,7 +65,7 @@ def run_one(n: int, dim: int, k: int, iters: int, seed: int, direct: bool) -> di
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     if direct:
-        from core.clustering import KMeans  # torch_kmeans, imported there without its warning
+        from core.data.clustering import KMeans  # torch_kmeans, imported there without its warning
 
         t1 = time.perf_counter()
         KMeans(init_method="rnd", num_init=1, max_iter=iters, tol=0.0, seed=seed, verbose=False)(

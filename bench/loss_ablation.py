@@ -32,10 +32,10 @@ import pandas as pd
 import cv_split
 import train
 from bench.output import run_and_publish
-from core.blend import member_predictions
+from core.blend.predictions import member_predictions
 from core.config import load_config, read_yaml
-from core.datasource import resolve_data
-from core.folds import FoldError
+from core.data.folds import FoldError
+from core.data.sources import resolve_data
 from core.metrics import score_report
 
 # setting -> which of the auxiliary terms are on (CE is always on)

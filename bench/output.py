@@ -7,11 +7,11 @@ import json
 import sys
 from collections.abc import Callable
 
-from core.blend import SubmissionError
 from core.config import ConfigError
-from core.folds import FoldError
+from core.data.folds import FoldError
+from core.data.labels import LabelError
 from core.io import write_json
-from core.labels import LabelError
+from core.trained import SubmissionError
 
 # What a bench that trains members reports in one line (exit 2) instead of a traceback: a bad
 # config, label file, split or prediction file.

@@ -27,10 +27,10 @@ import pandas as pd
 import train
 from bench.loss_ablation import parse_with_overrides, split_work
 from bench.output import run_and_publish
-from core.blend import member_predictions
+from core.blend.predictions import member_predictions
 from core.checkpoint import META_FILE
 from core.config import load_config
-from core.datasource import resolve_data
+from core.data.sources import resolve_data
 from core.metrics import score_report
 
 NO_GUIDANCE = ["model.guidance=false"]

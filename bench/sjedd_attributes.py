@@ -24,15 +24,15 @@ import pandas as pd
 import torch
 
 from bench.output import publish
-from core.attributes import ATTRIBUTE_PREFIX
 from core.checkpoint import WEIGHTS_FILE
 from core.config import ConfigError, load_config
-from core.dataset import ImageDataset, make_loader
-from core.datasource import read_train_table, resolve_data
-from core.folds import read_folds
+from core.data.datasets import ImageDataset, make_loader
+from core.data.folds import read_folds
+from core.data.sources import read_train_table, resolve_data
+from core.data.transforms import build_transform
+from core.infer.attributes import ATTRIBUTE_PREFIX
 from core.metrics import roc_auc
 from core.trained import finished_folds
-from core.transforms import build_transform
 from models.hierarchy import Hierarchy
 from models.sjedd import Provenance, attribute_labels
 from models.zoo import load_trained

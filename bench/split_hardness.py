@@ -31,7 +31,7 @@ import cv_split
 import train
 from bench.output import publish
 from core.config import load_config
-from core.datasource import read_train_table, resolve_data
+from core.data.sources import read_train_table, resolve_data
 from core.io import write_csv
 from core.metrics import roc_auc
 

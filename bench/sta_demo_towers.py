@@ -31,11 +31,11 @@ from torch import nn
 
 from bench.output import run_and_publish
 from core.config import load_config
-from core.datasource import read_train_table, resolve_data
-from core.folds import read_folds
+from core.data.folds import read_folds
+from core.data.sources import read_train_table, resolve_data
+from core.data.transforms import build_transform
 from core.imaging import decode_image
 from core.metrics import score_report
-from core.transforms import build_transform
 from models.sta import build_sta, build_visual
 
 

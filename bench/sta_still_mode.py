@@ -20,16 +20,16 @@ import torch
 
 from bench.output import publish
 from core.checkpoint import WEIGHTS_FILE
-from core.clips import ClipDataset, ClipSettings, with_videos
 from core.config import load_config
-from core.dataset import make_loader
-from core.datasource import read_train_table, resolve_data
-from core.folds import read_folds
+from core.data.clips import ClipDataset, ClipSettings, with_videos
+from core.data.datasets import make_loader
+from core.data.folds import read_folds
+from core.data.sources import read_train_table, resolve_data
+from core.data.transforms import build_transform
 from core.imaging import is_video
 from core.metrics import score_report
-from core.predict import predict_loader
+from core.train.prediction import predict_loader
 from core.trained import finished_folds
-from core.transforms import build_transform
 from models.zoo import load_trained
 
 

@@ -46,13 +46,13 @@ import torch
 
 import models
 from core.config import ConfigError, load_config
-from core.dataset import ImageDataset, make_loader
-from core.datasource import read_train_table, resolve_data
+from core.data.datasets import ImageDataset, make_loader
+from core.data.labels import LabelError
+from core.data.sources import read_train_table, resolve_data
+from core.data.transforms import build_transform
 from core.device import pick_device
 from core.distributed import DistInfo, GlobalBatchSampler
-from core.labels import LabelError
-from core.training import Trainer, TrainSettings
-from core.transforms import build_transform
+from core.train.trainer import Trainer, TrainSettings
 
 TARGET = 1.2
 PHOTO_SIDES = (512, 1024)  # competition images are around 512 px; some are larger

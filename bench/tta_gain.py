@@ -6,7 +6,7 @@
 
 Reads a member's finished folds (train.py's outputs under paths.outputs, folds of paths.folds)
 and scores each fold's validation images with that fold's own selected weights under every mode
-of core/tta.py (none, flip, 6view), as train.py scores them with `predict.tta`: the same
+of core/data/tta.py (none, flip, 6view), as train.py scores them with `predict.tta`: the same
 checkpoints, so the modes differ only in the views. Per mode, what ensemble.py reports for a
 member: pooled out-of-fold AUC and TPR at FPR = 1e-3, and the per-fold AUC, mean +- std
 (min..max); against none, the gain in pooled AUC and the per-fold AUC gains (mean +- std, folds
@@ -40,16 +40,16 @@ import torch
 import infer
 from bench.infer_throughput import machine_busy_seconds
 from bench.output import publish
-from core.blend import SubmissionError, metrics_table
+from core.blend.predictions import metrics_table
 from core.config import ConfigError, load_config
-from core.datasource import read_test_table, read_train_table, resolve_data
-from core.folds import FoldError, read_folds
-from core.labels import LabelError
+from core.data.folds import FoldError, read_folds
+from core.data.labels import LabelError
+from core.data.sources import read_test_table, read_train_table, resolve_data
+from core.data.transforms import build_transform
+from core.data.tta import TTA_MODES
 from core.metrics import roc_auc
-from core.predict import predict_paths
-from core.trained import CheckpointError, expected_folds, finished_folds
-from core.transforms import build_transform
-from core.tta import TTA_MODES
+from core.train.prediction import predict_paths
+from core.trained import CheckpointError, SubmissionError, expected_folds, finished_folds
 from models.zoo import load_trained
 
 MODES = list(TTA_MODES)

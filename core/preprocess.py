@@ -1,7 +1,7 @@
 """The evaluation preprocessing a trained network was fed, in NumPy and OpenCV alone.
 
 infer.py's ONNX path turns a decoded image into the network's input with this instead of the
-albumentations pipeline of `core.transforms` (whose import pulls in torch): the same resize
+albumentations pipeline of `core.data.transforms` (whose import pulls in torch): the same resize
 (OpenCV INTER_AREA to a square) and the same normalisation, computed the same way (a float32
 lookup table per channel, as albumentations does for uint8 images), so both give the same
 numbers (tests/test_preprocess.py compares them).
@@ -121,7 +121,7 @@ class Preprocessing:
     @classmethod
     def from_config(cls, config: Mapping) -> Preprocessing:
         """From a trained model's config (its meta.json `config`): the `data` section's
-        `image_size` and optional `mean` / `std`, as `core.transforms.build_transform` reads them,
+        `image_size` and optional `mean` / `std`, as `core.data.transforms.build_transform` reads them,
         and the optional `resize`, `normalize_first` and `face_crop` of an imported checkpoint."""
         data = config["data"]
         resize = str(data.get("resize", "area"))
@@ -140,7 +140,7 @@ class Preprocessing:
     @property
     def is_default(self) -> bool:
         """Whether the resize is the one the project trains with (INTER_AREA, before normalising),
-        which `core.transforms` builds with albumentations."""
+        which `core.data.transforms` builds with albumentations."""
         return self.resize == "area" and not self.normalize_first
 
     @cached_property

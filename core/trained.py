@@ -1,9 +1,9 @@
-"""Trained models on disk and how their scores blend, with no deep-learning import.
+"""Trained models on disk, with no deep-learning import.
 
 `outputs/<member>/fold<k>/{model.safetensors, meta.json}`: which folds a member has finished,
-which of them a blend uses, what each one's meta.json says, and the blend of their
-probabilities. infer.py's ONNX path reads all of this without importing torch or pandas
-(each costs seconds on a small CPU), so nothing here may import them.
+which of them a blend uses and what each one's meta.json says. Training, blending and
+inference all read this layout; infer.py's ONNX path reads it without importing torch or
+pandas (each costs seconds on a small CPU), so nothing here may import them.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-if TYPE_CHECKING:  # core.fitted_blend imports this module
-    from core.fitted_blend import FittedBlend
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -99,17 +93,6 @@ def member_folds(outputs: str | Path, member: str, expected: list[int] | None, a
     return [f for f in done if f in expected]
 
 
-def nan_weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise weighted mean of (N, M) `values` over the columns that are not NaN; NaN
-    where a row has none. A member that could not score an image does not pull it to 0."""
-    values = np.asarray(values, dtype=float)
-    w = np.ones(values.shape[1]) if weights is None else np.asarray(weights, dtype=float)
-    ok = ~np.isnan(values)
-    den = ok @ w
-    num = np.where(ok, values, 0.0) @ w
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
 def is_safetensors(path: Path) -> bool:
     # safetensors: 8-byte little-endian header size, then a JSON header starting with '{'.
     with open(path, "rb") as fh:
@@ -164,53 +147,3 @@ def _stamp(meta: bytes) -> str:
 def meta_stamp(meta_path: str | Path) -> str:
     """The stamp read_model_file gives the model whose meta.json is `meta_path`."""
     return _stamp(Path(meta_path).read_bytes())
-
-
-class Ensemble:
-    """Trained models grouped by member; a member's folds are averaged first, then members are
-    blended as ensemble.py blends them for the submission: with the blend it fitted (`fit`,
-    read from its ensemble_fit.json) when that was fitted for exactly these members and these
-    trained models, else with `weights` (equal by default; `fit_refused` then says why)."""
-
-    def __init__(
-        self, trained: Iterable[ModelFile], weights: dict[str, float] | None = None, fit: FittedBlend | None = None
-    ):
-        self.trained = list(trained)
-        if not self.trained:
-            raise CheckpointError("no trained model given")
-        self.members = sorted({t.member for t in self.trained})
-        self.weights = np.array([1.0 if not weights else float(weights.get(m, 0.0)) for m in self.members])
-        self.fit_refused = None if fit is None else self._refusal(fit)
-        self.fit = fit.reorder(self.members) if fit is not None and self.fit_refused is None else None
-
-    def _refusal(self, fit: FittedBlend) -> str | None:
-        """Why `fit` does not apply to these models, or None when it does."""
-        if sorted(fit.members) != self.members:
-            return f"it was fitted for {', '.join(sorted(fit.members))}"
-        if fit.models is not None and fit.models != models_stamp(t.stamp for t in self.trained):
-            return "a member was trained again since it was fitted"
-        return None
-
-    def groups(self) -> dict[str, list[int]]:
-        """Indices of the image models sharing one evaluation transform, so each image is decoded
-        and resized once per input size rather than once per model. Clip models are not in them."""
-        out: dict[str, list[int]] = {}
-        for i, t in enumerate(self.trained):
-            if not takes_clips(t.config):
-                out.setdefault(json.dumps(t.config["data"], sort_keys=True), []).append(i)
-        return out
-
-    def clip_models(self) -> list[int]:
-        """Indices of the models that take clips of frames (scored apart, in PyTorch)."""
-        return [i for i, t in enumerate(self.trained) if takes_clips(t.config)]
-
-    def member_probs(self, probs: np.ndarray) -> np.ndarray:
-        """(N, n_models) per-model probabilities -> (N, n_members): each member's folds averaged."""
-        columns = [[i for i, t in enumerate(self.trained) if t.member == m] for m in self.members]
-        return np.stack([nan_weighted_mean(probs[:, c]) for c in columns], axis=1)
-
-    def blend(self, probs: np.ndarray) -> np.ndarray:
-        """(N, n_models) per-model probabilities -> (N,) ensemble probability (NaN-aware)."""
-        if self.fit is not None:
-            return self.fit.apply(self.member_probs(probs))
-        return nan_weighted_mean(self.member_probs(probs), self.weights)

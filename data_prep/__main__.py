@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from core.config import ConfigError, load_config
-from core.labels import LabelError
+from core.data.labels import LabelError
 from data_prep.demo import DemoError
 from data_prep.stage import PrepError, prepare
 

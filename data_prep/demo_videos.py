@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from core.progress import progress_bar
-from data_prep.demo import FAKE_RECIPES, Photo, View, swap_region
+from data_prep.demo_photos import FAKE_RECIPES, Photo, View, swap_region
 from data_prep.edits import to_uint8
 from data_prep.faces import flip_landmarks
 from data_prep.video_blending import load_vblend_config, video_blend
@@ -44,7 +44,7 @@ def smoothstep(frames: int) -> np.ndarray:
 
 
 def clip_jitter(rng: np.random.Generator):
-    """`data_prep.demo.colour_jitter`'s mild colour change, drawn once for a whole clip."""
+    """`data_prep.demo_photos.colour_jitter`'s mild colour change, drawn once for a whole clip."""
     gains = rng.uniform(0.92, 1.08, 3).astype(np.float32)
     contrast, saturation = rng.uniform(0.85, 1.15), rng.uniform(0.8, 1.2)
 

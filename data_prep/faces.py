@@ -23,9 +23,9 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from core.data.labels import LabelError, safe_join
 from core.imaging import ImageDecodeError, decode_image
 from core.io import atomic_path
-from core.labels import LabelError, safe_join
 from core.progress import progress_bar
 
 log = logging.getLogger("ffdi.data_prep.faces")

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from core.config import ConfigError, deep_merge
-from core.dataset import sample_seed
+from core.data.datasets import sample_seed
 from core.imaging import ImageDecodeError, decode_image
 from core.log import get_logger
 from core.progress import progress_bar
@@ -324,7 +324,7 @@ class SBIPairs:
         return len(self.reals)
 
     def _tensor(self, img: np.ndarray) -> torch.Tensor:
-        """uint8 HWC -> float CHW, (x / 255 - mean) / std, as core.transforms normalises (in place:
+        """uint8 HWC -> float CHW, (x / 255 - mean) / std, as core.data.transforms normalises (in place:
         a fifth of the time of the numpy expression at 380 px)."""
         return torch.from_numpy(img).permute(2, 0, 1).contiguous().float().sub_(self.mean).mul_(self.scale)
 
@@ -421,7 +421,7 @@ def sbi_pairs(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int, gu
     """The recipe's dataset: the table's reals with a cached face, their self-blends, the
     guidance inputs when `guided`, and the table's fakes for `recipe.mix_ratio`. Logs one line
     with the reals used and the skipped ones by reason."""
-    from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     sbi = sbi_config(cfg)
     recipe = cfg.get("recipe") or {}

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from core.config import ConfigError
-from core.dataset import sample_seed
+from core.data.datasets import sample_seed
 from core.imaging import ImageDecodeError, decode_image
 from core.log import get_logger
 from core.preprocess import RESIZE_INTERPOLATION

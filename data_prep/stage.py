@@ -2,7 +2,7 @@
 
     python -m data_prep --config configs/data.yaml [key=value ...] [--force]
 
-Input: the train labels and image root of `configs/data.yaml` (`core.datasource.resolve_data`;
+Input: the train labels and image root of `configs/data.yaml` (`core.data.sources.resolve_data`;
 the demo sample when no competition data is configured), with their manifest when there is one.
 Output, under `prep.out` (default `data/prepared/`):
 
@@ -58,11 +58,11 @@ import numpy as np
 import pandas as pd
 
 from core.config import deep_merge, save_config
-from core.datasource import FACE_EMBEDDINGS_FILE, DataPaths, resolve_data
-from core.folds import SOURCES_SEP, identity_labels, largest_group, split_groups
+from core.data.folds import SOURCES_SEP, identity_labels, largest_group, split_groups
+from core.data.labels import LabelError, read_labels, safe_join
+from core.data.sources import FACE_EMBEDDINGS_FILE, DataPaths, resolve_data
 from core.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from core.io import atomic_path, write_csv, write_json, write_text
-from core.labels import LabelError, read_labels, safe_join
 from core.log import get_logger
 from core.progress import progress_bar
 from data_prep import diffusion as sd
@@ -299,7 +299,7 @@ def donor_pools(table: pd.DataFrame, n_pools: int, seed: int, identity: bool = F
 
 def real_identities(table: pd.DataFrame, faces: dict[str, Face | None], distance: float) -> pd.Series:
     """Person label per original ("" for fakes and faces without an embedding): the reals' face
-    embeddings joined within `distance`, transitively (`core.folds.identity_labels`)."""
+    embeddings joined within `distance`, transitively (`core.data.folds.identity_labels`)."""
     embedded = [
         i
         for i, (src, target) in enumerate(zip(table["src_name"], table["target"], strict=True))

@@ -1,6 +1,6 @@
 """infer.py's scoring of networks that take clips (a `clip` section in their meta.json config).
 
-Each input is fed as the member's own validation fed it (`core.clips.eval_dataset`): a video as
+Each input is fed as the member's own validation fed it (`core.data.clips.eval_dataset`): a video as
 `clip.frames` frames at evenly spaced indices over its whole length, cut at one face box per clip
 when `clip.face_crop` is on; a still image as a one-frame clip or a clip built from it, as
 `clip.still` says. PyTorch only: clip networks are not exported to ONNX (the export traces one
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.clips import eval_dataset
-from core.trained import Ensemble
-from core.transforms import build_transform
+from core.data.clips import eval_dataset
+from core.data.transforms import build_transform
+from core.infer.ensemble import Ensemble
 from data_prep.clip_faces import clip_cropper
 from models.scoring import loaded_network
 

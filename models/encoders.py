@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import CheckpointError
+from core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from core.log import get_logger
-from core.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.backbones import create_backbone
 
 log = get_logger("encoders")
@@ -45,7 +45,7 @@ class Encoder:
     description: str
 
     def transform_cfg(self) -> dict:
-        """The `data`-section form that `core.transforms.build_transform` takes."""
+        """The `data`-section form that `core.data.transforms.build_transform` takes."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 

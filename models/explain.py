@@ -33,10 +33,11 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from core.imaging import ImageDecodeError, decode_image, is_video
+from core.infer.ensemble import Ensemble
 from core.io import write_with
 from core.preprocess import Preprocessing
 from core.progress import progress_bar
-from core.trained import Ensemble, ModelFile
+from core.trained import ModelFile
 from models.zoo import load_trained
 
 BLEND = "blend"

@@ -6,7 +6,7 @@ EfficientNet-B4 at 512 px on 2 cores, well over the 1.5x target over the naive l
 (README, Benchmarks). Exporting takes a while (torch.export traces the network: about 20 s
 for B4), so the export is made once per checkpoint and cached beside the weights
 (`model.safetensors` -> `model.onnx`) with a tag recording whether it gave PyTorch's outputs
-(`core.onnx_cache`); infer.py then loads a verified export without importing torch, and
+(`core.infer.onnx_cache`); infer.py then loads a verified export without importing torch, and
 scores a network whose export failed or disagreed with PyTorch without trying again.
 
 The network is traced with a two-image example. With one image, torch.export specialises
@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.io import write_with
-from core.log import get_logger
-from core.onnx_cache import (
+from core.infer.onnx_cache import (
     FAILED,
     KEY_FIELD,
     VERIFIED,
@@ -41,6 +39,8 @@ from core.onnx_cache import (
     onnx_path,
     write_tag,
 )
+from core.io import write_with
+from core.log import get_logger
 from models.fusion import flat_outputs
 
 log = get_logger("onnx")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from core.clips import ClipDataset, ClipSettings, check_uniform_clips
-from core.dataset import ImageDataset, collate_skip_errors
+from core.data.clips import ClipDataset, ClipSettings, check_uniform_clips
+from core.data.datasets import ImageDataset, collate_skip_errors
 from models.registry import TrainData, register_recipe
 
 
@@ -23,7 +23,7 @@ def image_files(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int) 
 
 @register_recipe("clips")
 def clip_files(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int) -> TrainData:
-    """Every row as a clip (`core.clips`): a video's evenly spaced frames (face-cropped with
+    """Every row as a clip (`core.data.clips`): a video's evenly spaced frames (face-cropped with
     `clip.face_crop`), a still image's one-frame clip or a clip built from it (`clip.still`)."""
     from data_prep.clip_faces import clip_cropper
 

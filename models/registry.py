@@ -23,7 +23,7 @@ class TrainData:
     `collate(items) -> batch`: a dict with `errors` (the reasons, list of str) and, when any
     item was good, `image` (N, 3, H, W), `target` (N,) and whatever tensors with first
     dimension N the member's criterion reads (the trainer moves every tensor to the device).
-    `auxiliary`: an extra trainable part with its own optimiser step (`core.training.Auxiliary`,
+    `auxiliary`: an extra trainable part with its own optimiser step (`core.train.trainer.Auxiliary`,
     e.g. a synthesizer that turns the collated batch into the criterion's), or None.
     """
 

@@ -2,7 +2,7 @@
 and the CPU path's export (or PyTorch fallback) for a network without a verified ONNX export.
 
 infer.py imports this module only when it needs torch; a CPU run whose networks all have a
-verified export (`core.onnx_cache`) never does.
+verified export (`core.infer.onnx_cache`) never does.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.dataset import ImageDataset, make_loader
+from core.data.datasets import ImageDataset, make_loader
+from core.data.transforms import build_transform
+from core.data.tta import check_mode
 from core.imaging import ImageDecodeError, decode_image
+from core.infer.ensemble import Ensemble
+from core.infer.onnx_cache import FAILED, CachedExport
+from core.infer.scoring import Crop, Group
 from core.log import get_logger
-from core.onnx_cache import FAILED, CachedExport
-from core.predict import predict_arrays, predict_loader
 from core.preprocess import Preprocessing
-from core.scoring import Crop, Group
-from core.trained import Ensemble, ModelFile
-from core.transforms import build_transform
-from core.tta import check_mode
+from core.train.prediction import predict_arrays, predict_loader
+from core.trained import ModelFile
 from models.fusion import fold_batchnorm
 from models.onnx_export import OnnxNetwork, export_and_check, onnx_network
 from models.zoo import load_trained
@@ -56,7 +57,7 @@ def prepare_network(
 
 
 class NumpyIn:
-    """A PyTorch network (on the CPU, or on `device`) behind the NumPy interface of `core.scoring`."""
+    """A PyTorch network (on the CPU, or on `device`) behind the NumPy interface of `core.infer.scoring`."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | None = None):
         self.model = model
@@ -96,7 +97,7 @@ def cpu_network(trained: ModelFile, size: int, cached: CachedExport) -> Callable
 @dataclass
 class TorchGroup:
     """Networks fed by one preprocessing recipe, their columns in the ensemble, and for
-    networks that take face crops the `crop` and the `label` naming them (`core.scoring.Group`)."""
+    networks that take face crops the `crop` and the `label` naming them (`core.infer.scoring.Group`)."""
 
     transform: Callable
     networks: list[torch.nn.Module]
@@ -110,7 +111,7 @@ class TorchScorer:
     on `device`: loader workers decode, batches run under bf16 autocast on a GPU. `cropper`
     gives each group whose checkpoints take face crops its crop; such a group scores one image
     at a time, the highest probability over its faces. Scores are averaged over the views of `tta`
-    (`core.tta`)."""
+    (`core.data.tta`)."""
 
     def __init__(
         self,
@@ -199,8 +200,8 @@ class TorchScorer:
 
 
 def array_groups(scorer: TorchScorer, ensemble: Ensemble) -> list[Group]:
-    """`scorer`'s networks behind the NumPy interface of `core.scoring`, one group per input
-    recipe, each fed as its checkpoints' meta.json says (what `core.attributes.AttributeScorer` takes)."""
+    """`scorer`'s networks behind the NumPy interface of `core.infer.scoring`, one group per input
+    recipe, each fed as its checkpoints' meta.json says (what `core.infer.attributes.AttributeScorer` takes)."""
     groups = []
     for idx, group in zip(ensemble.groups().values(), scorer.groups, strict=True):
         prep = Preprocessing.from_config(ensemble.trained[idx[0]].config)

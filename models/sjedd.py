@@ -38,12 +38,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
-from core.attributes import ATTRIBUTE_PREFIX
 from core.config import ConfigError
-from core.dataset import collate_skip_errors
+from core.data.datasets import collate_skip_errors
+from core.data.folds import SOURCES_SEP
 from core.distributed import DistInfo, average_across_ranks, world_size
-from core.folds import SOURCES_SEP
 from core.imaging import ImageDecodeError, decode_image
+from core.infer.attributes import ATTRIBUTE_PREFIX
 from core.log import get_logger
 from models.hierarchy import Hierarchy, LegalStates
 from models.registry import TrainData, register_criterion, register_model, register_recipe

@@ -13,7 +13,7 @@ Two networks train together, each with its own optimiser, in one training step:
 
   Inference reads `logits` alone; the other heads exist in training mode only.
 
-- the **synthesizer** (`Synthesizer`, inside `SynthesizerPart`, the member's `core.training.Auxiliary`):
+- the **synthesizer** (`Synthesizer`, inside `SynthesizerPart`, the member's `core.train.trainer.Auxiliary`):
   a backbone over the 6-channel pair (the real face and its forgery source) with a categorical
   distribution over the 10 regions, one over the 4 blend types and a Beta distribution over
   `mag` in [forge.mag_min, 1]. Per pair it samples a configuration, the pair is forged with it
@@ -659,7 +659,7 @@ def sladd_recipe(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int)
     dataset = sladd_items(cfg, table, seed)
     net = build_synthesizer(s) if s.mode == "learned" else None
     data = cfg["data"]
-    from core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     amp = bool((cfg.get("train") or {}).get("amp", True))
     part = SynthesizerPart(net, s, forge, recipe, data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), amp)

@@ -23,7 +23,7 @@ The up-projection starts at zero and the temporal embedding at zero, so the untr
 features are exactly the frozen CLIP's CLS features averaged over the frames. Only the adapters,
 the temporal embedding and the head train. A batch of still images (B, 3, H, W) is a batch of
 one-frame clips. `takes_clips` tells the data layer and inference to feed clips of `frames`
-frames (`core.clips`).
+frames (`core.data.clips`).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class AdaptedBlock(nn.Module):
 class STANet(nn.Module):
     """See the module docstring. `visual` is an open_clip VisionTransformer, frozen here."""
 
-    takes_clips = True  # the data layer and inference feed clips (core.clips)
+    takes_clips = True  # the data layer and inference feed clips (core.data.clips)
 
     def __init__(
         self, visual: nn.Module, frames: int, bottleneck: int | None, heads: int, drop_rate: float, num_classes: int

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import CheckpointError, load_weights
-from core.trained import Ensemble as Ensemble  # re-exported: the blend of trained models, torch-free
 from core.trained import ModelFile, read_model_file
 from models.registry import build_model
 

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 import models
-from core.dataset import ImageDataset
+from core.data.datasets import ImageDataset
 from core.distributed import DistInfo, all_ranks_agree, sync_batchnorm
-from core.training import Trainer, TrainSettings
+from core.train.trainer import Trainer, TrainSettings
 from models.losses import real_contrastive
 from tests.tiny_training import TinyBatchNormNet, to_tensor
 

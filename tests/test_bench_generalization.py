@@ -12,8 +12,8 @@ import yaml
 
 import train
 from bench import generalization as gen
-from core.datasource import DataPaths
-from core.folds import FoldError
+from core.data.folds import FoldError
+from core.data.sources import DataPaths
 from tests.conftest import build_dataset
 
 

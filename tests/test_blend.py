@@ -10,14 +10,8 @@ import pytest
 import yaml
 
 import ensemble
-from core.blend import (
-    SubmissionError,
-    expected_folds,
-    finished_folds,
-    member_folds,
-    member_predictions,
-    metrics_table,
-)
+from core.blend.predictions import member_predictions, metrics_table
+from core.trained import SubmissionError, expected_folds, finished_folds, member_folds
 
 TEST_NAMES = ["t0.png", "t1.png", "t2.png", "t3.png"]
 

@@ -1,4 +1,4 @@
-"""Clips in the data layer (core/clips.py): evenly spaced frames, stills as clips, video folds."""
+"""Clips in the data layer (core/data/clips.py): evenly spaced frames, stills as clips, video folds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from core.clips import (
+from core.config import ConfigError
+from core.data.clips import (
     ClipDataset,
     ClipSettings,
     check_uniform_clips,
@@ -17,9 +18,8 @@ from core.clips import (
     video_folds,
     with_videos,
 )
-from core.config import ConfigError
-from core.dataset import collate_skip_errors
-from core.datasource import DataPaths
+from core.data.datasets import collate_skip_errors
+from core.data.sources import DataPaths
 from core.imaging import ImageDecodeError
 from tests.test_infer_video import write_video
 

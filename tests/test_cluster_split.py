@@ -15,11 +15,11 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 import cv_split
-from core.clustering import kmeans, sweep
 from core.config import ConfigError, load_config
-from core.datasource import read_train_table, resolve_data
-from core.features import cached_features, load_cache
-from core.folds import FoldError, check_folds, cluster_folds, pack_clusters, place_groups, split_groups
+from core.data.clustering import kmeans, sweep
+from core.data.features import cached_features, load_cache
+from core.data.folds import FoldError, check_folds, cluster_folds, pack_clusters, place_groups, split_groups
+from core.data.sources import read_train_table, resolve_data
 from models.encoders import EncoderError, build_encoder, encoder_key
 
 TINY_TIMM = {"kind": "timm", "name": "test_efficientnet.r160_in1k", "pretrained": False, "image_size": 32}

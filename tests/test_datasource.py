@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.datasource import PreparedDataMissing, read_train_table, resolve_data
+from core.data.sources import PreparedDataMissing, read_train_table, resolve_data
 
 
 def cfg(tmp_path, use_prepared):

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.data.labels import read_labels
 from core.imaging import decode_image
-from core.labels import read_labels
-from data_prep import demo, edits
+from data_prep import demo, demo_photos, edits
 from data_prep.demo import DemoError, build_demo
 from data_prep.faces import eye_centers
 
@@ -77,7 +77,7 @@ def test_half_real_half_fake_and_every_method(manifest: pd.DataFrame, test_manif
     assert (manifest.target == "0").sum() == N_REAL and (manifest.target == "1").sum() == N_REAL
     assert (test_manifest.target == "0").sum() == N_TEST // 2 and (test_manifest.target == "1").sum() == N_TEST // 2
     fakes = manifest[manifest.target == "1"]
-    assert set(fakes.method) == set(demo.FAKE_METHODS)
+    assert set(fakes.method) == set(demo_photos.FAKE_METHODS)
     assert set(manifest[manifest.target == "0"].method) == {"real"}
 
 
@@ -89,7 +89,7 @@ def test_provenance(which: str, manifest: pd.DataFrame, test_manifest: pd.DataFr
     assert (reals.parent == reals.img_name).all()
     assert (reals.region == "").all()
     assert fakes.parent.isin(set(reals.img_name)).all()
-    recipes = set(demo.FAKE_RECIPES)
+    recipes = set(demo_photos.FAKE_RECIPES)
     for _, row in fakes.iterrows():
         assert (row.method, row.region) in recipes
 
@@ -194,12 +194,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def view() -> demo.View:
-    photo = demo.load_photos()[0]
-    return demo.augment_view(photo, 160, np.random.default_rng(7))
+def view() -> demo_photos.View:
+    photo = demo_photos.load_photos()[0]
+    return demo_photos.augment_view(photo, 160, np.random.default_rng(7))
 
 
-def test_view_landmarks_follow_the_face(view: demo.View) -> None:
+def test_view_landmarks_follow_the_face(view: demo_photos.View) -> None:
     right, left = eye_centers(view.landmarks)
     iod = np.linalg.norm(left - right)
     # The view is cropped at 1.5-2.3x the landmark extent, so the eyes are well inside it.
@@ -208,10 +208,10 @@ def test_view_landmarks_follow_the_face(view: demo.View) -> None:
     assert right[0] < left[0]
 
 
-@pytest.mark.parametrize("region", demo.REGIONS)
-def test_swap_changes_only_the_region(view: demo.View, region: str) -> None:
-    source = demo.load_photos()[1]
-    out, soft = demo.swap_region(view, source, region, np.random.default_rng(0))
+@pytest.mark.parametrize("region", demo_photos.REGIONS)
+def test_swap_changes_only_the_region(view: demo_photos.View, region: str) -> None:
+    source = demo_photos.load_photos()[1]
+    out, soft = demo_photos.swap_region(view, source, region, np.random.default_rng(0))
     assert out.shape == view.rgb.shape and out.dtype == np.uint8
     outside = soft == 0
     assert outside.any()
@@ -225,7 +225,7 @@ def test_swap_changes_only_the_region(view: demo.View, region: str) -> None:
     "region,inside_pt,outside_pt",
     [("eyes", 37, 57), ("mouth", 62, 37), ("nose", 30, 8), ("eyebrows", 19, 30), ("face", 30, 0)],
 )
-def test_region_masks(view: demo.View, region: str, inside_pt: int, outside_pt: int) -> None:
+def test_region_masks(view: demo_photos.View, region: str, inside_pt: int, outside_pt: int) -> None:
     mask = edits.region_mask(view.landmarks, region, view.rgb.shape[:2])
     x, y = np.rint(view.landmarks[inside_pt]).astype(int)
     assert mask[y, x] == 1
@@ -234,7 +234,7 @@ def test_region_masks(view: demo.View, region: str, inside_pt: int, outside_pt: 
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_self_blend_stays_on_the_face(view: demo.View, seed: int) -> None:
+def test_self_blend_stays_on_the_face(view: demo_photos.View, seed: int) -> None:
     real, out, soft = demo.self_blend(view, np.random.default_rng(seed))
     assert out.shape == real.shape == view.rgb.shape and out.dtype == real.dtype == np.uint8
     # The blend ratio is at least 0.25 and the mask is never emptied by its erosion step.
@@ -253,7 +253,7 @@ def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].astype(int)
 
 
-def test_self_blend_fake_equals_its_real_outside_the_blend(view: demo.View) -> None:
+def test_self_blend_fake_equals_its_real_outside_the_blend(view: demo_photos.View) -> None:
     """No global shortcut: whichever side SBI augments, the fake differs from the real it is
     written beside only where the blend weight is above zero (up to JPEG)."""
     augmented_target = 0

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.clips import read_clip
-from core.labels import read_labels
+from core.data.clips import read_clip
+from core.data.labels import read_labels
 from data_prep.demo import build_demo
 from data_prep.demo_videos import VIDEO_FRAMES, VIDEO_SIZE
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from core.blend_fit import (
+from core.blend.applied import FittedBlend, calibrate, ecdf_knots, logit, rank_scores, read_fitted_blend, sigmoid
+from core.blend.fitting import (
     BlendSettings,
     MethodResult,
     choose_method,
@@ -26,9 +27,9 @@ from core.blend_fit import (
     search_weights,
 )
 from core.config import ConfigError
-from core.fitted_blend import FittedBlend, calibrate, ecdf_knots, logit, rank_scores, read_fitted_blend, sigmoid
+from core.infer.ensemble import Ensemble
 from core.metrics import brier_score, expected_calibration_error
-from core.trained import Ensemble, ModelFile
+from core.trained import ModelFile
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = BlendSettings(weight_generations=10)
@@ -230,8 +231,8 @@ def test_infer_applies_the_fit_without_sklearn_scipy_or_pandas(tmp_path):
     code = (
         "import json, sys, numpy as np, infer\n"
         "from pathlib import Path\n"
-        "from core.fitted_blend import read_fitted_blend\n"
-        "from core.trained import Ensemble, ModelFile\n"
+        "from core.blend.applied import read_fitted_blend\n"
+        "from core.infer.ensemble import Ensemble\nfrom core.trained import ModelFile\n"
         "models = [ModelFile(m, Path(m), {}, '') for m in ('a', 'b', 'c')]\n"
         "e = Ensemble(models, fit=read_fitted_blend(sys.argv[1]))\n"
         "out = e.blend(np.array(json.loads(sys.argv[2])))\n"

@@ -15,8 +15,9 @@ import yaml
 
 import ensemble
 from core import io as core_io
-from core.fitted_blend import FIT_FILE, read_fitted_blend, sigmoid
-from core.trained import Ensemble, ModelFile, meta_stamp
+from core.blend.applied import FIT_FILE, read_fitted_blend, sigmoid
+from core.infer.ensemble import Ensemble
+from core.trained import ModelFile, meta_stamp
 
 MEMBERS = ("sharp", "vague")
 N_FOLDS, PER_FOLD, N_TEST = 3, 40, 24

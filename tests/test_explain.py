@@ -18,8 +18,9 @@ from torch import nn
 import infer
 import models
 from core.checkpoint import save_weights
+from core.infer.ensemble import Ensemble
 from core.preprocess import Preprocessing
-from core.trained import Ensemble, read_model_file
+from core.trained import read_model_file
 from models.explain import CAPTION_PAD, Explainer, FakeMargin, FoldCam, LogitsOnly, _font, _lines, captioned
 from models.registry import register_model
 from models.zoo import load_trained

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.folds import (
+from core.data.folds import (
     FoldError,
     check_folds,
     fold_summary,

@@ -21,11 +21,11 @@ from torch_ema import ExponentialMovingAverage
 from torchvision import transforms as T
 
 import infer
-from core.blend import member_predictions
+from core.blend.predictions import member_predictions
 from core.config import ConfigError
+from core.data.transforms import build_transform
 from core.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from core.trained import CheckpointError, SubmissionError, member_folds, weights_files
-from core.transforms import build_transform
 from data_prep.blending import load_sbi_config, sbi_test_crop
 from data_prep.faces import FaceAnalyzer
 from models.import_published import main as import_main
@@ -160,7 +160,7 @@ def test_normalise_then_antialiased_resize_matches_torchvision(shape, size):
     got = Preprocessing.from_config({"data": recipe})(image)
     assert got.shape == expected.shape and got.dtype == np.float32
     assert np.abs(got - expected).max() < 1e-5
-    # The torch path (core.transforms) computes the same recorded recipe, so ONNX and torch agree.
+    # The torch path (core.data.transforms) computes the same recorded recipe, so ONNX and torch agree.
     np.testing.assert_array_equal(build_transform(recipe, train=False)(image, 0).numpy(), got)
 
 

@@ -15,8 +15,8 @@ from skimage import data as skdata
 import infer
 import models
 from core.checkpoint import save_weights
-from core.clips import eval_dataset
-from core.transforms import build_transform
+from core.data.clips import eval_dataset
+from core.data.transforms import build_transform
 from tests.test_infer_video import CFG as IMAGE_CFG
 from tests.test_infer_video import write_video
 
@@ -118,13 +118,15 @@ def test_per_frame_writes_each_sampled_frame_of_the_image_members(members, tmp_p
 def test_a_clip_members_folds_read_each_video_once(members, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import core.clips
+    import core.data.clips
 
     second = tmp_path / "fold1"
     shutil.copytree(members["root"] / "clip", second)  # another fold of the same member
     reads = []
-    real_read = core.clips.read_clip
-    monkeypatch.setattr(core.clips, "read_clip", lambda path, frames: reads.append(path) or real_read(path, frames))
+    real_read = core.data.clips.read_clip
+    monkeypatch.setattr(
+        core.data.clips, "read_clip", lambda path, frames: reads.append(path) or real_read(path, frames)
+    )
     video = write_video(tmp_path / "v.avi", frames(12))
     infer.main([str(video), "--json", *weights_args(members), "--weights", str(second / "model.safetensors")])
     out = json.loads(capsys.readouterr().out.splitlines()[0])

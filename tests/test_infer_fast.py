@@ -16,7 +16,7 @@ from PIL import Image
 import infer
 import models
 from core.checkpoint import save_weights
-from core.onnx_cache import tag_path
+from core.infer.onnx_cache import tag_path
 from models import onnx_export
 
 ROOT = Path(__file__).resolve().parents[1]

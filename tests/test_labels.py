@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from core.labels import LabelError, read_labels
+from core.data.labels import LabelError, read_labels
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import infer
-from core import onnx_cache
 from core.checkpoint import save_weights
-from core.onnx_cache import OrtNetwork, lookup, tag_path
+from core.infer import onnx_cache
+from core.infer.onnx_cache import OrtNetwork, lookup, tag_path
 from models import build_model, onnx_export
 from models.onnx_export import onnx_network
 from models.scoring import prepare_network

@@ -14,7 +14,7 @@ import ensemble
 import infer
 import train
 from core.checkpoint import load_weights
-from core.training import Trainer
+from core.train.trainer import Trainer
 
 
 def run_member(p, *extra):

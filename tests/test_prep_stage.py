@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from core.config import load_config
-from core.folds import split_groups
+from core.data.folds import split_groups
+from core.data.labels import read_labels
 from core.imaging import decode_image
-from core.labels import read_labels
 from data_prep import __main__ as cli
 from data_prep import stage
 from data_prep.demo import build_demo

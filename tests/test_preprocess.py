@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.data.transforms import build_transform
 from core.preprocess import Preprocessing
-from core.transforms import build_transform
 
 
 @pytest.mark.parametrize(

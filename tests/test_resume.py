@@ -10,7 +10,7 @@ import yaml
 import cv_split
 import train
 from core.checkpoint import load_state, save_state
-from core.training import STATE_FILE
+from core.train.trainer import STATE_FILE
 
 
 @pytest.fixture

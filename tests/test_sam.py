@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from core.checkpoint import load_state, save_state
-from core.sam import SAM, linear_decay_after
+from core.train.sam import SAM, linear_decay_after
 
 F64 = torch.float64
 

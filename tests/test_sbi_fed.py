@@ -199,7 +199,7 @@ def test_loss_add_puts_nce_and_kl_on_the_guided_criterion() -> None:
 @pytest.mark.parametrize("member", ["sbi_fed", "sbi_fed_demo"])
 def test_shipped_configs_build(member: str) -> None:
     from core.config import load_config
-    from core.training import TrainSettings
+    from core.train.trainer import TrainSettings
     from data_prep.sbi_online import EmbedderSpec, sbi_config
 
     cfg = load_config(["configs/data.yaml", f"configs/members/{member}.yaml"])

@@ -20,7 +20,7 @@ from PIL import Image
 from skimage import data
 
 from core.config import ConfigError
-from core.dataset import sample_seed
+from core.data.datasets import sample_seed
 from data_prep.blending import load_sbi_config, sbi_sample
 from data_prep.faces import Face, FaceAnalyzer, cache_path, load_face_cache
 from data_prep.sbi_online import (

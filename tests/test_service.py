@@ -29,7 +29,7 @@ from starlette.testclient import TestClient
 import infer
 import models
 from core.checkpoint import save_weights
-from core.service import MicroBatcher, ServedModel, build_app
+from core.infer.service import MicroBatcher, ServedModel, build_app
 from tests.test_infer_video import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_serve_with_a_recipe_unknown_here_is_one_error_line_not_a_traceback(tmp_
 def test_scoring_files_imports_no_web_framework(project):
     probe = (
         "import sys, infer; rc = infer.main(sys.argv[1:]); "
-        "print(rc, [m for m in ('starlette', 'uvicorn', 'multipart', 'core.service') if m in sys.modules])"
+        "print(rc, [m for m in ('starlette', 'uvicorn', 'multipart', 'core.infer.service') if m in sys.modules])"
     )
     cmd = [sys.executable, "-c", probe, str(project["images"][0]), *project["args"]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

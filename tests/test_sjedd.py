@@ -16,8 +16,8 @@ import torch
 import yaml
 
 import models
-from core.attributes import ATTRIBUTE_PREFIX
 from core.config import ConfigError, load_config
+from core.infer.attributes import ATTRIBUTE_PREFIX
 from data_prep.perturbations import KINDS, perturb
 from models.hierarchy import Hierarchy, LegalStates
 from models.sjedd import (
@@ -408,7 +408,7 @@ def test_shipped_mappings_cover_every_method_and_region_of_the_data_stage() -> N
 def test_recipe_items_carry_labels_and_are_seeded(tmp_path: Path) -> None:
     from PIL import Image
 
-    from core.transforms import build_transform
+    from core.data.transforms import build_transform
 
     table = provenance_table()
     rng = np.random.default_rng(0)
@@ -458,7 +458,7 @@ def test_every_config_field_is_in_the_yaml_with_a_comment(path: Path) -> None:
 
 @pytest.mark.parametrize("path", [DEMO, FULL])
 def test_shipped_configs_hold_the_published_numbers_and_build(path: Path) -> None:
-    from core.training import TrainSettings
+    from core.train.trainer import TrainSettings
 
     cfg = member_cfg(path)
     s = TrainSettings.from_cfg(cfg["train"])
@@ -603,10 +603,10 @@ def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_pa
 @pytest.mark.slow
 def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
     """The CPU path: the exported network gives PyTorch's logits and attributes, which
-    `core.attributes` reads from ONNX Runtime's outputs by name."""
-    from core.attributes import AttributeScorer
+    `core.infer.attributes` reads from ONNX Runtime's outputs by name."""
+    from core.infer.attributes import AttributeScorer
+    from core.infer.scoring import Group
     from core.preprocess import Preprocessing
-    from core.scoring import Group
     from models.onnx_export import export_and_check
 
     net = tiny_net().eval()
@@ -661,7 +661,7 @@ def test_interrupted_training_resumes_to_the_same_weights_and_level_weights(tiny
     import cv_split
     import train
     from core.checkpoint import load_weights
-    from core.training import Trainer
+    from core.train.trainer import Trainer
 
     p = tiny_project
     member = sjedd_project(p)

@@ -13,7 +13,7 @@ import yaml
 
 import models
 from core.config import ConfigError, load_config
-from core.training import TrainSettings
+from core.train.trainer import TrainSettings
 from data_prep.blending import BLEND_TYPES, SLADD_REGIONS
 from data_prep.sladd_online import TYPE_CLASSES, ForgeSettings, RecipeSettings
 from models import sladd

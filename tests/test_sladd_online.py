@@ -24,8 +24,8 @@ from skimage import data
 
 import models
 from core.config import ConfigError
-from core.training import RESULT_NEUTRAL_KEYS
-from core.transforms import build_transform
+from core.data.transforms import build_transform
+from core.train.trainer import RESULT_NEUTRAL_KEYS
 from data_prep.blending import BLEND_TYPES, face_scale, region_mask, sladd_forge
 from data_prep.faces import FaceAnalyzer, flip_landmarks
 from data_prep.sbi_online import RealFace

@@ -10,7 +10,7 @@ import torch
 import cv_split
 import train
 from core.checkpoint import load_state, load_weights
-from core.training import STATE_FILE, Trainer
+from core.train.trainer import STATE_FILE, Trainer
 from tests.sladd_project import face_project
 
 pytest.importorskip("dlib")

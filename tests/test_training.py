@@ -9,7 +9,7 @@ import models
 from core.checkpoint import WEIGHTS_FILE, load_weights
 from core.config import ConfigError
 from core.distributed import DistInfo, GlobalBatchSampler
-from core.training import Trainer, TrainSettings, config_fingerprint, describe_changes, fingerprint_hash
+from core.train.trainer import Trainer, TrainSettings, config_fingerprint, describe_changes, fingerprint_hash
 from tests.tiny_training import TinyBatchNormNet, tiny_dataset
 
 BN = "body.1."

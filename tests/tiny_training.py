@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.dataset import ImageDataset
+from core.data.datasets import ImageDataset
 
 
 class TinyBatchNormNet(torch.nn.Module):

@@ -30,14 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-from core.trained import nan_weighted_mean
-
 FIT_FILE = "ensemble_fit.json"
 METHODS = ("mean", "rank_mean", "weights", "stack")
 CALIBRATIONS = ("none", "temperature", "isotonic")
 # Probabilities are clipped this far from 0 and 1 before a logit, so a member that outputs
 # exactly 0 or 1 gives a finite feature (logit(1e-6) = -13.8).
 EPS = 1e-6
+
+
+def nan_weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise weighted mean of (N, M) `values` over the columns that are not NaN; NaN
+    where a row has none. A member that could not score an image does not pull it to 0."""
+    values = np.asarray(values, dtype=float)
+    w = np.ones(values.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    ok = ~np.isnan(values)
+    den = ok @ w
+    num = np.where(ok, values, 0.0) @ w
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 class BlendFileError(ValueError):

@@ -6,7 +6,7 @@ members' own folds: for each fold k the method is fitted on the OOF rows of the 
 scores fold k, so no row's score comes from a fit that saw its label. The same is done for the
 calibration, on the blend's nested scores.
 
-Methods (`core.fitted_blend` applies them):
+Methods (`core.blend.applied` applies them):
 - `mean`: the plain mean of the members' probabilities (the winning solution's blend);
 - `rank_mean`: the mean of each member's rank within its own OOF scores;
 - `weights`: non-negative weights summing to 1 that maximise the OOF AUC. AUC only changes
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from core.blend.applied import CALIBRATIONS, METHODS, FittedBlend, blend_scores, calibrate, ecdf_knots, logit
 from core.config import ConfigError
-from core.fitted_blend import CALIBRATIONS, METHODS, FittedBlend, blend_scores, calibrate, ecdf_knots, logit
 from core.metrics import brier_score, expected_calibration_error, score_report
 
 CHOICES = ("auto", *METHODS)

@@ -7,17 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.blend.applied import nan_weighted_mean
 from core.io import write_csv
 from core.metrics import score_report
-
-# Re-exported: the fold selection lives in core.trained, which infer.py's fast path reads
-# without pandas; ensemble.py and the tests ask here.
-from core.trained import SubmissionError as SubmissionError
-from core.trained import blend_members as blend_members
-from core.trained import expected_folds as expected_folds
-from core.trained import finished_folds as finished_folds
-from core.trained import is_imported, nan_weighted_mean
-from core.trained import member_folds as member_folds
+from core.trained import SubmissionError, is_imported
 
 
 def _read_fold_csv(path: Path) -> pd.DataFrame:

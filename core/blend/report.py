@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.blend_fit import EnsembleFit, MethodResult, evaluate, fold_metrics, gain_over_mean
+from core.blend.fitting import EnsembleFit, MethodResult, evaluate, fold_metrics, gain_over_mean
 from core.io import write_text
 from core.metrics import TIE_BREAK_FPR, reliability_bins
 from core.report import pyplot, save_figure

@@ -26,14 +26,14 @@ import torch
 from torch.utils.data import Dataset
 
 from core.config import ConfigError
-from core.dataset import ImageDataset, Transform, sample_seed
+from core.data.datasets import ImageDataset, Transform, sample_seed
 from core.imaging import ImageDecodeError, decode_image, is_video, open_video
 from core.trained import takes_clips
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from core.datasource import DataPaths
+    from core.data.sources import DataPaths
 
 STILL_MODES = ("single", "clip")
 # A clip member's video crop: (video path, frames) -> frames of the face region.
@@ -135,7 +135,7 @@ def clip_tensor(frames: Sequence[np.ndarray], transform: Transform | None, seed:
 
 
 class ClipDataset(Dataset):
-    """`core.dataset.ImageDataset` for clip networks: items `image` (T, 3, H, W), `target`, `index`,
+    """`core.data.datasets.ImageDataset` for clip networks: items `image` (T, 3, H, W), `target`, `index`,
     or `error` (a one-line reason naming the file: unreadable, truncated)."""
 
     def __init__(
@@ -205,10 +205,10 @@ def eval_dataset(
 
 
 def read_video_table(paths: DataPaths) -> pd.DataFrame | None:
-    """The labelled videos (`core.datasource.read_train_table`'s columns), or None when none are configured."""
+    """The labelled videos (`core.data.sources.read_train_table`'s columns), or None when none are configured."""
     from dataclasses import replace
 
-    from core.datasource import read_train_table
+    from core.data.sources import read_train_table
 
     if paths.video_labels is None or not paths.video_labels.is_file():
         return None
@@ -220,7 +220,7 @@ def read_video_table(paths: DataPaths) -> pd.DataFrame | None:
 def video_folds(videos: pd.DataFrame, folds: Sequence[int], seed: int) -> np.ndarray:
     """A fold of `folds` per video: stratified by label, a real video and every video made from it
     (`parent`, `sources`) in one fold, deterministic for `seed`."""
-    from core.folds import stratified_group_folds
+    from core.data.folds import stratified_group_folds
 
     folds = sorted(folds)
     return np.asarray(folds)[stratified_group_folds(videos, len(folds), seed)]

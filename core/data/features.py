@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.dataset import ImageDataset, make_loader
+from core.data.datasets import ImageDataset, make_loader
 from core.device import autocast
 from core.io import write_csv, write_with
 from core.log import get_logger

@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.labels import LabelError, read_labels
+from core.data.labels import LabelError, read_labels
 
-# pandas is imported where a table is read (see core.labels): infer.py resolves the data
+# pandas is imported where a table is read (see core.data.labels): infer.py resolves the data
 # config without reading one.
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,7 +25,7 @@ class DataPaths:
     is_demo: bool
     # Face embeddings of the original images, written by the data stage (names and 128-d vectors)
     face_embeddings: Path | None = None
-    # Labelled videos for members that take clips (core.clips): labels, root, manifest
+    # Labelled videos for members that take clips (core.data.clips): labels, root, manifest
     video_labels: Path | None = None
     video_root: Path | None = None
     video_manifest: Path | None = None

@@ -17,7 +17,7 @@ folds, the members of the blend), so a view weighs as a fold does, and one view 
 saturates cannot outvote the others as it can in a mean of logits.
 
 A view helps where the network has learnt to score it: the training augmentation here mirrors
-images left to right (core/transforms.py) but neither rotates nor turns them upside down.
+images left to right (core/data/transforms.py) but neither rotates nor turns them upside down.
 """
 
 from __future__ import annotations

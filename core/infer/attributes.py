@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core.imaging import ImageDecodeError, decode_image
-from core.scoring import Group
+from core.infer.scoring import Group
 
 ATTRIBUTE_PREFIX = "attribute:"
 
@@ -37,7 +37,7 @@ def attribute_outputs(outputs: object) -> dict[str, np.ndarray]:
 
 
 class AttributeScorer:
-    """Attribute probabilities per image: `groups` as `core.scoring.ArrayScorer` holds them
+    """Attribute probabilities per image: `groups` as `core.infer.scoring.ArrayScorer` holds them
     (preprocessing, NumPy-in networks, their model columns), `members` the member of each column."""
 
     def __init__(self, groups: Sequence[Group], members: Sequence[str]):

@@ -2,8 +2,8 @@
 
 infer.py's ONNX path: each image is decoded once (in a read-ahead thread, or `workers`
 threads), preprocessed once per input recipe (`core.preprocess`), and every network of that
-recipe scores the batch, or each of its test-time views (`core.tta`) with the probabilities
-averaged; softmax in float64 as `core.predict.fake_probability` does. No
+recipe scores the batch, or each of its test-time views (`core.data.tta`) with the probabilities
+averaged; softmax in float64 as `core.train.prediction.fake_probability` does. No
 torch import: a network is any callable `images (N, 3, H, W) float32 -> outputs`, the
 outputs a dict with `logits` (N, 2) or the logits array itself.
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.data.tta import average_views, check_mode
 from core.imaging import ImageDecodeError, decode_image
 from core.prefetch import read_ahead
 from core.preprocess import Preprocessing
-from core.tta import average_views, check_mode
 
 Network = Callable[[np.ndarray], "dict[str, np.ndarray] | np.ndarray"]
 Crop = Callable[[np.ndarray], list[np.ndarray]]
@@ -34,7 +34,7 @@ Crop = Callable[[np.ndarray], list[np.ndarray]]
 
 def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
     """Softmax probability of class 1 (fake) from a 2-class output, in float64 (see
-    `core.predict.fake_probability` for why float64)."""
+    `core.train.prediction.fake_probability` for why float64)."""
     logits = np.asarray(outputs["logits"] if isinstance(outputs, dict) else outputs, dtype=np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)

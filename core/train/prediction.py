@@ -8,12 +8,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from core.dataset import ImageDataset, make_loader
+from core.data.datasets import ImageDataset, make_loader
+from core.data.tta import average_views
 from core.device import autocast
 from core.log import get_logger
 from core.prefetch import read_ahead
 from core.progress import progress_bar
-from core.tta import average_views
 
 log = get_logger("predict")
 
@@ -70,7 +70,7 @@ def _forward(
     amp: bool,
     tta: str = "none",
 ) -> np.ndarray:
-    """Float64 probabilities, averaged over the views of `tta` (`core.tta`): bf16 autocast (GPU,
+    """Float64 probabilities, averaged over the views of `tta` (`core.data.tta`): bf16 autocast (GPU,
     `amp`) covers the networks, whose heads run in fp32 (`models.heads`); the softmax runs outside
     it in float64 (`fake_probability`)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -98,7 +98,7 @@ def predict_loader(
 ) -> np.ndarray:
     """Fake probability of every model for every item, shape (N, len(models)); NaN where
     the file was bad. `amp=False` keeps a GPU in fp32 (a member's `train.amp: false`); `tta`
-    averages over views of each image (`core.tta`).
+    averages over views of each image (`core.data.tta`).
 
     Errors are passed to `on_error` (default: logged) as they appear, so a bad file among
     thousands is reported and the rest are scored.

@@ -32,7 +32,7 @@ from torch_ema import ExponentialMovingAverage
 
 from core.checkpoint import WEIGHTS_FILE, CheckpointError, load_state, save_state, save_weights
 from core.config import ConfigError
-from core.dataset import ImageDataset, make_loader
+from core.data.datasets import ImageDataset, make_loader
 from core.device import autocast
 from core.distributed import (
     DistInfo,
@@ -47,9 +47,9 @@ from core.distributed import (
 from core.io import write_csv
 from core.log import get_logger
 from core.metrics import score_report
-from core.predict import predict_loader
 from core.progress import progress_bar
-from core.sam import SAM, linear_decay_after
+from core.train.prediction import predict_loader
+from core.train.sam import SAM, linear_decay_after
 
 log = get_logger("train")
 
@@ -108,7 +108,7 @@ class TrainSettings:
     amp: bool = True
     channels_last: bool = False
     progress: bool = True
-    # `sam_sgd`: sharpness-aware minimisation over SGD (core/sam.py, as SBI trains), two
+    # `sam_sgd`: sharpness-aware minimisation over SGD (core/train/sam.py, as SBI trains), two
     # forward/backward passes per step; `adam`: Adam with weight decay as an L2 term in the
     # gradient (as SLADD and StA train); `adamw` (decoupled weight decay) otherwise.
     optimizer: str = "adamw"
