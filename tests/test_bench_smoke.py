@@ -19,13 +19,13 @@ from tests.conftest import ROOT
 # "a[].b" every item of the list result["a"]).
 CASES: dict[str, tuple[list[str], list[str]]] = {
     "kmeans_scaling": (
-        ["--sizes", "200", "400", "--dim", "16", "--k", "2", "--iters", "2", "--direct-max", "200"],
+        ["--sizes", "200", "400", "--dim", "16", "--k", "2", "--iters", "2", "--direct-max", "400"],
         ["rows[].n", "rows[].seconds_per_iter", "rows[].init_seconds", "rows[].peak_rss_mb", "rows[].data_mb"]
         + ["rows[].torch_kmeans_direct_seconds_per_iter", "growth[].per_iter_ratio_per_10x", "linear_enough"],
     ),
     "prep_sbi": (
         ["--n", "2"],
-        ["sbi.astronaut_380.pairs.per_s", "sbi.face_crop_380.pairs.per_s", "sbi.sample_from_photo_512.pairs.per_s"]
+        ["sbi.astronaut_380.pairs.per_s", "sbi.face_crop_380.pairs.per_s", "sbi.sample_from_photo_512.per_s"]
         + ["sladd.forge_alpha.per_s", "sladd.forge_poisson.per_s", "sladd.region_mask.per_s"],
     ),
     "prep_throughput": (
