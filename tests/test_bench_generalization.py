@@ -118,11 +118,11 @@ def test_scores_compare_unseen_with_seen_on_the_same_images_and_blend_by_mean():
 
 
 def test_the_smallest_run_trains_the_baseline_and_one_held_out_method(tmp_path, capsys):
-    data = build_dataset(tmp_path / "data", n_parents=8)  # one forgery method: patch
+    data = build_dataset(tmp_path / "data", n_parents=9)  # one forgery method: patch
     data_cfg = {
         "data": {**data, "use_prepared": False},
         "paths": {"outputs": str(tmp_path / "unused"), "folds": str(tmp_path / "unused" / "folds.csv")},
-        "split": {"mode": "stratified", "n_folds": 2, "seed": 0},
+        "split": {"mode": "stratified", "n_folds": 3, "seed": 0},  # scored, validation, training
     }
     member = yaml.safe_load(Path("configs/members/mff_demo.yaml").read_text())
     member["name"] = "tiny"
