@@ -19,7 +19,7 @@ from core.log import get_logger
 
 log = get_logger("pretrained")
 
-HUB, FILE, PACKAGE, NONE = "hub", "file", "package", "none"
+HUB, FILE, NONE = "hub", "file", "none"
 _RECORDINGS: ContextVar[tuple[tuple[str, list], ...]] = ContextVar("pretrained_recordings", default=())
 _SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> digest: experts often share a file
 

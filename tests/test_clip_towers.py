@@ -206,3 +206,13 @@ def test_a_torchscript_archive_that_asks_for_other_classes_is_refused(tmp_path):
         archive.writestr("evil/code/__torch__/evil.py", "")
     with pytest.raises(CheckpointError, match="evil.pt: not a readable TorchScript archive .*needs builtins.print"):
         build_clip(None, TINY, str(path), quick_gelu=True)
+
+
+def test_the_split_encoder_takes_an_openai_file(tmp_path):
+    from models.encoders import build_encoder
+
+    path = tmp_path / "ViT-L-14.pt"
+    held = openai_archive(reference(), path)
+    encoder = build_encoder({"kind": "open_clip", "model_cfg": TINY, "pretrained": str(path), "quick_gelu": True})
+    with torch.no_grad():
+        assert torch.allclose(encoder.module(IMAGES), held.encode_image(IMAGES), atol=1e-5)
