@@ -26,7 +26,9 @@ def test_local_weights_load_and_are_logged(donor, capfd):
     net, path = donor
     model = build(path)
     assert torch.equal(model.backbone.conv_stem.weight, net.conv_stem.weight)
-    assert "loaded 86/86 tensors of the backbone from" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "loaded 86/86 tensors of the backbone from" in err
+    assert f"timm test_efficientnet from {path} (sha256 " in err and "hub" not in err
 
 
 def test_shape_mismatch_fails_unless_allowed(donor, tmp_path):

@@ -6,6 +6,7 @@ since the fold's own safetensors hold every tensor."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -70,7 +71,10 @@ def test_folds_trained_from_local_files_are_scored_after_the_files_are_deleted(t
     sjedd_cfg["train"].pop("ema_bn_batches", None)
     sj = trained_fold(p, sjedd_cfg)
     recorded = json.loads((cnn.parent / "meta.json").read_text())["pretrained"]
-    assert [(s["origin"], s["location"]) for s in recorded] == [("file", str(cnn_file))]
+    assert [(s["stage"], s["origin"], s["location"]) for s in recorded] == [("model", "file", str(cnn_file))]
+    (clip_source,) = json.loads((sj.parent / "meta.json").read_text())["pretrained"]
+    assert clip_source["sha256"] == hashlib.sha256(clip_file.read_bytes()).hexdigest()
+    assert clip_source["layout"] == "OpenAI's TorchScript archive"
 
     shutil.rmtree(starts)
     image = str(Path(p["test_root"]) / "t_000.png")
