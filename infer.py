@@ -97,7 +97,7 @@ from core.trained import (
 
 NO_MODEL = 3
 
-# Measured with bench/infer_throughput.py (README): on a 2-core CPU, ONNX Runtime one image at
+# Measured with bench/infer_throughput.py (docs/benchmarks.md): on a 2-core CPU, ONNX Runtime one image at
 # a time, decoded in the main process, was fastest (larger batches ran slower per image, and a
 # decode worker takes a core from the forward pass); on a GPU, PyTorch with large batches and
 # decode workers.
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attributes", action="store_true", help="also print what was altered (attribute probabilities) per image"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see README)")
+    p.add_argument("--batch-size", type=int, help="default: 1 on CPU, 64 on GPU (measured, see docs/benchmarks.md)")
     p.add_argument(
         "--workers",
         type=int,

@@ -1,4 +1,4 @@
-"""How a bench hands over its result: the JSON on stdout, then a markdown table for the README,
+"""How a bench hands over its result: the JSON on stdout, then a markdown table for the docs,
 and the JSON written atomically to `--out` when given."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 - sbi: the JSON of `python -m bench.prep_sbi` (SBI pairs/s, SLADD forgeries/s), run as a
   child process so it keeps its own one-core settings;
 - feed_b4: cores each operation would need to keep up with an EfficientNet-B4 training step
-  consuming `--target` images/s (assumed, see the README).
+  consuming `--target` images/s (assumed, see docs/data.md).
 
 Every rate is measured on one thread. `per_s` is wall-clock; `per_cpu_s` divides by the
 process's CPU time, which stays right on a machine shared with other jobs (where

@@ -89,7 +89,7 @@ def attribute_table(oof: pd.DataFrame, labels: np.ndarray, known: np.ndarray, tr
 
 
 def markdown(result: dict) -> str:
-    """The README's table: per node, positives and OOF AUC over all images and among the fakes."""
+    """The docs' table: per node, positives and OOF AUC over all images and among the fakes."""
     lines = ["| node | positives | OOF AUC, all images | OOF AUC, among fakes |", "|---|---:|---:|---:|"]
     for r in result["attributes"]:
         cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("auc_all", "auc_fakes")]

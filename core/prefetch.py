@@ -14,7 +14,7 @@ def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
     With no loader workers, this overlaps decoding the next images with the forward pass
     (PIL, OpenCV and ONNX Runtime release the GIL) without a worker process taking a core
     from the network: measured 1.04x the pure forward pass against 0.95x without it for
-    B4 at 512 px on 2 cores (README, Benchmarks). An error in the thread is raised here;
+    B4 at 512 px on 2 cores (docs/benchmarks.md). An error in the thread is raised here;
     leaving the loop early stops the thread after the item it is fetching.
     """
     slots: queue.Queue = queue.Queue(maxsize=depth)

@@ -4,7 +4,7 @@
 that convolution's weights and bias: y = gamma * (W x + b - mean) / sqrt(var + eps) + beta
 is the convolution with W' = W * s and b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps).
 The BatchNorm pass over the activations disappears (about 14% of an EfficientNet-B4 forward
-at 512 px on a 2-core CPU: README, Benchmarks); an activation fused into the norm (timm's
+at 512 px on a 2-core CPU: docs/benchmarks.md); an activation fused into the norm (timm's
 BatchNormAct2d) stays.
 """
 

@@ -3,7 +3,7 @@
 On a CPU, ONNX Runtime runs the same network much faster than PyTorch eager (its own
 depthwise-convolution kernels, convolutions fused with their norm and activation): for
 EfficientNet-B4 at 512 px on 2 cores, well over the 1.5x target over the naive loop
-(README, Benchmarks). Exporting takes a while (torch.export traces the network: about 20 s
+(docs/benchmarks.md). Exporting takes a while (torch.export traces the network: about 20 s
 for B4), so the export is made once per checkpoint and cached beside the weights
 (`model.safetensors` -> `model.onnx`) with a tag recording whether it gave PyTorch's outputs
 (`core.infer.onnx_cache`); infer.py then loads a verified export without importing torch, and
