@@ -148,6 +148,7 @@ def pretrainedmodels_xception(path, seed: int = 0) -> torch.nn.Module:
     return reference
 
 
+@pytest.mark.slow
 def test_pretrainedmodels_xception_loads_into_sladd_detector_and_synthesizer(tmp_path):
     import yaml
 
@@ -176,19 +177,25 @@ def test_pretrainedmodels_xception_loads_into_sladd_detector_and_synthesizer(tmp
     assert torch.equal(synth.backbone.block7.rep[1].pointwise.weight, reference.block7.rep[1].pointwise.weight)
 
 
-def test_a_partial_load_is_refused_even_with_allow_mismatch(donor, tmp_path):
-    """A file that leaves more than a handful of tensors random (here the Xception-like case: every
-    pointwise convolution mis-shaped) is an error naming them, whatever allow_mismatch says."""
+def test_two_d_pointwise_weights_load_as_1x1_convolutions(donor, tmp_path):
+    """pretrainedmodels' layout on a tiny network: every 1x1 convolution stored as a 2-D matrix."""
     net, _ = donor
-    state = {
-        k: v[:, :, 0, 0] if v.ndim == 4 and v.shape[1] > 1 and v.shape[2:] == (1, 1) else v
-        for k, v in net.state_dict().items()
-    }
-    state = {k: v.flatten()[:-1] if "conv_pw" in k or "conv_pwl" in k else v for k, v in state.items()}
+    state = {k: v[:, :, 0, 0] if v.ndim == 4 and v.shape[2:] == (1, 1) else v for k, v in net.state_dict().items()}
+    assert sum(v.ndim == 2 for v in state.values()) > 10
+    model = build(save_weights(state, tmp_path / "pointwise_2d.safetensors"))
+    own = model.backbone.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in net.state_dict().items() if k in own)
+
+
+def test_a_partial_load_is_refused_even_with_allow_mismatch(donor, tmp_path):
+    """A file that would leave more than a handful of tensors random (as xception-b5690688.pth
+    did before its layout was converted: 34 pointwise convolutions mis-shaped) is an error naming
+    them, whatever allow_mismatch says."""
+    net, _ = donor
+    state = {k: v.flatten() if "conv_pw" in k and v.ndim == 4 else v for k, v in net.state_dict().items()}
     bad = save_weights(state, tmp_path / "mostly_mismatched.safetensors")
-    with pytest.raises(
-        CheckpointError, match=r"would leave \d+ tensors of the backbone at random initialisation, e.g. \['blocks"
-    ):
+    pattern = r"would leave \d+ tensors of the backbone at random initialisation, e.g. \['blocks"
+    with pytest.raises(CheckpointError, match=pattern):
         build(bad, allow_mismatch=True)
 
 
