@@ -149,7 +149,7 @@ def read_torchscript(path: Path, prefix: str) -> dict[str, torch.Tensor]:
             _attribute_tensors(root, "", tensors, set())
     except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(err).__name__}: {err})") from None
-    return {k: v.clone() for k, v in tensors.items()}  # own memory, not views of the archive's buffers
+    return tensors
 
 
 def folder_file(folder: Path) -> Path:
