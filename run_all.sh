@@ -4,18 +4,24 @@
 # With no competition data in configs/data.yaml it runs on the demo sample, on a CPU.
 # Each stage skips work whose outputs exist; --force redoes everything.
 #
-#   bash run_all.sh            # set up .venv if needed, then run every stage
-#   bash run_all.sh --force    # rebuild every output
+#   bash run_all.sh                       # set up .venv if needed, then run every stage
+#   bash run_all.sh --force               # rebuild every output
+#   bash run_all.sh --pretrained DIR      # read every pretrained part from DIR (python -m models.fetch_pretrained)
 set -euo pipefail
 cd "$(dirname "$0")"
 FORCE=()
-for arg in "$@"; do
-  case "$arg" in
+PRETRAINED=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --force) FORCE=(--force) ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $arg" >&2; exit 2 ;;
+    --pretrained) PRETRAINED="${2:?run_all.sh: --pretrained needs the folder python -m models.fetch_pretrained wrote}"; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1" >&2; exit 2 ;;
   esac
+  shift
 done
+# The overrides models.fetch_pretrained wrote for one member (or `data`): one key=value a line.
+overrides() { if [ -n "$PRETRAINED" ] && [ -f "$PRETRAINED/overrides/$1.txt" ]; then cat "$PRETRAINED/overrides/$1.txt"; fi; }
 bash setup_env.sh
 PY=.venv/bin/python
 
@@ -34,12 +40,14 @@ else
 fi
 
 stage "split"
-$PY cv_split.py "${FORCE[@]}"
+mapfile -t SPLIT_OVERRIDES < <(overrides data)
+$PY cv_split.py "${FORCE[@]}" "${SPLIT_OVERRIDES[@]}"
 
 stage "train"
 mapfile -t MEMBERS < <($PY ensemble.py --list-members)
 for member in "${MEMBERS[@]}"; do
-  $PY train.py --config "configs/members/$member.yaml" --fold all "${FORCE[@]}"
+  mapfile -t MEMBER_OVERRIDES < <(overrides "$member")
+  $PY train.py --config "configs/members/$member.yaml" --fold all "${FORCE[@]}" "${MEMBER_OVERRIDES[@]}"
 done
 
 stage "ensemble"

@@ -58,6 +58,7 @@ from core.train.trainer import STATE_FILE, Trainer, TrainSettings, config_finger
 from core.train.tuning import tune
 from core.trained import blend_members
 from data_prep.clip_faces import clip_cropper
+from models.provenance import Source, recording
 
 log = get_logger("train")
 
@@ -175,17 +176,18 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
         "%s fold %d: %d train / %d validation images -> %s", cfg["name"], fold, len(train_df), len(val_df), out_dir
     )
 
-    m = cfg["model"]
-    source = m.get("weights") or ("the hub" if m.get("pretrained") else "none (random initialisation)")
-    log.info("backbone %s, pretrained weights: %s", m.get("backbone", m["name"]), source)
     device = pick_device(cfg.get("device", "auto"))
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    model = models.build_model(cfg["model"])
+    pretrained: list[Source] = []  # each part's origin, logged as it loads and kept in meta.json
+    with recording("model", pretrained):
+        model = models.build_model(cfg["model"])
     crop = clip_cropper(cfg)
-    train_data = models.build_train_data(cfg, train_df, build_transform(cfg["data"], train=True), settings.seed)
+    with recording("recipe", pretrained):
+        train_data = models.build_train_data(cfg, train_df, build_transform(cfg["data"], train=True), settings.seed)
     val_ds = eval_dataset(cfg, val_df["path"], val_df["target"], build_transform(cfg["data"], train=False), crop)
-    criterion = models.build_criterion(cfg)
+    with recording("loss", pretrained):
+        criterion = models.build_criterion(cfg)
     trainer = Trainer(
         model,
         criterion,
@@ -233,6 +235,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
             "oof": {"tta": tta, **oof_metrics},  # oof.csv as written
             "test_if_labelled": test_metrics,  # reported, never used for selection
             "history": result.history,
+            "pretrained": [source.as_dict() for source in pretrained],  # where each part's starting weights came from
             "config": cfg,
             "versions": versions(),
         },

@@ -35,32 +35,18 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
     return Path(path)
 
 
-def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a state dict from safetensors.
-
-    A pickle (`.pt`, `.pth`, `.bin`) is refused unless `allow_pickle`; even then it is read
-    with `torch.load(weights_only=True)`, which executes no code. Pretrained backbone
-    files from model hubs need that; this project's own checkpoints never do.
-    """
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from safetensors; a pickle (`.pt`, `.pth`, `.bin`) is refused. Pretrained
+    files from the hubs, pickles among them, are read by `models.weight_files`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    if is_safetensors(path):
-        try:
-            return load_file(str(path))
-        except SafetensorError as err:
-            raise CheckpointError(f"{path}: corrupt safetensors file ({err})") from None
-    if not allow_pickle:
+    if not is_safetensors(path):
         raise CheckpointError(f"{path}: not a safetensors file; refusing to load a pickle checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for unsafe or corrupt pickles
-        raise CheckpointError(f"{path}: cannot load with weights_only=True ({type(err).__name__}: {err})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({err})") from None
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict, rest: dict) -> None:

@@ -1,4 +1,9 @@
-"""timm backbones with pretrained weights from the hub or a local file, loaded loudly."""
+"""timm backbones with pretrained weights from the hub or a local file, loaded loudly.
+
+A local file may be in timm's layout or in one the methods' own code downloads (efficientnet_pytorch's
+EfficientNet, pretrainedmodels' Xception): `models.layouts` converts it. Where the weights came from
+is logged and recorded (`models.provenance`).
+"""
 
 from __future__ import annotations
 
@@ -7,48 +12,51 @@ from pathlib import Path
 import timm
 import torch
 
-from core.checkpoint import CheckpointError, load_weights
-from core.log import get_logger
-
-log = get_logger("backbones")
+from core.checkpoint import CheckpointError
+from models.layouts import timm_layout
+from models.provenance import HUB, NONE, Source, hub_cache_revision, local_source, record, sha256_of
+from models.weight_files import load_checked, read_weights
 
 # Keys of a classifier head: dropped because the member brings its own head. Only keys the
 # headless model lacks are dropped: timm keeps some `head.` parts with `num_classes=0`
 # (ConvNeXtV2's final `head.norm`), and those must load.
 _HEAD_PREFIXES = ("classifier.", "head.fc.", "head.", "fc.", "last_linear.")
-# Wrappers that training scripts commonly add around a state dict.
-_WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
+# Files timm looks for in a hub repository, in its order.
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def load_backbone_weights(model: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
-    """Load a local pretrained file into `model`, logging what loaded.
+def load_backbone_weights(model: torch.nn.Module, name: str, path: str | Path, *, allow_mismatch: bool = False) -> None:
+    """Load a local pretrained file (or a downloaded hub folder) into the timm `model`.
 
     Classifier keys the headless model has no place for are ignored. Any other missing or
-    unexpected key, or a shape mismatch, raises unless `strict=False`, in which case it is
-    logged and skipped.
+    unexpected key, or a shape mismatch, raises unless `allow_mismatch`, and even then no more
+    than a handful of tensors may stay random (`models.weight_files.load_checked`).
     """
-    state = _strip_wrappers(load_weights(path, allow_pickle=True))
+    file, state, _ = read_weights(path)
+    state, layout = timm_layout(state, model)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(_HEAD_PREFIXES)}
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    problems = {"missing": missing, "unexpected": unexpected, "shape mismatch": mismatched}
-    summary = "; ".join(f"{name}: {len(keys)} e.g. {keys[:3]}" for name, keys in problems.items() if keys)
-    if summary and strict:
-        raise CheckpointError(f"{path}: does not fit the backbone ({summary}); set allow_mismatch to load anyway")
-    loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
-    model.load_state_dict(loadable, strict=False)
-    log.info(
-        "loaded %d/%d backbone tensors from %s%s", len(loadable), len(own), path, f" ({summary})" if summary else ""
-    )
+    load_checked(model, state, str(file), what="the backbone", allow_mismatch=allow_mismatch)
+    record(local_source(f"timm {name}", file, layout))
+
+
+def hub_source(name: str, model: torch.nn.Module) -> Source:
+    """Where timm took `model`'s pretrained weights from: the Hugging Face repository and the
+    cached file's commit, or the release URL and the cached file's SHA-256."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    what = f"timm {name}"
+    if cfg.get("hf_hub_id"):
+        repo, _, revision = cfg["hf_hub_id"].partition("@")
+        for filename in (cfg.get("hf_hub_filename"), *_HUB_FILES):
+            cached = try_to_load_from_cache(repo, filename, revision=revision or None) if filename else None
+            if isinstance(cached, str):
+                return Source(what, HUB, f"{repo}/{filename}", revision=hub_cache_revision(cached))
+        return Source(what, HUB, repo, revision=revision or None)
+    url = cfg.get("url") or ""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return Source(what, HUB, url, sha256=sha256_of(cached) if url and cached.is_file() else None)
 
 
 def create_backbone(
@@ -61,25 +69,25 @@ def create_backbone(
 ) -> torch.nn.Module:
     """A timm model with its classifier removed (`num_classes=0`): returns pooled features.
 
-    `weights` (a local file) wins over `pretrained` (the hub), so an offline machine can
-    load the same weights a connected one downloads.
+    `weights` (a local file or hub folder) wins over `pretrained` (the hub), so an offline machine
+    can load the same weights a connected one downloads.
     """
     if weights:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        load_backbone_weights(model, weights, strict=not allow_mismatch)
+        load_backbone_weights(model, name, weights, allow_mismatch=allow_mismatch)
         return model
     if pretrained:
         try:
             model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
         except Exception as err:  # noqa: BLE001 - hub failures come as HTTP, OS and huggingface_hub errors
-            raise RuntimeError(
+            raise CheckpointError(
                 f"cannot download pretrained weights for {name!r} ({type(err).__name__}: {err}); "
-                "give a local file with model.weights=<path> or set model.pretrained=false"
+                "give a local file with model.weights=<path>, fetch every pretrained part on a connected "
+                "machine with `python -m models.fetch_pretrained`, or set model.pretrained=false"
             ) from None
-        log.info("loaded pretrained %s from the hub", name)
+        record(hub_source(name, model))
         return model
-    # Debug only: inference rebuilds the architecture this way before loading a checkpoint.
-    log.debug("%s: randomly initialised (pretrained=false, no weights file)", name)
+    record(Source(f"timm {name}", NONE))
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 

@@ -3,7 +3,8 @@
 An encoder config (`split.encoder`, `split.demo.encoder` in configs/data.yaml) is one of
 
   {kind: timm, name: convnext_base.fb_in22k, pretrained: true, weights: null, image_size: null, seed: 0}
-  {kind: open_clip, name: ViT-L-14, pretrained: openai}           # a tag, or a local checkpoint file
+  {kind: open_clip, name: ViT-L-14, pretrained: openai}           # a tag, or a local file (models.clip_towers)
+  {kind: open_clip, name: ViT-L-14, pretrained: ViT-L-14.pt, quick_gelu: true}   # OpenAI's file: say QuickGELU
   {kind: open_clip, model_cfg: {embed_dim: .., vision_cfg: {..}, text_cfg: {..}}, weights: null}
 
 `model_cfg` builds an open_clip model from an inline config (no download), which is what
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import CheckpointError
+from core.config import ConfigError
 from core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from core.log import get_logger
 from models.backbones import create_backbone
@@ -68,17 +70,6 @@ def encoder_key(cfg: Mapping) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class _ClipImageTower(torch.nn.Module):
-    """open_clip's visual tower; returns the projected image embedding."""
-
-    def __init__(self, visual: torch.nn.Module):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)
-
-
 def _build_timm(cfg: Mapping) -> Encoder:
     name = cfg.get("name")
     if not name:
@@ -102,43 +93,28 @@ def _build_timm(cfg: Mapping) -> Encoder:
 
 def _build_open_clip(cfg: Mapping) -> Encoder:
     import open_clip  # heavy; only this encoder kind needs it
-    from open_clip.model import CLIP
 
-    if cfg.get("model_cfg"):
-        model = CLIP(**dict(cfg["model_cfg"]))
-        if cfg.get("weights"):
-            try:
-                open_clip.load_checkpoint(model, str(cfg["weights"]), strict=True, weights_only=True)
-            except (OSError, RuntimeError, KeyError) as err:
-                raise EncoderError(f"open_clip weights {cfg['weights']}: {err}") from None
-        name, source = "inline config", cfg.get("weights") or "random weights"
-        preprocess = {}
-    else:
-        name = cfg.get("name")
-        if not name:
-            raise EncoderError("open_clip encoder: give `name` (e.g. ViT-B-32) or an inline `model_cfg`")
-        pretrained = cfg.get("weights") or cfg.get("pretrained") or None
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
-        try:
-            model = open_clip.create_model(
-                name,
-                pretrained=pretrained,
-                # The OpenAI weights were trained with QuickGELU; building without it degrades them silently.
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                weights_only=True,
-            )
-        except Exception as err:  # noqa: BLE001 - downloads fail as HTTP, OS and hub errors
-            raise EncoderError(
-                f"open_clip {name!r} with pretrained={pretrained!r}: {type(err).__name__}: {err}; "
-                "give a local checkpoint file as split.encoder.weights=<path>"
-            ) from None
-        source = pretrained or "random weights"
-        preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
-    visual_size = model.visual.image_size
-    size = int(cfg.get("image_size") or preprocess.get("size", visual_size)[-1])
-    mean = tuple(cfg.get("mean") or preprocess.get("mean") or open_clip.OPENAI_DATASET_MEAN)
-    std = tuple(cfg.get("std") or preprocess.get("std") or open_clip.OPENAI_DATASET_STD)
-    return Encoder(_ClipImageTower(model.visual), size, mean, std, f"open_clip {name} ({source}) at {size}px")
+    from models.clip_towers import build_visual, names_a_file
+
+    name, inline = cfg.get("name"), cfg.get("model_cfg")
+    if not inline and not name:
+        raise EncoderError("open_clip encoder: give `name` (e.g. ViT-B-32) or an inline `model_cfg`")
+    pretrained = cfg.get("weights") or cfg.get("pretrained") or None
+    tag = str(pretrained) if pretrained and name and not inline and not names_a_file(str(pretrained)) else None
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    # The OpenAI weights were trained with QuickGELU; building without it degrades them silently. A
+    # tag says which it takes; a local file cannot, so `quick_gelu` says it.
+    quick_gelu = bool(cfg.get("quick_gelu", tag_cfg.get("quick_gelu", False)))
+    try:
+        visual = build_visual(None if inline else name, inline, pretrained, quick_gelu)
+    except (CheckpointError, ConfigError) as err:
+        raise EncoderError(f"open_clip encoder: {err}") from None
+    sides = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,)
+    size = int(cfg.get("image_size") or sides[-1])
+    mean = tuple(cfg.get("mean") or tag_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(cfg.get("std") or tag_cfg.get("std") or open_clip.OPENAI_DATASET_STD)
+    label = name or "inline config"
+    return Encoder(visual, size, mean, std, f"open_clip {label} ({pretrained or 'random weights'}) at {size}px")
 
 
 def build_encoder(cfg: Mapping) -> Encoder:

@@ -22,9 +22,6 @@ stops the import with one line naming the file.
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,56 +29,9 @@ from typing import Any
 import torch
 
 from core.checkpoint import CheckpointError
+from models.layouts import efficientnet_pytorch_to_timm
 from models.registry import build_model
-
-# Top-level modules of efficientnet_pytorch's EfficientNet and timm's EfficientNet.
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-# Inside a block with an expansion convolution (timm's InvertedResidual) ...
-_EXPANDED = {
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_se_reduce": "se.conv_reduce",
-    "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-# ... and without one (expansion ratio 1, the first stage: timm's DepthwiseSeparableConv).
-_DEPTHWISE = {
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn1",
-    "_se_reduce": "se.conv_reduce",
-    "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pw",
-    "_bn2": "bn2",
-}
-_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(.+)")
-
-
-def read_pickle(path: str | Path, what: str) -> Any:
-    """A published PyTorch file, read with `torch.load(weights_only=True)` on the CPU (its tensors
-    may have been saved from a GPU). Errors name the file: missing, refused by weights_only
-    (it would need code to rebuild), or not a PyTorch file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (the {what})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's weights-only unpickler names the class or function the file would need.
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:
-            raise CheckpointError(
-                f"{path}: torch.load(weights_only=True) cannot read it: not a PyTorch checkpoint, or one that "
-                "holds more than tensors and plain containers"
-            ) from None
-        raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True): it needs {found.group(1)}; only tensors and plain "
-            "containers are read"
-        ) from None
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
+from models.weight_files import read_pickle
 
 
 def _tensor_dict(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -123,40 +73,6 @@ def timm_to_member(timm_keys: list[str], network: torch.nn.Module, where: str) -
     keys.update({k: k for k in rest})
     keys.update({f"{classifier[0]}.{name}": target for name, target in head.items()})
     return keys
-
-
-def _stage_of(depths: list[int]) -> list[tuple[int, int]]:
-    """Flat block index -> (stage, index in stage), as timm nests the blocks efficientnet_pytorch lists flat."""
-    return [(stage, i) for stage, depth in enumerate(depths) for i in range(depth)]
-
-
-def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], depths: list[int]) -> dict[str, torch.Tensor]:
-    """efficientnet_pytorch's EfficientNet state dict with timm's EfficientNet key names.
-
-    efficientnet_pytorch lists the MBConv blocks flat (`_blocks.<n>`); timm nests them by stage
-    (`blocks.<stage>.<i>`, stage lengths `depths`, the same round-up of the depth multiplier). A
-    block with an expansion convolution renames its parts as timm's InvertedResidual (`_EXPANDED`),
-    one without as its DepthwiseSeparableConv (`_DEPTHWISE`); the stem, head convolution, their
-    BatchNorms and `_fc` as `_TOP`. A key that fits none of these raises.
-    """
-    where = _stage_of(depths)
-    expanded = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.fullmatch(k)) and m.group(2) == "_expand_conv"}
-    out = {}
-    for key, value in state.items():
-        block = _BLOCK_KEY.fullmatch(key)
-        if block is None:
-            module, _, param = key.partition(".")
-            if module not in _TOP:
-                raise CheckpointError(f"unexpected efficientnet_pytorch key {key!r}")
-            out[f"{_TOP[module]}.{param}"] = value
-            continue
-        n, module, param = int(block.group(1)), block.group(2), block.group(3)
-        names = _EXPANDED if n in expanded else _DEPTHWISE
-        if n >= len(where) or module not in names:
-            raise CheckpointError(f"unexpected efficientnet_pytorch key {key!r} (the network has {len(where)} blocks)")
-        stage, i = where[n]
-        out[f"blocks.{stage}.{i}.{names[module]}.{param}"] = value
-    return out
 
 
 # --------------------------------------------------------------------------- the winning solution

@@ -66,15 +66,30 @@ def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
     return table[name]
 
 
-def build_model(model_cfg: dict, *, pretrained: bool | None = None) -> torch.nn.Module:
+def without_pretrained(cfg: Any) -> Any:
+    """`cfg` with every pretrained source switched off, in every nested section: `pretrained` (and
+    open_clip's `timm_model_pretrained`) false, `weights` null: a backbone, a CLIP tower, any part."""
+    if isinstance(cfg, dict):
+        out = {k: without_pretrained(v) for k, v in cfg.items()}
+        for key in out:
+            if key == "pretrained" or key.endswith("_pretrained"):
+                out[key] = False
+            elif key == "weights":
+                out[key] = None
+        return out
+    if isinstance(cfg, list):
+        return [without_pretrained(v) for v in cfg]
+    return cfg
+
+
+def build_model(model_cfg: dict, *, pretrained: bool = True) -> torch.nn.Module:
     """Build the network named by `model_cfg["name"]`.
 
-    `pretrained=False` skips downloading backbone weights, for when a trained checkpoint
-    is loaded right after (inference, resume).
+    `pretrained=False` reads no pretrained source at all (`without_pretrained`): for a network
+    whose every tensor comes from a trained checkpoint loaded next (inference, export, import,
+    resume), so a trained fold is scored on a machine without the files it started from.
     """
-    cfg = dict(model_cfg)
-    if pretrained is not None:
-        cfg["pretrained"] = pretrained
+    cfg = dict(model_cfg) if pretrained else without_pretrained(model_cfg)
     return _lookup(_MODELS, cfg.pop("name"), "model")(**cfg)
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -35,7 +37,11 @@ from core.log import get_logger
 from models.backbones import create_backbone, last_feature_stage
 from models.heads import fp32_head
 from models.losses import cross_entropy
+from models.provenance import Source, local_source, record
 from models.registry import TrainData, register_criterion, register_model, register_recipe
+
+if TYPE_CHECKING:  # the data stage's code is imported where it runs: `import models` stays light
+    from data_prep.sbi_online import EmbedderSpec
 
 log = get_logger("sbi_fed")
 
@@ -238,7 +244,25 @@ def build_sbi_fed_loss(cfg: dict) -> Callable:
 def sbi_recipe(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int) -> TrainData:
     """Each item a real with a cached face and its own fresh self-blend (data_prep.sbi_online);
     the embeddings for guidance when the network has guidance heads."""
-    from data_prep.sbi_online import collate_pairs, sbi_pairs
+    from data_prep.sbi_online import EmbedderSpec, collate_pairs, sbi_pairs
 
     guided = bool(cfg["model"].get("guidance", False))
-    return TrainData(sbi_pairs(cfg, table, transform, seed, guided), collate_pairs)
+    data = sbi_pairs(cfg, table, transform, seed, guided)
+    if guided:
+        record(embedder_source(EmbedderSpec.from_cfg((cfg.get("loss") or {}).get("embedder"))))
+    return TrainData(data, collate_pairs)
+
+
+def embedder_source(spec: EmbedderSpec) -> Source:
+    """The face-recognition network the guidance reads: a torch.export archive, or dlib's model
+    file (from the face_recognition_models package unless `models_dir` names another folder)."""
+    if spec.kind == "torch":
+        if not Path(spec.file).is_file():
+            raise ConfigError(f"{spec.file}: no such face embedder (loss.embedder.file, a torch.export archive)")
+        return local_source("face embedder (torch.export archive)", spec.file)
+    from data_prep.faces import EMBEDDING_FILE, FaceModelError, model_path
+
+    try:
+        return local_source("dlib face embedder", model_path(EMBEDDING_FILE, spec.models_dir))
+    except FaceModelError as err:
+        raise ConfigError(str(err)) from None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -45,6 +44,7 @@ from core.distributed import DistInfo, average_across_ranks, world_size
 from core.imaging import ImageDecodeError, decode_image
 from core.infer.attributes import ATTRIBUTE_PREFIX
 from core.log import get_logger
+from models import clip_towers
 from models.hierarchy import Hierarchy, LegalStates
 from models.registry import TrainData, register_criterion, register_model, register_recipe
 
@@ -64,30 +64,13 @@ def build_clip(
 ) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
     """An open_clip CLIP and its tokenizer: the named architecture (`clip`, e.g. ViT-B-32) or an
     inline `model_cfg` (tests, the demo). `pretrained`: a hub tag (e.g. openai) or a local
-    checkpoint file; false/null: random weights (or a trained checkpoint loaded next)."""
+    checkpoint file in any format `models.clip_towers` reads (OpenAI's TorchScript included);
+    false/null: random weights (or a trained checkpoint loaded next)."""
     import open_clip  # heavy; only this member needs it
 
+    model = clip_towers.build_clip(clip, model_cfg, pretrained, quick_gelu)
     if model_cfg:
-        model = open_clip.model.CLIP(**dict(model_cfg), quick_gelu=quick_gelu)
-        if pretrained:
-            if not Path(str(pretrained)).is_file():
-                raise ConfigError(f"model.pretrained={pretrained!r}: an inline model_cfg takes a local checkpoint file")
-            open_clip.load_checkpoint(model, str(pretrained), strict=True, weights_only=True)
-            log.info("loaded CLIP weights from %s", pretrained)
         return model, lambda texts: open_clip.tokenize(texts, context_length=model.context_length)
-    if not clip:
-        raise ConfigError("model: give `clip` (an open_clip name such as ViT-B-32) or an inline `model_cfg`")
-    try:
-        model = open_clip.create_model(
-            clip, pretrained=pretrained or None, force_quick_gelu=quick_gelu, weights_only=True
-        )
-    except Exception as err:  # noqa: BLE001 - downloads fail as HTTP, OS and hub errors
-        raise ConfigError(
-            f"open_clip {clip!r} with pretrained={pretrained!r}: {type(err).__name__}: {err}; "
-            "give a local checkpoint file as model.pretrained=<path>"
-        ) from None
-    if pretrained:
-        log.info("loaded CLIP %s weights: %s", clip, pretrained)
     return model, open_clip.get_tokenizer(clip)
 
 

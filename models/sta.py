@@ -28,19 +28,14 @@ frames (`core.data.clips`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.config import ConfigError
-from core.log import get_logger
+from models import clip_towers
 from models.heads import fp32_head
 from models.registry import register_model
-
-log = get_logger("sta")
 
 SPATIAL_KERNELS = (3, 5, 7)  # published: 1x3x3, 1x5x5, 1x7x7
 TEMPORAL_KERNELS = (3, 5, 7)  # published: 3x1x1, 5x1x1, 7x1x1
@@ -167,39 +162,6 @@ class STANet(nn.Module):
         return {"logits": fp32_head(self.head, features), "features": features}
 
 
-def build_visual(
-    clip: str | None, model_cfg: Mapping | None, pretrained: str | bool | None, quick_gelu: bool = False
-) -> nn.Module:
-    """open_clip's image tower: the named architecture (`clip`, e.g. ViT-L-14) or an inline `model_cfg`
-    (`embed_dim` and `vision_cfg`: tests, the demo). `pretrained`: a hub tag such as openai, or a local
-    checkpoint file; false/null: random weights from the config alone, nothing downloaded."""
-    import open_clip  # heavy; only CLIP members need it
-
-    if not model_cfg and not clip:
-        raise ConfigError("model: give `clip` (an open_clip name such as ViT-L-14) or an inline `model_cfg`")
-    cfg = dict(model_cfg) if model_cfg else open_clip.get_model_config(clip)
-    if cfg is None:
-        raise ConfigError(f"model.clip={clip!r}: not an open_clip architecture")
-    if not pretrained:
-        return open_clip.model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu)
-    if model_cfg or Path(str(pretrained)).is_file():
-        if not Path(str(pretrained)).is_file():
-            raise ConfigError(f"model.pretrained={pretrained!r}: an inline model_cfg takes a local checkpoint file")
-        model = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("text_cfg", {}), quick_gelu)
-        open_clip.load_checkpoint(model, str(pretrained), strict=True, weights_only=True)
-        log.info("loaded CLIP weights from %s", pretrained)
-        return model.visual
-    try:
-        model = open_clip.create_model(clip, pretrained=pretrained, force_quick_gelu=quick_gelu, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - downloads fail as HTTP, OS and hub errors
-        raise ConfigError(
-            f"open_clip {clip!r} with pretrained={pretrained!r}: {type(err).__name__}: {err}; "
-            "give a local checkpoint file as model.pretrained=<path>"
-        ) from None
-    log.info("loaded CLIP %s weights: %s", clip, pretrained)
-    return model.visual
-
-
 @register_model("sta")
 def build_sta(
     frames: int,
@@ -212,7 +174,7 @@ def build_sta(
     drop_rate: float = 0.5,
     num_classes: int = 2,
 ) -> STANet:
-    visual = build_visual(clip, model_cfg, pretrained, quick_gelu)
+    visual = clip_towers.build_visual(clip, model_cfg, pretrained, quick_gelu)
     if not hasattr(visual, "transformer") or not hasattr(visual, "grid_size"):
         raise ConfigError(f"model: the adapters need a ViT image tower, not {type(visual).__name__}")
     return STANet(visual, frames, bottleneck, heads, drop_rate, num_classes)

@@ -1,5 +1,3 @@
-import pickle
-
 import pytest
 import torch
 
@@ -20,15 +18,20 @@ def test_pickle_is_refused(tmp_path):
         load_weights(path)
 
 
-def test_pickle_allowed_only_weights_only(tmp_path):
+def test_a_pretrained_pickle_is_read_weights_only(tmp_path):
+    """Pretrained pickles go through models.weight_files: its tensors only, never its code."""
+    from models.weight_files import read_weights
+
     class Evil:
         def __reduce__(self):
             return (print, ("code ran",))
 
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"w": Evil()}))
-    with pytest.raises(CheckpointError, match="evil.pth: cannot load with weights_only=True"):
-        load_weights(path, allow_pickle=True)
+    torch.save({"w": Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pth: refused by .*: it needs print; only tensors"):
+        read_weights(path)
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    assert torch.equal(read_weights(path)[1]["w"], torch.ones(2))
 
 
 def test_corrupt_safetensors(tmp_path):

@@ -207,11 +207,13 @@ def test_a_prompt_longer_than_the_text_context_is_refused() -> None:
 def test_a_missing_hub_model_says_to_give_a_local_file(monkeypatch) -> None:
     import open_clip
 
+    from core.checkpoint import CheckpointError
+
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(open_clip, "create_model", offline)
-    with pytest.raises(ConfigError, match="give a local checkpoint file as model.pretrained"):
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    with pytest.raises(CheckpointError, match="give a local checkpoint file as model.pretrained"):
         models.build_model(member_cfg(FULL)["model"])
 
 

@@ -36,7 +36,8 @@ from core.data.sources import read_train_table, resolve_data
 from core.data.transforms import build_transform
 from core.imaging import decode_image
 from core.metrics import score_report
-from models.sta import build_sta, build_visual
+from models.clip_towers import build_visual
+from models.sta import build_sta
 
 
 @dataclass(frozen=True)
