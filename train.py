@@ -1,6 +1,8 @@
-"""Train one member on one fold: train on the other folds, select on this one.
+"""Train members on folds: train on the other folds, select on this one.
 
-  python train.py --config configs/members/mff_demo.yaml --fold 0
+  python train.py --fold 0        # every member ensemble.py blends (the demo members on the demo sample)
+  python train.py --fold all      # ... on every fold in folds.csv, one member after the other
+  python train.py --config configs/members/mff_demo.yaml --fold 0     # one member
   python train.py --config configs/members/mff_demo.yaml --fold all   # every fold in folds.csv
   python train.py --config configs/members/mff_demo.yaml --fold 0 train.epochs=2 train.lr=3e-4
   python train.py --config configs/members/mff_demo.yaml --fold 0 --tune 20     # optuna search
@@ -54,6 +56,7 @@ from core.report import plot_history, versions
 from core.train.prediction import predict_loader
 from core.train.trainer import STATE_FILE, Trainer, TrainSettings, config_fingerprint, describe_changes
 from core.train.tuning import tune
+from core.trained import blend_members
 from data_prep.clip_faces import clip_cropper
 from models.provenance import Source, recording
 
@@ -64,12 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config",
-        required=True,
         action="append",
-        help="member config, e.g. configs/members/mff_demo.yaml; repeat to merge more (e.g. a tuned best.yaml)",
+        help="member config, e.g. configs/members/mff_demo.yaml; repeat to merge more (e.g. a tuned best.yaml); "
+        "without it, every member the ensemble config blends, from --member-configs",
     )
     p.add_argument("--fold", required=True, help="validation fold k (train on the others), or 'all'")
     p.add_argument("--data-config", default="configs/data.yaml", help="data config (default: %(default)s)")
+    p.add_argument(
+        "--ensemble-config",
+        default="configs/ensemble.yaml",
+        help="without --config: the members to train, as ensemble.py blends them (default: %(default)s)",
+    )
+    p.add_argument(
+        "--member-configs",
+        default="configs/members",
+        help="without --config: the folder of <member>.yaml files (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="retrain from scratch even if the fold is finished")
     p.add_argument(
         "--tune",
@@ -295,33 +308,66 @@ def run_tuning(cfg: dict, fold: str, n_trials: int, dist: DistInfo) -> int:
     return 0
 
 
+def member_configs(args: argparse.Namespace) -> list[list[str]]:
+    """The config files of each member to train: those given with --config (one member), or,
+    without it, one file per member ensemble.py blends for the configured data, and says which."""
+    if args.config:
+        return [args.config]
+    ensemble_cfg = load_config([args.data_config, args.ensemble_config])
+    is_demo = resolve_data(ensemble_cfg, prepared=False).is_demo
+    members = blend_members(ensemble_cfg, is_demo)
+    files = [str(Path(args.member_configs) / f"{member}.yaml") for member in members]
+    if missing := [f for f in files if not Path(f).is_file()]:
+        raise ConfigError(f"no member config {', '.join(missing)} for the members of {args.ensemble_config}")
+    data = "the demo sample" if is_demo else "the configured data"
+    log.info(
+        "no --config: training the %d members %s blends on %s, one after the other: %s",
+        len(members),
+        args.ensemble_config,
+        data,
+        ", ".join(members),
+    )
+    return [[f] for f in files]
+
+
+def train_member(cfg: dict, args: argparse.Namespace, dist: DistInfo) -> None:
+    """Train `cfg`'s member on each fold of --fold, skipping finished folds unless --force."""
+    for fold in folds_to_train(cfg, args.fold):
+        out_dir = fold_dir(cfg, fold)
+        rescore = is_finished(out_dir) and not args.force and prediction_change(cfg, fold, out_dir)
+        if rescore:
+            log.info("%s is finished; scoring it again (%s)", out_dir, rescore)
+        elif is_finished(out_dir) and not args.force:
+            log.info("%s is finished; skipping (use --force to retrain)", out_dir)
+            changes = finished_config_changes(cfg, fold, out_dir)
+            if changes:
+                log.warning("%s was trained under another config (%s); --force retrains it", out_dir, changes)
+            continue
+        if args.force and out_dir.exists() and dist.is_main:
+            shutil.rmtree(out_dir)
+        barrier(dist)
+        metrics = train_fold(cfg, fold, dist)
+        log.info("done: val auc %.4f, tpr@fpr1e-3 %.4f -> %s", metrics["auc"], metrics["tpr@fpr1e-3"], out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist = init_distributed()
     if not dist.is_main:
         log.setLevel(logging.WARNING)
     try:
-        cfg = load_config([args.data_config, *args.config], args.overrides)
-        if Path(cfg["paths"]["folds"]).is_file():
-            report_experts(cfg, folds_in_file(cfg))
-        if args.tune:
-            return run_tuning(cfg, args.fold, args.tune, dist)
-        for fold in folds_to_train(cfg, args.fold):
-            out_dir = fold_dir(cfg, fold)
-            rescore = is_finished(out_dir) and not args.force and prediction_change(cfg, fold, out_dir)
-            if rescore:
-                log.info("%s is finished; scoring it again (%s)", out_dir, rescore)
-            elif is_finished(out_dir) and not args.force:
-                log.info("%s is finished; skipping (use --force to retrain)", out_dir)
-                changes = finished_config_changes(cfg, fold, out_dir)
-                if changes:
-                    log.warning("%s was trained under another config (%s); --force retrains it", out_dir, changes)
-                continue
-            if args.force and out_dir.exists() and dist.is_main:
-                shutil.rmtree(out_dir)
-            barrier(dist)
-            metrics = train_fold(cfg, fold, dist)
-            log.info("done: val auc %.4f, tpr@fpr1e-3 %.4f -> %s", metrics["auc"], metrics["tpr@fpr1e-3"], out_dir)
+        if args.tune and not args.config:
+            raise ConfigError("--tune searches one member's settings: give its --config")
+        configs = member_configs(args)
+        for i, files in enumerate(configs):
+            cfg = load_config([args.data_config, *files], args.overrides)
+            if len(configs) > 1:
+                log.info("member %d of %d: %s (%s)", i + 1, len(configs), cfg["name"], ", ".join(files))
+            if Path(cfg["paths"]["folds"]).is_file():
+                report_experts(cfg, folds_in_file(cfg))
+            if args.tune:
+                return run_tuning(cfg, args.fold, args.tune, dist)
+            train_member(cfg, args, dist)
     except (ConfigError, LabelError, FoldError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,8 +11,8 @@ the competition's sizes. The model is a real expert architecture with random wei
 What is measured, every contender on the same photographs:
 - `naive`: the released inference reproduced: one image at a time, decoded with PIL,
   normalised at full size, then resized, forward at batch 1 in NCHW fp32, softmax.
-- `infer_path`: `infer.Scorer.score_files` at infer.py's defaults for the device.
-- `loader_*` (the sweep): `core.train.prediction.predict_loader` over a fresh loader, as score_files
+- `infer_path`: `infer.Scorer.score` at infer.py's defaults for the device.
+- `loader_*` (the sweep): `core.train.prediction.predict_loader` over a fresh loader, as Scorer.score
   runs it, for batch size x network x decode workers.
 - `pure_forward_*`: the network alone on decoded, resized, normalised tensors already on the
   device, for batch size x network.
@@ -275,7 +275,7 @@ def loader_seconds(
     network: str,
     device: torch.device,
 ) -> float:
-    """What Scorer.score_files does for one group: a fresh loader, then predict_loader."""
+    """What Scorer.score does for one group of images: a fresh loader, then predict_loader."""
     transform = build_transform({"image_size": size}, train=False)
     start = time.perf_counter()
     loader = make_loader(ImageDataset([str(p) for p in paths], transform=transform), batch_size, workers)
@@ -389,9 +389,9 @@ def make_scorer(model: torch.nn.Module, arch: str, size: int, device: str, weigh
 
 
 def score_quietly(scorer: infer.Scorer, paths: list[Path]) -> np.ndarray:
-    """`score_files` without its progress bar on stderr; a file it could not score is an error."""
+    """`Scorer.score` without its progress bar on stderr; a file it could not score is an error."""
     with contextlib.redirect_stderr(io.StringIO()):
-        probs = scorer.score_files(paths)
+        probs = scorer.score(paths)
     if np.isnan(probs).any():
         raise RuntimeError("infer.Scorer left images unscored")
     return probs

@@ -87,6 +87,8 @@ def process_seconds(pid: int) -> float:
 def start_server(weights: list[Path], port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "infer.py", "--serve", "--port", str(port), "--device", args.device]
     cmd += [a for w in weights for a in ("--weights", str(w))]
+    # Its own outputs folder: a blend fitted in the checkout's outputs/ is not for these networks.
+    cmd += ["--outputs", str(log.parent)]
     cmd += ["--batch-window-ms", str(args.batch_window_ms)]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]

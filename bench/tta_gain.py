@@ -138,12 +138,12 @@ def print_problem(message: str) -> None:
 
 
 def timed_pass(scorer: infer.Scorer, paths: list[Path]) -> dict[str, float | None]:
-    """Seconds per image of one `score_files` pass, and the share of the machine's CPU time
+    """Seconds per image of one `Scorer.score` pass, and the share of the machine's CPU time
     other processes used meanwhile."""
     busy0, own0 = machine_busy_seconds(), time.process_time()
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):
-        probs = scorer.score_files(paths)
+        probs = scorer.score(paths)
     wall = time.perf_counter() - start
     own = time.process_time() - own0
     if np.isnan(probs).any():

@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny datasets made on the fly, configs pointing at them."""
+"""Shared fixtures: every test in a working folder of its own, tiny datasets made on the fly,
+configs pointing at them."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,47 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the stages write into the checkout (configs/data.yaml's demo_dir, prep.out, paths.outputs;
+# the feature, face and ONNX caches live inside them) and hidden folders (git, tool caches, the
+# environment): a working folder never links them.
+NOT_LINKED = frozenset({"outputs", "data"})
+
+
+def working_folder(where: Path) -> Path:
+    """`where`, holding a link to every other top-level entry of the checkout, so relative paths
+    to the project's files (configs/..., train.py) resolve while `outputs/` and `data/` are
+    this folder's own, empty until a test writes them."""
+    where.mkdir(parents=True, exist_ok=True)
+    for entry in ROOT.iterdir():
+        if entry.name not in NOT_LINKED and not entry.name.startswith("."):
+            (where / entry.name).symlink_to(entry)
+    return where
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_working_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module- and session-scoped fixtures run here (before any test's own folder exists)."""
+    yield from _inside(working_folder(tmp_path_factory.mktemp("session-cwd")))
+
+
+@pytest.fixture(autouse=True)
+def _test_working_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test runs in a working folder of its own: whatever the checkout's outputs/ and data/
+    hold (after `bash run_all.sh`, a fitted blend, trained folds, the demo sample), no test reads
+    or changes them, and no test sees another's. Not `tmp_path` itself: a test may make any name
+    there, `configs` or `models` included."""
+    yield from _inside(working_folder(tmp_path_factory.mktemp("cwd")))
+
+
+def _inside(folder: Path) -> Iterator[None]:
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def make_image(rng: np.random.Generator, fake: bool, size: int = 48) -> np.ndarray:

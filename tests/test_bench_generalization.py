@@ -117,6 +117,28 @@ def test_scores_compare_unseen_with_seen_on_the_same_images_and_blend_by_mean():
     assert md.splitlines()[-1].endswith("| a |")
 
 
+def test_the_smallest_run_trains_the_baseline_and_one_held_out_method(tmp_path, capsys):
+    data = build_dataset(tmp_path / "data", n_parents=9)  # one forgery method: patch
+    data_cfg = {
+        "data": {**data, "use_prepared": False},
+        "paths": {"outputs": str(tmp_path / "unused"), "folds": str(tmp_path / "unused" / "folds.csv")},
+        "split": {"mode": "stratified", "n_folds": 3, "seed": 0},  # scored, validation, training
+    }
+    member = yaml.safe_load(Path("configs/members/mff_demo.yaml").read_text())
+    member["name"] = "tiny"
+    member["data"]["image_size"] = 32
+    member["train"].update(batch_size=4, num_workers=0, warmup_steps=1)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data_cfg))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(member))
+    argv = ["--data-config", str(tmp_path / "data.yaml"), "--members", str(tmp_path / "tiny.yaml")]
+    argv += ["--kinds", "methods", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path / "g.json")]
+    assert gen.main(argv) == 0
+    result = pd.read_json(tmp_path / "g.json", typ="series")
+    assert len(result["runs"]) == 2  # the baseline and the model that never saw patch
+    assert "| method patch |" in capsys.readouterr().out
+    assert not (tmp_path / "unused").exists()
+
+
 @pytest.mark.slow
 def test_the_bench_runs_on_a_tiny_dataset(tmp_path, capsys):
     data = build_dataset(tmp_path / "data", n_parents=18)

@@ -11,8 +11,6 @@ import pytest
 
 from infer import DEVICE_DEFAULTS
 
-ROOT = Path(__file__).resolve().parents[1]
-
 HEADLINE = [
     "naive_ips",
     "infer_path_ips",
@@ -28,7 +26,7 @@ def test_quick_mode_prints_complete_json(tmp_path: Path) -> None:
     out = tmp_path / "infer.json"
     cmd = [sys.executable, "-m", "bench.infer_throughput", "--quick", "--rounds", "1", "--device", "cpu"]
     cmd += ["--batch-sizes", "1", "4", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == result

@@ -64,6 +64,19 @@ def face_project(tmp_path: Path) -> dict:
     return {**paths, "outputs": tmp_path / "outputs", "n_train": len(labels)}
 
 
+def test_the_smallest_run_trains_one_setting_on_one_fold(face_project: dict, tmp_path: Path) -> None:
+    out = tmp_path / "ablation.json"
+    argv = ["--config", str(face_project["member_cfg"]), "--data-config", str(face_project["data_cfg"])]
+    argv += ["--settings", "plain", "--seeds", "0", "--folds", "0", "--out", str(out)]
+    assert sbi_ablation.main(argv) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["setting"], row["seed"]) == ("plain", 0) and set(row["fold_auc"]) == {"0"}
+    assert 0.0 <= row["oof_auc"] <= 1.0 and 0 < row["n_oof"] < face_project["n_train"]
+    assert {"setting", "oof_auc", "oof_auc_std"} <= set(result["summary"][0])
+    assert not face_project["outputs"].exists()
+
+
 @pytest.mark.slow  # eight one-epoch trainings: about a minute
 def test_settings_and_seeds_train_and_summarise(face_project: dict, capsys: pytest.CaptureFixture, tmp_path: Path):
     work, out = tmp_path / "ablation", tmp_path / "ablation.json"

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.slow  # about a minute on 2 cores, most of it exporting the tiny networks
 def test_a_short_run_reports_every_level(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     cmd = [sys.executable, "-m", "bench.serve_load", "--requests", "6", "--clients", "1", "4", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result == json.loads(out.read_text())

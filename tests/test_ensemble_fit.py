@@ -31,7 +31,6 @@ from core.infer.ensemble import Ensemble
 from core.metrics import brier_score, expected_calibration_error
 from core.trained import ModelFile
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = BlendSettings(weight_generations=10)
 
 
@@ -241,7 +240,7 @@ def test_infer_applies_the_fit_without_sklearn_scipy_or_pandas(tmp_path):
     )
     row = probs[:1].tolist()
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(path), json.dumps(row)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, str(path), json.dumps(row)], capture_output=True, text=True, timeout=120
     )
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["heavy"] == []

@@ -19,7 +19,6 @@ from core.checkpoint import save_weights
 from core.infer.onnx_cache import tag_path
 from models import onnx_export
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 # Runs infer.main in a fresh interpreter and says, on the last line of stderr, which heavy
 # modules it imported.
@@ -51,7 +50,7 @@ def exported(tmp_path_factory) -> dict:
 
 
 def probe(args: list[str]) -> tuple[str, list[str], dict]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     return proc.stdout, lines[:-1], json.loads(lines[-1])
 
@@ -68,7 +67,7 @@ def test_help_imports_no_torch():
     proc = subprocess.run(
         [sys.executable, "-c", "import sys, infer\ntry:\n infer.main(['--help'])\nexcept SystemExit:\n pass\n"
          "print(sorted(m for m in ('torch', 'timm', 'onnxruntime') if m in sys.modules))"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "--json" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import cv_split
@@ -163,3 +165,66 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_same_result(tiny_project, tmp_pa
         pd.read_csv(tmp_path / "clean" / "tiny" / "fold0" / "oof.csv"),
         pd.read_csv(killed_out / "tiny" / "fold0" / "oof.csv"),
     )
+
+
+def test_train_without_config_trains_every_blended_member_on_each_fold(tiny_project, tmp_path, capsys, monkeypatch):
+    """`python train.py --fold 0` / `--fold all`: the members the ensemble config blends for the
+    configured data (`members` here, the data being no demo), one after the other, each from
+    its own file. Training itself is recorded, not run (the other tests here run it)."""
+    p = tiny_project
+    p["outputs"].mkdir()
+    pd.DataFrame({"img_name": ["a", "b", "c"], "target": [0, 1, 0], "fold": [0, 1, 2]}).to_csv(
+        p["outputs"] / "folds.csv", index=False
+    )  # three folds, for --fold all
+    member = yaml.safe_load(p["member_cfg"].read_text())
+    configs = tmp_path / "members"
+    configs.mkdir()
+    for name in ("first", "second"):
+        (configs / f"{name}.yaml").write_text(yaml.safe_dump({**member, "name": name}))
+    blend = yaml.safe_load(p["ensemble_cfg"].read_text())
+    blend.update(members=["first", "second"], demo_members=["not_on_this_data"])
+    (tmp_path / "blend.yaml").write_text(yaml.safe_dump(blend))
+    trained = []
+
+    def record(cfg, fold, dist=None):
+        trained.append((cfg["name"], fold, cfg["train"]["epochs"]))
+        return {"auc": 0.5, "tpr@fpr1e-3": 0.0}
+
+    monkeypatch.setattr(train, "train_fold", record)
+    args = ["--data-config", str(p["data_cfg"]), "--ensemble-config", str(tmp_path / "blend.yaml")]
+    args += ["--member-configs", str(configs), "train.epochs=1"]
+    assert train.main([*args, "--fold", "0"]) == 0
+    assert trained == [("first", 0, 1), ("second", 0, 1)]
+    said = capsys.readouterr().err
+    assert "training the 2 members" in said and "one after the other: first, second" in said
+    assert said.index("member 1 of 2: first") < said.index("member 2 of 2: second")
+
+    trained.clear()
+    assert train.main([*args, "--fold", "all"]) == 0
+    assert trained == [("first", k, 1) for k in range(3)] + [("second", k, 1) for k in range(3)]
+
+    (configs / "second.yaml").unlink()
+    trained.clear()
+    assert train.main([*args, "--fold", "0"]) == 2  # a blended member without its config: named, nothing trained
+    assert trained == [] and "second.yaml" in capsys.readouterr().err
+
+
+def test_the_cards_train_command_trains_the_demo_members(monkeypatch, capsys):
+    """`python train.py --fold 0` as written, with the project's configs and no competition data:
+    the ensemble config's demo members, in its order (training recorded, not run)."""
+    trained = []
+
+    def record(cfg, fold, dist=None):
+        trained.append((cfg["name"], fold))
+        return {"auc": 0.5, "tpr@fpr1e-3": 0.0}
+
+    monkeypatch.setattr(train, "train_fold", record)
+    assert train.main(["--fold", "0"]) == 0
+    demo_members = yaml.safe_load(Path("configs/ensemble.yaml").read_text())["demo_members"]
+    assert trained == [(m, 0) for m in demo_members]
+    assert "on the demo sample" in capsys.readouterr().err
+
+
+def test_train_tune_needs_one_members_config(capsys):
+    assert train.main(["--fold", "0", "--tune", "2"]) == 2
+    assert "--config" in capsys.readouterr().err

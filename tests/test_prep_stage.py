@@ -16,13 +16,15 @@ import yaml
 from core.config import load_config
 from core.data.folds import split_groups
 from core.data.labels import read_labels
+from core.data.sources import resolve_data
 from core.imaging import decode_image
 from data_prep import __main__ as cli
-from data_prep import stage
+from data_prep import diffusion as sd
+from data_prep import stage, stage_edits, stage_faces, stage_jobs, stage_manifest, stage_originals, steps
 from data_prep.demo import build_demo
 
 EDIT_COUNTS = {"background": 3, "faceswap": 2, "swap": 4, "degrade": 3}
-SD_COUNTS = {"inpaint": 2, "img2img": 2, "txt2img": 2}
+SD_COUNTS = {"inpaint": 2, "img2img": 2, "txt2img": 4}  # txt2img: two batches of two
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +85,9 @@ def test_outputs_are_valid_label_files(prepared: tuple) -> None:
     out, summary, prov = prepared
     labels = read_labels(out / "train_labels.csv", out)  # every listed image exists under out
     manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert list(manifest.columns) == stage.MANIFEST_COLUMNS
+    assert list(manifest.columns) == stage_manifest.MANIFEST_COLUMNS
     assert labels.img_name.tolist() == manifest.img_name.tolist() == prov.img_name.tolist()
-    n_reencoded = int((manifest.method == stage.REENCODE).sum())
+    n_reencoded = int((manifest.method == stage_edits.REENCODE).sum())
     assert n_reencoded > 0
     assert summary["images"] == len(manifest) == 12 + sum(EDIT_COUNTS.values()) + sum(SD_COUNTS.values()) + n_reencoded
     assert (out / "DONE").is_file()
@@ -111,7 +113,7 @@ def test_every_kind_has_rows_with_the_right_label_region_and_parent(prepared: tu
     reals = set(prov[(prov.method == "real")].img_name)
     new = prov[~prov.img_name.str.startswith("orig/")]
     counts = new.method.value_counts().to_dict()
-    n_reencoded = counts.pop(stage.REENCODE)
+    n_reencoded = counts.pop(stage_edits.REENCODE)
     assert counts == {f"edit:{k}": n for k, n in EDIT_COUNTS.items()} | {f"sd:{k}": n for k, n in SD_COUNTS.items()}
     assert n_reencoded > 0
     for row in new.itertuples():
@@ -144,7 +146,7 @@ def test_every_kind_has_rows_with_the_right_label_region_and_parent(prepared: tu
             continue
         if kind in ("background", "degrade"):
             assert row.target == source.target  # label-keeping
-            want = stage.join_region(source.region, "background") if kind == "background" else source.region
+            want = stage_jobs.join_region(source.region, "background") if kind == "background" else source.region
             assert row.region == want
         else:
             assert row.target == "1" and source.target == "0"
@@ -172,7 +174,7 @@ def test_summary(prepared: tuple, capsys: pytest.CaptureFixture[str]) -> None:
     new = table[table.origin == "new"].set_index("method")
     assert new.loc["edit:faceswap", "fake"] == 2 and new.loc["edit:faceswap", "real"] == 0
     assert int(table[["real", "fake"]].to_numpy().sum()) == summary["images"]
-    stage.print_summary(summary, table)
+    stage_manifest.print_summary(summary, table)
     printed = capsys.readouterr().out
     assert "edit:background" in printed and "no face:" in printed and "failures: 0" in printed
     # Re-encoded shares per label, counted from the provenance: everything after the originals.
@@ -184,7 +186,7 @@ def test_summary(prepared: tuple, capsys: pytest.CaptureFixture[str]) -> None:
     apart = 100 * abs(enc["real"]["share"] - enc["fake"]["share"])
     assert enc["points_apart"] == round(apart, 1) and enc["within_limit"] == (apart <= 5)
     # Six reals cannot level this set: each is re-encoded once, and the summary flags the gap.
-    assert (new.method == stage.REENCODE).sum() == 6 and not enc["within_limit"]
+    assert (new.method == stage_edits.REENCODE).sum() == 6 and not enc["within_limit"]
     assert f"{enc['points_apart']} points apart (MORE THAN 5: re-encoding predicts the label)" in printed
     groups = summary["groups"]
     assert groups["n"] == len(set(split_groups(prov))) and groups["donor_pools"] == 2
@@ -198,7 +200,7 @@ def test_second_run_redoes_nothing(prepared: tuple, demo_dir: Path, monkeypatch:
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("models loaded although every image exists")
 
-    monkeypatch.setattr(stage.sd, "load_models", no_loading)
+    monkeypatch.setattr(sd, "load_models", no_loading)
     again = stage.prepare(make_cfg(demo_dir, out, model=summary["model"]))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")} == before
     assert pd.read_csv(out / "provenance.csv", dtype=str, keep_default_na=False).equals(prov)
@@ -234,7 +236,7 @@ def test_workers_resume_and_seed(
         fh.write('{"name": "edit/swap/0000')
     stage.prepare(make_cfg(demo_dir, out))
     assert edits(out) == want
-    logged = stage.Steps(out).results("edit:swap")
+    logged = steps.Steps(out).results("edit:swap")
     for v in victims:
         res = logged[str(v.relative_to(out))]
         assert res.ok and res.details["blend"] in ("alpha", "poisson")
@@ -262,7 +264,7 @@ def test_unloadable_model_is_one_line(demo_dir: Path, tmp_path: Path, capsys: py
 def test_read_originals_without_manifest(tmp_path: Path, demo_dir: Path) -> None:
     labels = pd.read_csv(demo_dir / "train_labels.csv")
     labels.to_csv(tmp_path / "labels.csv", index=False)
-    paths = stage.resolve_data(
+    paths = resolve_data(
         {
             "data": {
                 "train_labels": str(tmp_path / "labels.csv"),
@@ -272,7 +274,7 @@ def test_read_originals_without_manifest(tmp_path: Path, demo_dir: Path) -> None
             }
         }
     )
-    table = stage.read_originals(paths)
+    table = stage_originals.read_originals(paths)
     assert set(table[table.target == 1].method) == {"original"}
     assert set(table[table.target == 0].method) == {"real"}
     assert (table.parent == table.img_name).all() and (table.region == "").all()
@@ -295,12 +297,12 @@ def test_cli_reports_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_job_seeds_are_independent() -> None:
-    assert stage.job_seed(0, "edit:swap", 3) == stage.job_seed(0, "edit:swap", 3)
-    seeds = {stage.job_seed(0, m, k) for m in ("edit:swap", "edit:faceswap") for k in range(50)}
+    assert stage_jobs.job_seed(0, "edit:swap", 3) == stage_jobs.job_seed(0, "edit:swap", 3)
+    seeds = {stage_jobs.job_seed(0, m, k) for m in ("edit:swap", "edit:faceswap") for k in range(50)}
     assert len(seeds) == 100
-    assert stage.join_region("mouth", "background") == "mouth+background"
-    assert stage.join_region("", "background") == "background"
-    assert stage.join_region("mouth+background", "background") == "mouth+background"
+    assert stage_jobs.join_region("mouth", "background") == "mouth+background"
+    assert stage_jobs.join_region("", "background") == "background"
+    assert stage_jobs.join_region("mouth+background", "background") == "mouth+background"
 
 
 def test_donors_come_from_the_targets_pool_and_groups_stay_inside_pools(prepared: tuple) -> None:
@@ -320,16 +322,16 @@ def test_donor_pools_partition_groups_evenly_and_by_seed() -> None:
     for i in range(40):
         rows += [(f"r{i}", 0, f"r{i}", ""), (f"f{i}", 1, f"r{i}", f"r{(i + 1) % 40}" if i % 10 == 0 else "")]
     table = pd.DataFrame(rows, columns=["img_name", "target", "parent", "sources"])
-    pools = stage.donor_pools(table, 8, seed=0)
+    pools = stage_faces.donor_pools(table, 8, seed=0)
     groups = split_groups(table)
     assert (pd.Series(pools).groupby(groups).nunique() == 1).all()  # an input group never spans pools
     reals = np.bincount(pools[table.target.to_numpy() == 0], minlength=8)
     assert reals.sum() == 40 and reals.max() - reals.min() <= 2  # the joined groups hold two reals
-    assert (stage.donor_pools(table, 8, seed=0) == pools).all()
-    assert (stage.donor_pools(table, 8, seed=1) != pools).any()
+    assert (stage_faces.donor_pools(table, 8, seed=0) == pools).all()
+    assert (stage_faces.donor_pools(table, 8, seed=1) != pools).any()
     # With identity, one person's photographs share a pool too.
     table["identity"] = np.where(table.target == 0, [f"p{i % 12}" for i in range(len(table))], "")
-    by_person = stage.donor_pools(table, 8, seed=0, identity=True)
+    by_person = stage_faces.donor_pools(table, 8, seed=0, identity=True)
     assert (pd.Series(by_person).groupby(split_groups(table, identity=True)).nunique() == 1).all()
     assert (
         pd.Series(by_person[table.target == 0]).groupby(table.identity[table.target == 0].to_numpy()).nunique() == 1
@@ -341,12 +343,12 @@ def test_donor_pools_partition_groups_evenly_and_by_seed() -> None:
 
 def test_reencode_count_levels_the_shares() -> None:
     # 100 real and 100 fake originals; the stage wrote 20 reals and 60 fakes: fakes 60/160.
-    label, n = stage.reencode_count({0: 100, 1: 100}, {0: 20, 1: 60})
+    label, n = stage_edits.reencode_count({0: 100, 1: 100}, {0: 20, 1: 60})
     assert label == 0 and (20 + n) / (120 + n) == pytest.approx(60 / 160, abs=0.005)
-    assert stage.reencode_count({0: 100, 1: 100}, {0: 60, 1: 20})[0] == 1  # the other way round
-    assert stage.reencode_count({0: 10, 1: 0}, {0: 0, 1: 30}) == (0, 10)  # every fake is new: all reals, once
-    assert stage.reencode_count({0: 50, 1: 50}, {0: 5, 1: 5}) == (1, 0)  # already level
-    assert stage.reencode_count({0: 0, 1: 50}, {1: 5}) == (0, 0)  # no reals at all
+    assert stage_edits.reencode_count({0: 100, 1: 100}, {0: 60, 1: 20})[0] == 1  # the other way round
+    assert stage_edits.reencode_count({0: 10, 1: 0}, {0: 0, 1: 30}) == (0, 10)  # every fake is new: all reals, once
+    assert stage_edits.reencode_count({0: 50, 1: 50}, {0: 5, 1: 5}) == (1, 0)  # already level
+    assert stage_edits.reencode_count({0: 0, 1: 50}, {1: 5}) == (0, 0)  # no reals at all
 
 
 def test_face_embeddings_of_the_real_originals(prepared: tuple) -> None:
@@ -373,11 +375,11 @@ def test_input_sources_are_kept_and_optional(tmp_path: Path, demo_dir: Path) -> 
         "test_list": str(demo_dir / "test_list.csv"),
         "test_root": str(demo_dir / "test"),
     }
-    table = stage.read_originals(stage.resolve_data({"data": {**data, "manifest": str(tmp_path / "with.csv")}}))
+    table = stage_originals.read_originals(resolve_data({"data": {**data, "manifest": str(tmp_path / "with.csv")}}))
     by_name = table.set_index("img_name")
     assert by_name.loc[f"orig/{fake}", "sources"] == f"orig/{donor};orig/elsewhere.jpg"
     assert (table.sources != "").sum() == 1
-    table = stage.read_originals(stage.resolve_data({"data": {**data, "manifest": str(tmp_path / "without.csv")}}))
+    table = stage_originals.read_originals(resolve_data({"data": {**data, "manifest": str(tmp_path / "without.csv")}}))
     assert (table.sources == "").all() and (table.parent != table.img_name).sum() == 6
 
 
@@ -385,7 +387,7 @@ def test_reencoded_copies_level_the_shares_when_there_are_enough_originals(demo_
     cfg = make_cfg(demo_dir, tmp_path / "p", counts={"background": 2, "degrade": 2, "faceswap": 2, "swap": 2})
     summary = stage.prepare(cfg)
     prov = pd.read_csv(tmp_path / "p" / "provenance.csv", dtype=str, keep_default_na=False)
-    copies = prov[prov.method == stage.REENCODE]
+    copies = prov[prov.method == stage_edits.REENCODE]
     assert 0 < len(copies) < 6 and set(copies.target) == {"0"}
     assert copies.source.is_unique  # one copy per original at most
     enc = summary["reencoded"]
@@ -393,3 +395,69 @@ def test_reencoded_copies_level_the_shares_when_there_are_enough_originals(demo_
     # Without the copies the stage would have written a far larger share of the fakes.
     real_without = (enc["real"]["reencoded"] - len(copies)) / (enc["real"]["images"] - len(copies))
     assert enc["fake"]["share"] - real_without > 0.2
+
+
+# ---- several processes (torchrun's gloo group, tests/prep_workers.py) --------------------------
+
+
+def _outputs(root: Path) -> dict[str, str]:
+    """Every image and label file the stage writes, by content (not the logs, timings or paths)."""
+    names = [*_digests(root), "manifest.csv", "provenance.csv", "train_labels.csv", "face_embeddings.npz"]
+    return {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
+
+
+def _two_processes(tmp_path: Path, cfg: dict, die_after: int | None = None) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests import prep_workers
+
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(prep_workers.run_stage, args=(port, str(config), die_after), nprocs=prep_workers.WORLD, join=True)
+
+
+def test_two_processes_share_the_work_and_write_what_one_writes(prepared: tuple, demo_dir: Path, tmp_path: Path):
+    """`torchrun --nproc_per_node 2 -m data_prep`: faces, edits and diffusion batches shared by
+    rank, each logged by the process that made it, the manifest written once: the same bytes."""
+    one, summary, _ = prepared
+    out = tmp_path / "two"
+    _two_processes(tmp_path, make_cfg(demo_dir, out, model=summary["model"]))
+    assert _outputs(out) == _outputs(one)
+    for step in ("edit_swap", "edit_background", "sd_txt2img"):
+        logs = [(out / "steps" / f"{step}.rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+        assert all(logs) and not set(logs[0]) & set(logs[1]), step  # each made some, none made twice
+    assert not (out / "steps" / "edit_swap.jsonl").exists()
+    summary_two = json.loads((out / "summary.json").read_text())
+    assert summary_two["images"] == summary["images"] and summary_two["diffusion"] == "ran"
+
+
+@pytest.mark.slow  # about 100 s on 2 shared cores: two processes start, one dies, then a rerun
+def test_a_process_that_dies_leaves_its_images_for_the_rerun(
+    prepared: tuple, demo_dir: Path, tmp_path: Path, tiny_cpu: None
+):
+    """Process 1 dies in edit:swap after one of its two images: what both processes finished
+    stays and is not made again by a rerun with one process, which ends with the bytes of an
+    uninterrupted run."""
+    import torch.multiprocessing as mp
+
+    one, summary, _ = prepared
+    out = tmp_path / "killed"
+    cfg = make_cfg(demo_dir, out, model=summary["model"])
+    with pytest.raises(mp.ProcessExitedException):
+        _two_processes(tmp_path, cfg, die_after=1)
+    assert not (out / "DONE").exists() and not (out / "steps" / "edit_swap.done").exists()
+    by_rank_1 = [
+        json.loads(line)["name"] for line in (out / "steps" / "edit_swap.rank1.jsonl").read_text().splitlines()
+    ]
+    assert len(by_rank_1) == 1
+    left = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    assert {out / n for n in by_rank_1} <= set(left)
+
+    stage.prepare(cfg)
+    assert _outputs(out) == _outputs(one)
+    assert {p: p.stat().st_mtime_ns for p in left} == left  # kept, not made again

@@ -32,7 +32,6 @@ from core.checkpoint import save_weights
 from core.infer.service import MicroBatcher, ServedModel, build_app
 from tests.test_infer_video import write_video
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 LIMIT_MB = 0.25
 # Long enough that requests sent together on a busy 2-core machine fall into one batch.
@@ -103,7 +102,7 @@ class Server:
         cmd += ["--max-upload-mb", str(LIMIT_MB), "--batch-window-ms", str(WINDOW_MS)]
         with open(self.log, "w") as log:
             env = {**os.environ, "TMPDIR": str(self.tmp)}
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -269,7 +268,7 @@ def test_scoring_files_imports_no_web_framework(project):
         "print(rc, [m for m in ('starlette', 'uvicorn', 'multipart', 'core.infer.service') if m in sys.modules])"
     )
     cmd = [sys.executable, "-c", probe, str(project["images"][0]), *project["args"]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "0 []"
 
 

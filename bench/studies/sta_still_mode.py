@@ -1,7 +1,7 @@
 """Still images for a clip member: one-frame clips or clips built from the image?
 
-  python -m bench.sta_still_mode                           # sta_demo, every finished fold
-  python -m bench.sta_still_mode --out bench/results/sta_still_mode_demo.json
+  python -m bench.studies.sta_still_mode                           # sta_demo, every finished fold
+  python -m bench.studies.sta_still_mode --out bench/studies/results/sta_still_mode_demo.json
 
 Each finished fold's network scores the still images of its own validation fold twice, with the same
 weights: as one-frame clips (`clip.still: single`) and as clips built from the image (`clip.still:

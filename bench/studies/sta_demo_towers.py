@@ -1,7 +1,7 @@
 """Why `sta_demo` stays at chance on the demo: which tiny networks from random weights learn there?
 
-  python -m bench.sta_demo_towers                      # fold 0, 12 epochs
-  python -m bench.sta_demo_towers --folds 0 1 --out bench/results/sta_demo_towers.json
+  python -m bench.studies.sta_demo_towers                      # fold 0, 12 epochs
+  python -m bench.studies.sta_demo_towers --folds 0 1 --out bench/studies/results/sta_demo_towers.json
 
 Each variant trains on the still images of the other folds and is scored on the held-out fold, all
 under one plain loop (stills decoded once through the member's evaluation transform at --size px,
