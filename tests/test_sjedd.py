@@ -121,9 +121,30 @@ def test_the_shipped_hierarchy_matches_brute_force_with_large_scores() -> None:
     torch.testing.assert_close(marginals32.double(), ref_marginals, atol=1e-5, rtol=1e-4)
 
 
+# The public training's FF++ labels: `label_map_soff` of SJEDD's set_dataset_train.py, which
+# SJEDD_train_FFpp.py reads through `stack_label(targets, dataset='ffpp-so')` (its
+# `SO_Graph.label_map_ffso` is not used in training). Node order: fake; expression, identity,
+# physical; eye, eyebrow, lip, mouth, nose, skin.
+PUBLIC_NODES = ("fake", "expression", "identity", "physical", "eye", "eyebrow", "lip", "mouth", "nose", "skin")
+LABEL_MAP_SOFF = {
+    "real": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "phys_eyes": [1, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+    "expr_mouth": [1, 1, 0, 1, 0, 0, 1, 1, 0, 0],  # NeuralTextures, Face2Face
+    "phy_mouth": [1, 0, 0, 1, 0, 0, 1, 1, 0, 0],
+    "phy_nose": [1, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+    "id": [1, 0, 1, 1, 1, 1, 1, 1, 1, 1],  # Deepfakes, FaceSwap
+}
+
+
+def public_state(tree: Hierarchy, row: np.ndarray) -> list[int]:
+    """A label row of `tree` restricted to the public FF++ nodes, in their order."""
+    by_name = dict(zip(tree.nodes, row.astype(int).tolist(), strict=True))
+    return [by_name[n] for n in PUBLIC_NODES]
+
+
 def test_the_published_ffpp_graph_has_its_legal_states() -> None:
-    """The public SJEDD FF++ graph (fake; expression, identity, physical; eye .. skin): its five
-    fake kinds are legal, a local without an on parent and a childless on global are not."""
+    """The public SJEDD FF++ graph (fake; expression, identity, physical; eye .. skin): every state
+    of its training table is legal, a local without an on parent and a childless on global are not."""
     parents = {
         "eye": ("identity", "physical"),
         "eyebrow": ("identity",),
@@ -133,13 +154,44 @@ def test_the_published_ffpp_graph_has_its_legal_states() -> None:
         "skin": ("identity",),
     }
     tree = Hierarchy("fake", ("expression", "identity", "physical"), tuple(parents), parents)
-    published = ["1010111111", "1001000010", "1001001100", "1100001100", "1001100000", "0000000000"]
-    assert all(tree.is_legal([int(c) for c in s]) for s in published)
+    assert tree.nodes == PUBLIC_NODES
+    assert all(tree.is_legal(state) for state in LABEL_MAP_SOFF.values())
     assert not tree.is_legal([int(c) for c in "1000000010"])  # nose without a parent
     assert not tree.is_legal([int(c) for c in "1010000000"])  # identity without a local
     assert not tree.is_legal([int(c) for c in "0010111111"])  # identity without fake
     f = torch.randn(3, 10, dtype=torch.float64)
     torch.testing.assert_close(LegalStates(tree)(f)[1], brute_force(tree, f)[1])
+
+
+@pytest.mark.parametrize("path", [DEMO, FULL])
+def test_shipped_provenance_gives_the_public_training_states(path: Path) -> None:
+    """The fakes the public table labels (face swaps, eye / mouth / nose region swaps) get its states
+    on the public nodes, and `physical` is on for every fake whose attributes are recorded, as there."""
+    cfg = member_cfg(path)
+    tree = Hierarchy.from_config(cfg["model"]["hierarchy"])
+    rows = [
+        ("r.jpg", 0, "real", "", ""),
+        ("fs.jpg", 1, "edit:faceswap", "face", ""),
+        ("eyes.jpg", 1, "edit:swap", "eyes", ""),
+        ("mouth.jpg", 1, "edit:swap", "mouth", ""),
+        ("nose.jpg", 1, "edit:swap", "nose", ""),
+        ("brows.jpg", 1, "edit:swap", "eyebrows", ""),
+        ("sbi.jpg", 1, "sbi", "face", ""),
+        ("inpaint.jpg", 1, "sd:inpaint", "mouth", ""),
+        ("img2img.jpg", 1, "sd:img2img", "global", ""),
+        ("txt2img.jpg", 1, "sd:txt2img", "synthesis", ""),
+        ("bg.jpg", 1, "edit:background", "face+background", "fs.jpg"),
+    ]
+    table = pd.DataFrame(rows, columns=["img_name", "target", "method", "region", "sources"])
+    nodes, known = attribute_labels(table, tree, Provenance.from_cfg(cfg["provenance"], tree), cfg["name"])
+    public = {name: public_state(tree, row) for name, row in zip(table["img_name"], nodes, strict=True)}
+    assert public["r.jpg"] == LABEL_MAP_SOFF["real"]
+    assert public["fs.jpg"] == LABEL_MAP_SOFF["id"]
+    assert public["eyes.jpg"] == LABEL_MAP_SOFF["phys_eyes"]
+    assert public["mouth.jpg"] == LABEL_MAP_SOFF["phy_mouth"]
+    assert public["nose.jpg"] == LABEL_MAP_SOFF["phy_nose"]
+    fakes = table["target"].to_numpy() == 1
+    assert known.all() and (nodes[fakes, tree.nodes.index("physical")] == 1).all()
 
 
 def test_hierarchy_config_errors_name_the_entry() -> None:
@@ -359,10 +411,10 @@ def test_provenance_gives_the_label_states_of_the_data_stage() -> None:
     local_face = {"eye", "eyebrow", "lip", "mouth", "nose", "skin"}
     assert got["orig/r.jpg"] == set() and got["edit/background/1.jpg"] == set()
     assert got["orig/swap.jpg"] == {"fake", "physical", "mouth", "lip"}
-    assert got["orig/fs.jpg"] == {"fake", "identity", *local_face}
+    assert got["orig/fs.jpg"] == {"fake", "identity", "physical", *local_face}
     assert got["orig/sbi.jpg"] == got["edit/degrade/0.jpg"] == {"fake", "physical", "skin"}  # the source's
     assert got["edit/background/0.jpg"] == {"fake", "identity", "physical", "background", *local_face}
-    assert got["sd/txt2img/0.jpg"] == {"fake", "synthesis", "background", *local_face}
+    assert got["sd/txt2img/0.jpg"] == {"fake", "synthesis", "physical", "background", *local_face}
     unknown = ~known
     assert set(table["img_name"][unknown]) == {"orig/unknown.jpg", "edit/degrade/1.jpg"}  # and what came from it
     assert (nodes[unknown][:, 0] == 1).all()
