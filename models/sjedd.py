@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from core.config import ConfigError
 from core.data.datasets import collate_skip_errors
 from core.data.folds import SOURCES_SEP
-from core.distributed import DistInfo, average_across_ranks, world_size
+from core.distributed import sum_over_processes
 from core.imaging import ImageDecodeError, decode_image
 from core.infer.attributes import ATTRIBUTE_PREFIX
 from core.log import get_logger
@@ -255,14 +255,25 @@ def auto_lambda_step(net: SJEDDNet, batch: dict, s: AutoLambda) -> None:
         dL_pri(theta') / dlambda_k = -a grad L_k(theta; t) . d
                                    ~ -a (L_k(theta + e d; t) - L_k(theta - e d; t)) / 2e,  e = 0.01 / |d|
 
-    That gradient, times a as in the published code and averaged over DDP ranks, takes one
-    Adam step (lr `meta_lr`) on lambda, which is then kept >= 0 (a negative weight would
-    maximise its level's loss). The published code draws v from a second loader over the
-    training set; a half of the same batch keeps a resumed run identical to an uninterrupted one.
+    That gradient, times a as in the published code and averaged over the DDP ranks that have a
+    pair of images, takes one Adam step (lr `meta_lr`) on lambda, which is then kept >= 0 (a
+    negative weight would maximise its level's loss). A rank whose batch holds fewer than two
+    readable images contributes nothing but still joins the all-reduce (the others wait in it);
+    when no rank has a pair, lambda stays. The published code draws v from a second loader over
+    the training set; a half of the same batch keeps a resumed run identical to an uninterrupted one.
     """
     n = len(batch["image"]) // 2
-    if n == 0:
-        return
+    lam = net.level_weights.value
+    grad = _hypergradient(net, batch, n, s) if n else torch.zeros_like(lam)
+    # (sum of the ranks' gradients, how many ranks had a pair): one collective, reached by every rank
+    summed = sum_over_processes(torch.cat([grad, torch.ones_like(lam[:1]) * (n > 0)]))
+    with torch.no_grad():
+        if summed[-1] > 0:
+            _adam_step(net.level_weights, summed[:-1] / summed[-1], s.meta_lr)
+
+
+def _hypergradient(net: SJEDDNet, batch: dict, n: int, s: AutoLambda) -> torch.Tensor:
+    """This rank's d L_pri(theta') / d lambda (`auto_lambda_step`) from its first n images and the next n."""
     train = {k: batch[k][:n] for k in ("image", "nodes", "known")}
     held_out = {k: batch[k][n : 2 * n] for k in ("image", "nodes", "known")}
     params = {name: p for name, p in net.named_parameters() if p.requires_grad}
@@ -285,9 +296,7 @@ def auto_lambda_step(net: SJEDDNet, batch: dict, s: AutoLambda) -> None:
     with torch.no_grad():
         plus = _losses_at(net, {**buffers, **{k: p + eps * d[k] if k in d else p for k, p in params.items()}}, train)
         minus = _losses_at(net, {**buffers, **{k: p - eps * d[k] if k in d else p for k, p in params.items()}}, train)
-        grad = (-s.virtual_lr * (plus - minus) / (2 * eps)).to(lam.dtype)
-        average_across_ranks([grad], DistInfo(world=world_size()))
-        _adam_step(net.level_weights, grad, s.meta_lr)
+        return (-s.virtual_lr * (plus - minus) / (2 * eps)).to(lam.dtype)
 
 
 def _adam_step(w: LevelWeights, grad: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:

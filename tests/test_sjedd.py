@@ -751,3 +751,15 @@ def test_cosine_over_ten_could_never_call_an_image_real() -> None:
     tree = demo_tree()
     _, marginals = LegalStates(tree)(torch.full((1, 12), -0.1))  # every score at its lowest
     assert float(marginals[0, 0]) > 0.99
+
+
+def test_level_weights_under_ddp_with_a_rank_left_one_readable_image(tmp_path: Path) -> None:
+    """Two gloo processes (tests/sjedd_ddp_workers.py): a rank without a held-out pair still joins
+    the all-reduce of the hypergradient (a short process-group timeout fails instead of hanging)."""
+    import torch.multiprocessing as mp
+
+    from tests import sjedd_ddp_workers
+    from tests.ddp_workers import WORLD
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(sjedd_ddp_workers.level_weights_with_a_nearly_unreadable_share, args=(init,), nprocs=WORLD, join=True)
