@@ -118,11 +118,36 @@ class SJEDDNet(nn.Module):
         self.states = LegalStates(hierarchy)
         self.level_weights = LevelWeights(len(hierarchy.levels))
         self.antonyms, self.scale, self.normalize = antonyms, float(scale), normalize
+        # The prompts' embeddings in eval mode, and the text weights they were computed from (`text_features`)
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def text_features(self) -> torch.Tensor:
+        """The prompts' embeddings. They do not depend on the image, so in eval mode they are
+        computed once (the text tower costs about 8 times the ViT-B/32 image tower at batch 1) and
+        kept until the text weights change: moved, trained, loaded or edited in place (each bumps
+        a tensor's version or storage) or the network is put back in training mode. Training
+        mode and tracing for an export compute them every call."""
+        if self.training or torch.compiler.is_compiling():
+            return self.clip.encode_text(self.tokens)
+        weights = [p for name, p in self.clip.named_parameters() if not name.startswith("visual.")]
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version) for p in weights))
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():  # a constant in eval: no graph kept alive in the cache
+                self._text_cache = (key, self.clip.encode_text(self.tokens))
+        return self._text_cache[1]
+
+    def train(self, mode: bool = True) -> SJEDDNet:
+        self._text_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the cached features would stay behind
+        self._text_cache = None
+        return super()._apply(fn, recurse)
 
     def node_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f (B, N) in float32, the image embedding)."""
         image = self.clip.encode_image(images)
-        text = self.clip.encode_text(self.tokens)
+        text = self.text_features()
         with torch.autocast(images.device.type, enabled=False):
             u, t = image.float(), text.float()
             if self.normalize:

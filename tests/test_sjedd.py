@@ -236,6 +236,51 @@ def test_scores_are_scaled_dot_products_and_antonyms_subtract() -> None:
         torch.testing.assert_close(f, expected)
 
 
+def test_text_features_are_computed_once_in_eval_until_the_weights_change(monkeypatch) -> None:
+    """The prompts' embeddings do not depend on the image: in eval mode the text tower runs once for
+    any number of forwards, again after a weight change (in place, a load, a move) or training mode,
+    and the cached features always equal a fresh computation."""
+    net = tiny_net()
+    calls = []
+    encode = net.clip.encode_text
+    monkeypatch.setattr(net.clip, "encode_text", lambda tokens: calls.append(1) or encode(tokens))
+    images = torch.rand(2, 3, 16, 16)
+
+    def fresh() -> dict:
+        with torch.no_grad():
+            u, t = net.clip.encode_image(images), encode(net.tokens)
+        return 0.1 * u @ t.t()
+
+    net.eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            f, _ = net.node_scores(images)
+    assert len(calls) == 1
+    torch.testing.assert_close(f, fresh())
+    with torch.no_grad():
+        net.clip.token_embedding.weight.mul_(2.0)  # an optimiser step or an EMA copy does this
+        f, _ = net.node_scores(images)
+        assert len(calls) == 2
+        torch.testing.assert_close(f, fresh())
+        state = {k: v + 0.01 for k, v in net.state_dict().items()}
+        net.load_state_dict(state)
+        f, _ = net.node_scores(images)
+        assert len(calls) == 3
+        torch.testing.assert_close(f, fresh())
+        net.to(torch.float64).to(torch.float32)
+        net.node_scores(images)
+        net.node_scores(images)
+        assert len(calls) == 4
+    net.train()
+    net(images)
+    net(images)
+    assert len(calls) == 6  # training: the text tower learns, so it runs every step
+    net.eval()
+    images.requires_grad_()
+    net.node_scores(images)[0].sum().backward()  # Grad-CAM: gradients to the image through cached features
+    assert images.grad is not None and len(calls) == 7
+
+
 def test_prompts_follow_the_published_templates() -> None:
     from models.sjedd import prompts
 
