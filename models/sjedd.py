@@ -42,7 +42,7 @@ from core.data.datasets import collate_skip_errors
 from core.data.folds import SOURCES_SEP
 from core.distributed import sum_over_processes
 from core.imaging import ImageDecodeError, decode_image
-from core.infer.attributes import ATTRIBUTE_PREFIX
+from core.infer.attributes import ATTRIBUTE_PREFIX, POSITIVES_KEY
 from core.log import get_logger
 from models import clip_towers
 from models.hierarchy import Hierarchy, LegalStates
@@ -541,14 +541,17 @@ def sjedd_recipe(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int)
     tree = Hierarchy.from_config(cfg["model"]["hierarchy"])
     nodes, known = attribute_labels(table, tree, Provenance.from_cfg(cfg["provenance"], tree), cfg["name"])
     fakes = table["target"].to_numpy() == 1
+    positives = {n: int(nodes[known, i].sum()) for i, n in enumerate(tree.nodes)}
     log.info(
         "attribute labels: %d fakes, %d with attributes recorded; positives per node: %s",
         int(fakes.sum()),
         int((fakes & known).sum()),
-        ", ".join(f"{n} {int(nodes[known, i].sum())}" for i, n in enumerate(tree.nodes)),
+        ", ".join(f"{n} {k}" for n, k in positives.items()),
     )
     perturb_p = float(cfg["recipe"].get("perturb_p", 0.0))
     dataset = AttributeDataset(
         table["path"].tolist(), table["target"].astype(int).tolist(), nodes, known, transform, seed, perturb_p
     )
-    return TrainData(dataset, collate_attributes)
+    # infer.py --attributes marks an attribute this fold never saw altered as untrained
+    record = {POSITIVES_KEY: {n: k for n, k in positives.items() if n != tree.root}}
+    return TrainData(dataset, collate_attributes, record=record)

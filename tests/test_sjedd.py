@@ -652,29 +652,41 @@ def test_train_then_infer_prints_attributes(tiny_project, capsys) -> None:
     image = str(Path(p["test_root"]) / "t_000.png")
     assert infer.main([image, *configs, "--attributes", "--json"]) == 0  # the ONNX path: exports first
     attrs = json.loads(capsys.readouterr().out.strip())["attributes"]["tiny"]
-    assert set(attrs) == set(demo_tree().nodes[1:]) and all(0 <= v <= 1 for v in attrs.values())
+    # the fakes here are all "patch" (physical, skin): every other attribute is marked untrained, from meta.json
+    positives = json.loads((p["outputs"] / "tiny" / "fold0" / "meta.json").read_text())["training_data"]
+    assert {n for n, k in positives["attribute_positives"].items() if k} == {"physical", "skin"}
+    assert set(attrs["given_fake"]) == {"physical", "skin"} and all(0 <= v <= 1 for v in attrs["given_fake"].values())
+    assert set(attrs["untrained"]) == set(demo_tree().nodes[1:]) - {"physical", "skin"}
+    assert 0 < attrs["fake"] < 1
 
 
-def save_fold(folder: Path, cfg: dict, seed: int) -> torch.nn.Module:
+def save_fold(folder: Path, cfg: dict, seed: int, record: dict | None = None) -> torch.nn.Module:
     from core.checkpoint import save_weights
 
     folder.mkdir(parents=True)
     torch.manual_seed(seed)
     net = models.build_model(cfg["model"]).eval()
     save_weights(net.state_dict(), folder / "model.safetensors")
-    (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    meta = {"complete": True, "config": cfg} | ({"training_data": record} if record is not None else {})
+    (folder / "meta.json").write_text(json.dumps(meta))
     return net
 
 
-def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_path: Path, capsys) -> None:
+def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_path: Path, capsys, monkeypatch) -> None:
+    """sjedd's own p(fake) beside its attributes given fake (the folds' mean joint probability over
+    their mean p(fake)); an attribute no fold saw altered is marked untrained, without a number;
+    the networks run once per image with --attributes as without."""
     from PIL import Image
 
     import infer
     from core.preprocess import Preprocessing
+    from models.sjedd import SJEDDNet
 
     model = {**member_cfg()["model"], "model_cfg": TINY_CLIP}
     sjedd_cfg = {"name": "sj", "model": model, "data": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}}
-    nets = [save_fold(tmp_path / "sj" / f"fold{k}", sjedd_cfg, seed=k) for k in (0, 1)]
+    untrained = {"expression", "synthesis"}
+    record = {"attribute_positives": {n: 0 if n in untrained else 5 for n in demo_tree().nodes[1:]}}
+    nets = [save_fold(tmp_path / "sj" / f"fold{k}", sjedd_cfg, seed=k, record=record) for k in (0, 1)]
     other = {"name": "cnn", "model": {"name": "mff_expert", "backbone": "test_resnet"}, "data": {"image_size": 32}}
     save_fold(tmp_path / "cnn" / "fold0", other, seed=0)
     image = tmp_path / "a.png"
@@ -683,28 +695,44 @@ def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_pa
     weights = [
         f"--weights={tmp_path / m / f'fold{k}' / 'model.safetensors'}" for m, k in (("sj", 0), ("sj", 1), ("cnn", 0))
     ]
+    forwards = []
+    forward = SJEDDNet.forward
+    monkeypatch.setattr(SJEDDNet, "forward", lambda self, x: forwards.append(len(x)) or forward(self, x))
     assert infer.main([str(image), *weights, "--runtime", "torch", "--attributes", "--json"]) == 0
+    with_attributes = len(forwards)
     obj = json.loads(capsys.readouterr().out.strip())
     assert set(obj["attributes"]) == {"sj"}  # the CNN member explains nothing
+    got = obj["attributes"]["sj"]
+    assert got["fake"] == pytest.approx(obj["members"]["sj"], abs=1e-6)  # the member's own probability
     x = torch.from_numpy(Preprocessing.from_config(sjedd_cfg)(pixels))[None]
     with torch.no_grad():
         outs = [n(x) for n in nets]
-    for name, value in obj["attributes"]["sj"].items():
-        expected = np.mean([float(o[f"{ATTRIBUTE_PREFIX}{name}"][0]) for o in outs])
-        assert value == pytest.approx(expected, abs=1e-5)
+    p_fake = np.mean([float(torch.softmax(o["logits"].double(), 1)[0, 1]) for o in outs])
+    assert got["fake"] == pytest.approx(p_fake, abs=1e-5)
+    assert set(got["untrained"]) == untrained and not untrained & set(got["given_fake"])
+    for name, value in got["given_fake"].items():
+        joint = np.mean([float(o[f"{ATTRIBUTE_PREFIX}{name}"][0]) for o in outs])
+        assert value == pytest.approx(joint / p_fake, abs=1e-5)
     assert infer.main([str(image), *weights, "--runtime", "torch", "--attributes"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{obj['probability']:.4f}\t{image}\tsj: expression=")
+    given = " ".join(f"{n} {p:.2f}" for n, p in got["given_fake"].items())
+    assert line == (
+        f"{obj['probability']:.4f}\t{image}\tsj: p(fake) {got['fake']:.2f} | if fake: {given}"
+        " | untrained: expression synthesis"
+    )
+    forwards.clear()
     assert infer.main([str(image), *weights, "--runtime", "torch"]) == 0
     assert capsys.readouterr().out.strip() == f"{obj['probability']:.4f}\t{image}"  # without the flag: as before
+    assert len(forwards) == with_attributes >= 2  # --attributes runs no network a second time
 
 
 @pytest.mark.slow
 def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
     """The CPU path: the exported network gives PyTorch's logits and attributes, which
     `core.infer.attributes` reads from ONNX Runtime's outputs by name."""
-    from core.infer.attributes import AttributeScorer
-    from core.infer.scoring import Group
+    from PIL import Image
+
+    from core.infer.scoring import ArrayScorer, Group
     from core.preprocess import Preprocessing
     from models.onnx_export import export_and_check
 
@@ -712,8 +740,11 @@ def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
     network, reason = export_and_check(net, 16, "tiny")
     assert network is not None, reason
     image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
     prep = Preprocessing(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    got = AttributeScorer([Group(prep, [network], [0])], ["tiny"]).score_image(image)["tiny"]
+    scorer = ArrayScorer([Group(prep, [network], [0])], 1, explain=True)
+    scorer.score_files([tmp_path / "a.png"], print)
+    got = scorer.attributes[0][0]
     with torch.no_grad():
         ref = net(torch.from_numpy(prep(image))[None])
     for name, value in got.items():
