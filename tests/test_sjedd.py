@@ -588,6 +588,24 @@ def test_shipped_configs_hold_the_published_numbers_and_build(path: Path) -> Non
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # DDP-ready
 
 
+def test_the_input_is_the_whole_image_as_the_public_transform_keeps_it() -> None:
+    """SJEDD's clip.py `_transform` resizes the shorter side to 224 with its CenterCrop commented
+    out (on square face crops: the whole image); no centre crop here either: the sides of a wide
+    image reach the network."""
+    from core.data.transforms import build_transform
+
+    cfg = member_cfg(FULL)["data"]
+    wide = np.full((200, 400, 3), 128, np.uint8)
+    wide[:, :40] = (255, 0, 0)  # the outer tenth of each side, which a centre crop would drop
+    wide[:, -40:] = (0, 0, 255)
+    x = build_transform(cfg, train=False)(wide, 0)
+    assert tuple(x.shape) == (3, 224, 224)
+    mean, std = torch.tensor(cfg["mean"])[:, None], torch.tensor(cfg["std"])[:, None]
+    rgb = x[:, 112, :] * std + mean  # one row, back in [0, 1]
+    torch.testing.assert_close(rgb[:, 5], torch.tensor([1.0, 0.0, 0.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(rgb[:, -5], torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)
+
+
 @pytest.mark.slow
 def test_the_published_architecture_builds_without_weights() -> None:
     cfg = member_cfg(FULL)
