@@ -126,10 +126,11 @@ class SJEDDNet(nn.Module):
         computed once (the text tower costs about 8 times the ViT-B/32 image tower at batch 1) and
         kept until the text weights change: moved, trained, loaded or edited in place (each bumps
         a tensor's version or storage) or the network is put back in training mode. Training
-        mode and tracing for an export compute them every call."""
-        if self.training or torch.compiler.is_compiling():
-            return self.clip.encode_text(self.tokens)
+        mode, tracing for an export and weights made under torch.inference_mode (whose in-place
+        changes bump no version) compute them every call."""
         weights = [p for name, p in self.clip.named_parameters() if not name.startswith("visual.")]
+        if self.training or torch.compiler.is_compiling() or any(p.is_inference() for p in weights):
+            return self.clip.encode_text(self.tokens)
         key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version) for p in weights))
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():  # a constant in eval: no graph kept alive in the cache

@@ -279,6 +279,12 @@ def test_text_features_are_computed_once_in_eval_until_the_weights_change(monkey
     images.requires_grad_()
     net.node_scores(images)[0].sum().backward()  # Grad-CAM: gradients to the image through cached features
     assert images.grad is not None and len(calls) == 7
+    with torch.inference_mode():  # weights loaded in inference mode change in place without a version
+        made_here = tiny_net(seed=1).eval()
+        for k in range(2):
+            made_here.load_state_dict({name: v + k for name, v in net.state_dict().items()})
+            u, t = made_here.clip.encode_image(images), made_here.clip.encode_text(made_here.tokens)
+            torch.testing.assert_close(made_here.node_scores(images)[0], 0.1 * u @ t.t())
 
 
 def test_prompts_follow_the_published_templates() -> None:
