@@ -177,9 +177,10 @@ class ArrayScorer:
 
     def _keep(self, index: list[int], columns: list[int], found: list[dict[str, np.ndarray]]) -> None:
         for column, attrs in zip(columns, found, strict=True):
+            if not attrs:  # a network that explains nothing
+                continue
             for k, i in enumerate(index):
-                if attrs:
-                    self.attributes.setdefault(i, {})[column] = {name: float(v[k]) for name, v in attrs.items()}
+                self.attributes.setdefault(i, {})[column] = {name: float(v[k]) for name, v in attrs.items()}
 
     def score_files(self, paths: Sequence[str | Path], on_error: Callable[[str], None]) -> np.ndarray:
         def load(item: tuple[int, str | Path]) -> tuple[int, list[np.ndarray] | str]:
