@@ -45,9 +45,18 @@ mirrors (`core.data.tta`), averaging the probabilities: as many forward passes p
 null)}.
 
 --attributes adds, per still image (not with --crop-faces), what each member that explains its
-score says was altered: the probability of each attribute (identity, eye, mouth, ...), after the
-path on the text line and as "attributes" {member: {attribute: p}} in --json. Members without
-attributes add nothing.
+score says was altered, from the same forward pass as its score: after the path,
+"member: p(fake) 0.87 | if fake: identity 0.82 eye 0.80 ... | untrained: expression". p(fake) is
+the member's own probability (its folds averaged; the line's first number is the blend). Each
+attribute is given fake: the probability that it was altered if the image is fake (the member's
+joint probability of fake and altered, over its p(fake)), so read it beside p(fake). "untrained":
+attributes with no altered example in the member's training data (recorded per fold in its
+meta.json); they are not evidence and get no number. An attribute means what the member's
+training labels made it mean (docs/members/): a fake's replaced background, for instance, is
+labelled altered, but a real pasted into new surroundings is labelled real, so a high
+"background" says a fake's surroundings were replaced, never that a real's were. --json:
+"attributes" {member: {"fake": p, "given_fake": {attribute: p}, "untrained": [attribute]}}.
+Members without attributes add nothing.
 
 Exit status: 0 every input scored; 1 some inputs could not be read (each reported on
 stderr, the rest scored); 2 bad arguments, or nothing could be scored; 3 no trained model.
@@ -76,7 +85,7 @@ from core.imaging import ImageDecodeError, decode_image, indexed_video_frames, i
 # Only light modules here: on a CPU whose networks all have a verified ONNX export, scoring
 # imports neither torch nor timm (seconds of a one-image run); the PyTorch side is imported
 # where it is needed (`--runtime torch`, a GPU, an export to make).
-from core.infer.attributes import AttributeScorer, format_attributes
+from core.infer.attributes import POSITIVES_KEY, Explained, explain_member, format_attributes
 from core.infer.ensemble import Ensemble
 from core.infer.onnx_cache import VERIFIED, lookup
 from core.infer.scoring import ArrayScorer, Crop, Group, Network
@@ -92,6 +101,7 @@ from core.trained import (
     finished_folds,
     member_folds,
     read_model_file,
+    training_record,
     weights_files,
 )
 
@@ -310,14 +320,16 @@ def face_cropper(preprocessing: Preprocessing) -> Crop | None:
         raise ConfigError(f"{err}; checkpoints that take face crops need it") from None
 
 
-def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int, tta: str = "none") -> ArrayScorer:
+def onnx_scorer(
+    ensemble: Ensemble, batch_size: int, workers: int, tta: str = "none", explain: bool = False
+) -> ArrayScorer:
     groups = []
     for idx in ensemble.groups().values():
         preprocessing = Preprocessing.from_config(ensemble.trained[idx[0]].config)
         networks = [cpu_network(ensemble.trained[i], preprocessing.size) for i in idx]
         label = ", ".join(sorted({ensemble.trained[i].member for i in idx}))
         groups.append(Group(preprocessing, networks, idx, face_cropper(preprocessing), label))
-    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers, tta)
+    return ArrayScorer(groups, len(ensemble.trained), batch_size, workers, tta, explain)
 
 
 class Scorer:
@@ -336,12 +348,17 @@ class Scorer:
         self.report = report
         self._analyzer = None
         self.per_frame: list[tuple[str, int, str, float]] = []  # video frames' member scores (--per-frame)
+        self.explained: dict[int, dict[str, Explained]] = {}  # --attributes: input index -> member -> explanation
         if self.runtime == "onnx":
-            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers, args.tta)
+            self.engine = onnx_scorer(ensemble, self.batch_size, self.workers, args.tta, args.attributes)
         else:
-            from models.scoring import TorchScorer
+            from models.scoring import TorchScorer, array_groups
 
             self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, face_cropper, args.tta)
+            if args.attributes:  # the same networks behind the NumPy interface: one pass gives scores and attributes
+                n = len(ensemble.trained)
+                groups = array_groups(self.engine, ensemble)
+                self.engine = ArrayScorer(groups, n, self.batch_size, self.workers, args.tta, explain=True)
         self.clips = None
         if ensemble.clip_models():  # torch only where a member takes clips: the image-only fast path stays torch-free
             from models.clip_scoring import ClipScorer
@@ -362,6 +379,24 @@ class Scorer:
 
     def _table(self, probs: np.ndarray) -> np.ndarray:
         return np.column_stack([self.ensemble.blend(probs), self.ensemble.member_probs(probs)])
+
+    def _explain(self, stills: list[int], probs: np.ndarray) -> dict[int, dict[str, Explained]]:
+        """Per still image the engine explained, each explaining member's p(fake) and attributes
+        (`core.infer.attributes.explain_member`) from its folds' outputs of the scoring pass."""
+        found: dict[int, dict[int, dict[str, float]]] = getattr(self.engine, "attributes", {})
+        trained = self.ensemble.trained
+        columns_explained = {c for one in found.values() for c in one}
+        positives = {c: training_record(trained[c].weights).get(POSITIVES_KEY) for c in columns_explained}
+        out = {}
+        for j, columns in found.items():
+            i, by_member = stills[j], {}
+            for c in columns:
+                by_member.setdefault(trained[c].member, []).append(c)
+            out[i] = {
+                m: explain_member([columns[c] for c in cs], [probs[i, c] for c in cs], [positives[c] for c in cs])
+                for m, cs in by_member.items()
+            }
+        return out
 
     def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
         return self._table(self.engine.score_arrays(arrays))
@@ -405,6 +440,7 @@ class Scorer:
         stills = [i for i, p in enumerate(paths) if not is_video(p)]
         if stills and not self.crop_faces:
             probs[stills] = self.engine.score_files([paths[i] for i in stills], self.report)
+            self.explained = self._explain(stills, probs)
         unreadable = set()
         for i, p in enumerate(paths):
             try:
@@ -427,22 +463,6 @@ class Scorer:
             self.clips.score([paths[i] for i in readable], clip_probs, self.report)
             probs[readable] = clip_probs
         return self._table(probs)
-
-
-def attribute_scores(scorer: Scorer, paths: list[Path]) -> list[dict]:
-    """Per input, each explaining member's attribute probabilities: still images scored whole (none
-    for videos or face crops)."""
-    engine = scorer.engine
-    if isinstance(engine, ArrayScorer):
-        groups = engine.groups
-    else:
-        from models.scoring import array_groups
-
-        groups = array_groups(engine, scorer.ensemble)
-    explainer = AttributeScorer(groups, [t.member for t in scorer.ensemble.trained])
-    stills = [] if scorer.crop_faces else [p for p in paths if not is_video(p)]
-    found = dict(zip(stills, explainer.score_files(stills), strict=True))
-    return [found.get(p, {}) for p in paths]
 
 
 def skip_reason(path: str, problems: list[str]) -> str | None:
@@ -524,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = scorer.score(paths)
     probs = table[:, 0]
-    explained = attribute_scores(scorer, paths) if args.attributes else [None] * len(paths)
+    explained = [scorer.explained.get(i, {}) for i in range(len(paths))] if args.attributes else [None] * len(paths)
     for path, row, attributes in zip(paths, table, explained, strict=True):
         if args.json:
             print(json_line(str(path), row, scorer.columns, problems, attributes))

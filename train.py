@@ -236,6 +236,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
             "test_if_labelled": test_metrics,  # reported, never used for selection
             "history": result.history,
             "pretrained": [source.as_dict() for source in pretrained],  # where each part's starting weights came from
+            "training_data": train_data.record,  # what the recipe recorded about its images (read by infer.py)
             "config": cfg,
             "versions": versions(),
         },

@@ -129,6 +129,16 @@ def read_model_file(weights: str | Path) -> ModelFile:
     return ModelFile(cfg["name"], weights, cfg, _stamp(raw))
 
 
+def training_record(weights: str | Path) -> dict:
+    """What the member's recipe recorded about the training data of the fold whose weights are
+    `weights` (meta.json's `training_data`, e.g. positives per attribute); {} where none was."""
+    try:
+        record = json.loads((Path(weights).parent / META_FILE).read_text()).get("training_data")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def takes_clips(cfg: dict) -> bool:
     """Whether a member config feeds its network clips (it has a `clip` section)."""
     return bool(cfg.get("clip"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +25,14 @@ class TrainData:
     dimension N the member's criterion reads (the trainer moves every tensor to the device).
     `auxiliary`: an extra trainable part with its own optimiser step (`core.train.trainer.Auxiliary`,
     e.g. a synthesizer that turns the collated batch into the criterion's), or None.
+    `record`: JSON-able facts about the training data that inference needs (train.py keeps them as
+    meta.json's `training_data`; e.g. positives per attribute, `core.infer.attributes`).
     """
 
     dataset: Any
     collate: Callable[[list[dict]], dict]
     auxiliary: Any = None
+    record: dict = field(default_factory=dict)
 
 
 def register_model(name: str) -> Callable:

@@ -40,9 +40,9 @@ from torch.utils.data import Dataset
 from core.config import ConfigError
 from core.data.datasets import collate_skip_errors
 from core.data.folds import SOURCES_SEP
-from core.distributed import DistInfo, average_across_ranks, world_size
+from core.distributed import sum_over_processes
 from core.imaging import ImageDecodeError, decode_image
-from core.infer.attributes import ATTRIBUTE_PREFIX
+from core.infer.attributes import ATTRIBUTE_PREFIX, POSITIVES_KEY
 from core.log import get_logger
 from models import clip_towers
 from models.hierarchy import Hierarchy, LegalStates
@@ -118,11 +118,37 @@ class SJEDDNet(nn.Module):
         self.states = LegalStates(hierarchy)
         self.level_weights = LevelWeights(len(hierarchy.levels))
         self.antonyms, self.scale, self.normalize = antonyms, float(scale), normalize
+        # The prompts' embeddings in eval mode, and the text weights they were computed from (`text_features`)
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def text_features(self) -> torch.Tensor:
+        """The prompts' embeddings. They do not depend on the image, so in eval mode they are
+        computed once (the text tower costs about 8 times the ViT-B/32 image tower at batch 1) and
+        kept until the text weights change: moved, trained, loaded or edited in place (each bumps
+        a tensor's version or storage) or the network is put back in training mode. Training
+        mode, tracing for an export and weights made under torch.inference_mode (whose in-place
+        changes bump no version) compute them every call."""
+        weights = [p for name, p in self.clip.named_parameters() if not name.startswith("visual.")]
+        if self.training or torch.compiler.is_compiling() or any(p.is_inference() for p in weights):
+            return self.clip.encode_text(self.tokens)
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version) for p in weights))
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():  # a constant in eval: no graph kept alive in the cache
+                self._text_cache = (key, self.clip.encode_text(self.tokens))
+        return self._text_cache[1]
+
+    def train(self, mode: bool = True) -> SJEDDNet:
+        self._text_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the cached features would stay behind
+        self._text_cache = None
+        return super()._apply(fn, recurse)
 
     def node_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f (B, N) in float32, the image embedding)."""
         image = self.clip.encode_image(images)
-        text = self.clip.encode_text(self.tokens)
+        text = self.text_features()
         with torch.autocast(images.device.type, enabled=False):
             u, t = image.float(), text.float()
             if self.normalize:
@@ -255,14 +281,25 @@ def auto_lambda_step(net: SJEDDNet, batch: dict, s: AutoLambda) -> None:
         dL_pri(theta') / dlambda_k = -a grad L_k(theta; t) . d
                                    ~ -a (L_k(theta + e d; t) - L_k(theta - e d; t)) / 2e,  e = 0.01 / |d|
 
-    That gradient, times a as in the published code and averaged over DDP ranks, takes one
-    Adam step (lr `meta_lr`) on lambda, which is then kept >= 0 (a negative weight would
-    maximise its level's loss). The published code draws v from a second loader over the
-    training set; a half of the same batch keeps a resumed run identical to an uninterrupted one.
+    That gradient, times a as in the published code and averaged over the DDP ranks that have a
+    pair of images, takes one Adam step (lr `meta_lr`) on lambda, which is then kept >= 0 (a
+    negative weight would maximise its level's loss). A rank whose batch holds fewer than two
+    readable images contributes nothing but still joins the all-reduce (the others wait in it);
+    when no rank has a pair, lambda stays. The published code draws v from a second loader over
+    the training set; a half of the same batch keeps a resumed run identical to an uninterrupted one.
     """
     n = len(batch["image"]) // 2
-    if n == 0:
-        return
+    lam = net.level_weights.value
+    grad = _hypergradient(net, batch, n, s) if n else torch.zeros_like(lam)
+    # (sum of the ranks' gradients, how many ranks had a pair): one collective, reached by every rank
+    summed = sum_over_processes(torch.cat([grad, torch.ones_like(lam[:1]) * (n > 0)]))
+    with torch.no_grad():
+        if summed[-1] > 0:
+            _adam_step(net.level_weights, summed[:-1] / summed[-1], s.meta_lr)
+
+
+def _hypergradient(net: SJEDDNet, batch: dict, n: int, s: AutoLambda) -> torch.Tensor:
+    """This rank's d L_pri(theta') / d lambda (`auto_lambda_step`) from its first n images and the next n."""
     train = {k: batch[k][:n] for k in ("image", "nodes", "known")}
     held_out = {k: batch[k][n : 2 * n] for k in ("image", "nodes", "known")}
     params = {name: p for name, p in net.named_parameters() if p.requires_grad}
@@ -285,9 +322,7 @@ def auto_lambda_step(net: SJEDDNet, batch: dict, s: AutoLambda) -> None:
     with torch.no_grad():
         plus = _losses_at(net, {**buffers, **{k: p + eps * d[k] if k in d else p for k, p in params.items()}}, train)
         minus = _losses_at(net, {**buffers, **{k: p - eps * d[k] if k in d else p for k, p in params.items()}}, train)
-        grad = (-s.virtual_lr * (plus - minus) / (2 * eps)).to(lam.dtype)
-        average_across_ranks([grad], DistInfo(world=world_size()))
-        _adam_step(net.level_weights, grad, s.meta_lr)
+        return (-s.virtual_lr * (plus - minus) / (2 * eps)).to(lam.dtype)
 
 
 def _adam_step(w: LevelWeights, grad: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
@@ -507,14 +542,17 @@ def sjedd_recipe(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int)
     tree = Hierarchy.from_config(cfg["model"]["hierarchy"])
     nodes, known = attribute_labels(table, tree, Provenance.from_cfg(cfg["provenance"], tree), cfg["name"])
     fakes = table["target"].to_numpy() == 1
+    positives = {n: int(nodes[known, i].sum()) for i, n in enumerate(tree.nodes)}
     log.info(
         "attribute labels: %d fakes, %d with attributes recorded; positives per node: %s",
         int(fakes.sum()),
         int((fakes & known).sum()),
-        ", ".join(f"{n} {int(nodes[known, i].sum())}" for i, n in enumerate(tree.nodes)),
+        ", ".join(f"{n} {k}" for n, k in positives.items()),
     )
     perturb_p = float(cfg["recipe"].get("perturb_p", 0.0))
     dataset = AttributeDataset(
         table["path"].tolist(), table["target"].astype(int).tolist(), nodes, known, transform, seed, perturb_p
     )
-    return TrainData(dataset, collate_attributes)
+    # infer.py --attributes marks an attribute this fold never saw altered as untrained
+    record = {POSITIVES_KEY: {n: k for n, k in positives.items() if n != tree.root}}
+    return TrainData(dataset, collate_attributes, record=record)

@@ -121,9 +121,30 @@ def test_the_shipped_hierarchy_matches_brute_force_with_large_scores() -> None:
     torch.testing.assert_close(marginals32.double(), ref_marginals, atol=1e-5, rtol=1e-4)
 
 
+# The public training's FF++ labels: `label_map_soff` of SJEDD's set_dataset_train.py, which
+# SJEDD_train_FFpp.py reads through `stack_label(targets, dataset='ffpp-so')` (its
+# `SO_Graph.label_map_ffso` is not used in training). Node order: fake; expression, identity,
+# physical; eye, eyebrow, lip, mouth, nose, skin.
+PUBLIC_NODES = ("fake", "expression", "identity", "physical", "eye", "eyebrow", "lip", "mouth", "nose", "skin")
+LABEL_MAP_SOFF = {
+    "real": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "phys_eyes": [1, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+    "expr_mouth": [1, 1, 0, 1, 0, 0, 1, 1, 0, 0],  # NeuralTextures, Face2Face
+    "phy_mouth": [1, 0, 0, 1, 0, 0, 1, 1, 0, 0],
+    "phy_nose": [1, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+    "id": [1, 0, 1, 1, 1, 1, 1, 1, 1, 1],  # Deepfakes, FaceSwap
+}
+
+
+def public_state(tree: Hierarchy, row: np.ndarray) -> list[int]:
+    """A label row of `tree` restricted to the public FF++ nodes, in their order."""
+    by_name = dict(zip(tree.nodes, row.astype(int).tolist(), strict=True))
+    return [by_name[n] for n in PUBLIC_NODES]
+
+
 def test_the_published_ffpp_graph_has_its_legal_states() -> None:
-    """The public SJEDD FF++ graph (fake; expression, identity, physical; eye .. skin): its five
-    fake kinds are legal, a local without an on parent and a childless on global are not."""
+    """The public SJEDD FF++ graph (fake; expression, identity, physical; eye .. skin): every state
+    of its training table is legal, a local without an on parent and a childless on global are not."""
     parents = {
         "eye": ("identity", "physical"),
         "eyebrow": ("identity",),
@@ -133,13 +154,44 @@ def test_the_published_ffpp_graph_has_its_legal_states() -> None:
         "skin": ("identity",),
     }
     tree = Hierarchy("fake", ("expression", "identity", "physical"), tuple(parents), parents)
-    published = ["1010111111", "1001000010", "1001001100", "1100001100", "1001100000", "0000000000"]
-    assert all(tree.is_legal([int(c) for c in s]) for s in published)
+    assert tree.nodes == PUBLIC_NODES
+    assert all(tree.is_legal(state) for state in LABEL_MAP_SOFF.values())
     assert not tree.is_legal([int(c) for c in "1000000010"])  # nose without a parent
     assert not tree.is_legal([int(c) for c in "1010000000"])  # identity without a local
     assert not tree.is_legal([int(c) for c in "0010111111"])  # identity without fake
     f = torch.randn(3, 10, dtype=torch.float64)
     torch.testing.assert_close(LegalStates(tree)(f)[1], brute_force(tree, f)[1])
+
+
+@pytest.mark.parametrize("path", [DEMO, FULL])
+def test_shipped_provenance_gives_the_public_training_states(path: Path) -> None:
+    """The fakes the public table labels (face swaps, eye / mouth / nose region swaps) get its states
+    on the public nodes, and `physical` is on for every fake whose attributes are recorded, as there."""
+    cfg = member_cfg(path)
+    tree = Hierarchy.from_config(cfg["model"]["hierarchy"])
+    rows = [
+        ("r.jpg", 0, "real", "", ""),
+        ("fs.jpg", 1, "edit:faceswap", "face", ""),
+        ("eyes.jpg", 1, "edit:swap", "eyes", ""),
+        ("mouth.jpg", 1, "edit:swap", "mouth", ""),
+        ("nose.jpg", 1, "edit:swap", "nose", ""),
+        ("brows.jpg", 1, "edit:swap", "eyebrows", ""),
+        ("sbi.jpg", 1, "sbi", "face", ""),
+        ("inpaint.jpg", 1, "sd:inpaint", "mouth", ""),
+        ("img2img.jpg", 1, "sd:img2img", "global", ""),
+        ("txt2img.jpg", 1, "sd:txt2img", "synthesis", ""),
+        ("bg.jpg", 1, "edit:background", "face+background", "fs.jpg"),
+    ]
+    table = pd.DataFrame(rows, columns=["img_name", "target", "method", "region", "sources"])
+    nodes, known = attribute_labels(table, tree, Provenance.from_cfg(cfg["provenance"], tree), cfg["name"])
+    public = {name: public_state(tree, row) for name, row in zip(table["img_name"], nodes, strict=True)}
+    assert public["r.jpg"] == LABEL_MAP_SOFF["real"]
+    assert public["fs.jpg"] == LABEL_MAP_SOFF["id"]
+    assert public["eyes.jpg"] == LABEL_MAP_SOFF["phys_eyes"]
+    assert public["mouth.jpg"] == LABEL_MAP_SOFF["phy_mouth"]
+    assert public["nose.jpg"] == LABEL_MAP_SOFF["phy_nose"]
+    fakes = table["target"].to_numpy() == 1
+    assert known.all() and (nodes[fakes, tree.nodes.index("physical")] == 1).all()
 
 
 def test_hierarchy_config_errors_name_the_entry() -> None:
@@ -182,6 +234,57 @@ def test_scores_are_scaled_dot_products_and_antonyms_subtract() -> None:
         expected = sim[:, :n] - sim[:, n:] if antonyms else sim
         assert net.tokens.shape[0] == (2 * n if antonyms else n)
         torch.testing.assert_close(f, expected)
+
+
+def test_text_features_are_computed_once_in_eval_until_the_weights_change(monkeypatch) -> None:
+    """The prompts' embeddings do not depend on the image: in eval mode the text tower runs once for
+    any number of forwards, again after a weight change (in place, a load, a move) or training mode,
+    and the cached features always equal a fresh computation."""
+    net = tiny_net()
+    calls = []
+    encode = net.clip.encode_text
+    monkeypatch.setattr(net.clip, "encode_text", lambda tokens: calls.append(1) or encode(tokens))
+    images = torch.rand(2, 3, 16, 16)
+
+    def fresh() -> dict:
+        with torch.no_grad():
+            u, t = net.clip.encode_image(images), encode(net.tokens)
+        return 0.1 * u @ t.t()
+
+    net.eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            f, _ = net.node_scores(images)
+    assert len(calls) == 1
+    torch.testing.assert_close(f, fresh())
+    with torch.no_grad():
+        net.clip.token_embedding.weight.mul_(2.0)  # an optimiser step or an EMA copy does this
+        f, _ = net.node_scores(images)
+        assert len(calls) == 2
+        torch.testing.assert_close(f, fresh())
+        state = {k: v + 0.01 for k, v in net.state_dict().items()}
+        net.load_state_dict(state)
+        f, _ = net.node_scores(images)
+        assert len(calls) == 3
+        torch.testing.assert_close(f, fresh())
+        net.to(torch.float64).to(torch.float32)
+        net.node_scores(images)
+        net.node_scores(images)
+        assert len(calls) == 4
+    net.train()
+    net(images)
+    net(images)
+    assert len(calls) == 6  # training: the text tower learns, so it runs every step
+    net.eval()
+    images.requires_grad_()
+    net.node_scores(images)[0].sum().backward()  # Grad-CAM: gradients to the image through cached features
+    assert images.grad is not None and len(calls) == 7
+    with torch.inference_mode():  # weights loaded in inference mode change in place without a version
+        made_here = tiny_net(seed=1).eval()
+        for k in range(2):
+            made_here.load_state_dict({name: v + k for name, v in net.state_dict().items()})
+            u, t = made_here.clip.encode_image(images), made_here.clip.encode_text(made_here.tokens)
+            torch.testing.assert_close(made_here.node_scores(images)[0], 0.1 * u @ t.t())
 
 
 def test_prompts_follow_the_published_templates() -> None:
@@ -359,10 +462,10 @@ def test_provenance_gives_the_label_states_of_the_data_stage() -> None:
     local_face = {"eye", "eyebrow", "lip", "mouth", "nose", "skin"}
     assert got["orig/r.jpg"] == set() and got["edit/background/1.jpg"] == set()
     assert got["orig/swap.jpg"] == {"fake", "physical", "mouth", "lip"}
-    assert got["orig/fs.jpg"] == {"fake", "identity", *local_face}
+    assert got["orig/fs.jpg"] == {"fake", "identity", "physical", *local_face}
     assert got["orig/sbi.jpg"] == got["edit/degrade/0.jpg"] == {"fake", "physical", "skin"}  # the source's
     assert got["edit/background/0.jpg"] == {"fake", "identity", "physical", "background", *local_face}
-    assert got["sd/txt2img/0.jpg"] == {"fake", "synthesis", "background", *local_face}
+    assert got["sd/txt2img/0.jpg"] == {"fake", "synthesis", "physical", "background", *local_face}
     unknown = ~known
     assert set(table["img_name"][unknown]) == {"orig/unknown.jpg", "edit/degrade/1.jpg"}  # and what came from it
     assert (nodes[unknown][:, 0] == 1).all()
@@ -491,6 +594,24 @@ def test_shipped_configs_hold_the_published_numbers_and_build(path: Path) -> Non
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # DDP-ready
 
 
+def test_the_input_is_the_whole_image_as_the_public_transform_keeps_it() -> None:
+    """SJEDD's clip.py `_transform` resizes the shorter side to 224 with its CenterCrop commented
+    out (on square face crops: the whole image); no centre crop here either: the sides of a wide
+    image reach the network."""
+    from core.data.transforms import build_transform
+
+    cfg = member_cfg(FULL)["data"]
+    wide = np.full((200, 400, 3), 128, np.uint8)
+    wide[:, :40] = (255, 0, 0)  # the outer tenth of each side, which a centre crop would drop
+    wide[:, -40:] = (0, 0, 255)
+    x = build_transform(cfg, train=False)(wide, 0)
+    assert tuple(x.shape) == (3, 224, 224)
+    mean, std = torch.tensor(cfg["mean"])[:, None], torch.tensor(cfg["std"])[:, None]
+    rgb = x[:, 112, :] * std + mean  # one row, back in [0, 1]
+    torch.testing.assert_close(rgb[:, 5], torch.tensor([1.0, 0.0, 0.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(rgb[:, -5], torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)
+
+
 @pytest.mark.slow
 def test_the_published_architecture_builds_without_weights() -> None:
     cfg = member_cfg(FULL)
@@ -555,29 +676,41 @@ def test_train_then_infer_prints_attributes(tiny_project, capsys) -> None:
     image = str(Path(p["test_root"]) / "t_000.png")
     assert infer.main([image, *configs, "--attributes", "--json"]) == 0  # the ONNX path: exports first
     attrs = json.loads(capsys.readouterr().out.strip())["attributes"]["tiny"]
-    assert set(attrs) == set(demo_tree().nodes[1:]) and all(0 <= v <= 1 for v in attrs.values())
+    # the fakes here are all "patch" (physical, skin): every other attribute is marked untrained, from meta.json
+    positives = json.loads((p["outputs"] / "tiny" / "fold0" / "meta.json").read_text())["training_data"]
+    assert {n for n, k in positives["attribute_positives"].items() if k} == {"physical", "skin"}
+    assert set(attrs["given_fake"]) == {"physical", "skin"} and all(0 <= v <= 1 for v in attrs["given_fake"].values())
+    assert set(attrs["untrained"]) == set(demo_tree().nodes[1:]) - {"physical", "skin"}
+    assert 0 < attrs["fake"] < 1
 
 
-def save_fold(folder: Path, cfg: dict, seed: int) -> torch.nn.Module:
+def save_fold(folder: Path, cfg: dict, seed: int, record: dict | None = None) -> torch.nn.Module:
     from core.checkpoint import save_weights
 
     folder.mkdir(parents=True)
     torch.manual_seed(seed)
     net = models.build_model(cfg["model"]).eval()
     save_weights(net.state_dict(), folder / "model.safetensors")
-    (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    meta = {"complete": True, "config": cfg} | ({"training_data": record} if record is not None else {})
+    (folder / "meta.json").write_text(json.dumps(meta))
     return net
 
 
-def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_path: Path, capsys) -> None:
+def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_path: Path, capsys, monkeypatch) -> None:
+    """sjedd's own p(fake) beside its attributes given fake (the folds' mean joint probability over
+    their mean p(fake)); an attribute no fold saw altered is marked untrained, without a number;
+    the networks run once per image with --attributes as without."""
     from PIL import Image
 
     import infer
     from core.preprocess import Preprocessing
+    from models.sjedd import SJEDDNet
 
     model = {**member_cfg()["model"], "model_cfg": TINY_CLIP}
     sjedd_cfg = {"name": "sj", "model": model, "data": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}}
-    nets = [save_fold(tmp_path / "sj" / f"fold{k}", sjedd_cfg, seed=k) for k in (0, 1)]
+    untrained = {"expression", "synthesis"}
+    record = {"attribute_positives": {n: 0 if n in untrained else 5 for n in demo_tree().nodes[1:]}}
+    nets = [save_fold(tmp_path / "sj" / f"fold{k}", sjedd_cfg, seed=k, record=record) for k in (0, 1)]
     other = {"name": "cnn", "model": {"name": "mff_expert", "backbone": "test_resnet"}, "data": {"image_size": 32}}
     save_fold(tmp_path / "cnn" / "fold0", other, seed=0)
     image = tmp_path / "a.png"
@@ -586,28 +719,44 @@ def test_infer_attributes_average_the_folds_and_skip_members_without_them(tmp_pa
     weights = [
         f"--weights={tmp_path / m / f'fold{k}' / 'model.safetensors'}" for m, k in (("sj", 0), ("sj", 1), ("cnn", 0))
     ]
+    forwards = []
+    forward = SJEDDNet.forward
+    monkeypatch.setattr(SJEDDNet, "forward", lambda self, x: forwards.append(len(x)) or forward(self, x))
     assert infer.main([str(image), *weights, "--runtime", "torch", "--attributes", "--json"]) == 0
+    with_attributes = len(forwards)
     obj = json.loads(capsys.readouterr().out.strip())
     assert set(obj["attributes"]) == {"sj"}  # the CNN member explains nothing
+    got = obj["attributes"]["sj"]
+    assert got["fake"] == pytest.approx(obj["members"]["sj"], abs=1e-6)  # the member's own probability
     x = torch.from_numpy(Preprocessing.from_config(sjedd_cfg)(pixels))[None]
     with torch.no_grad():
         outs = [n(x) for n in nets]
-    for name, value in obj["attributes"]["sj"].items():
-        expected = np.mean([float(o[f"{ATTRIBUTE_PREFIX}{name}"][0]) for o in outs])
-        assert value == pytest.approx(expected, abs=1e-5)
+    p_fake = np.mean([float(torch.softmax(o["logits"].double(), 1)[0, 1]) for o in outs])
+    assert got["fake"] == pytest.approx(p_fake, abs=1e-5)
+    assert set(got["untrained"]) == untrained and not untrained & set(got["given_fake"])
+    for name, value in got["given_fake"].items():
+        joint = np.mean([float(o[f"{ATTRIBUTE_PREFIX}{name}"][0]) for o in outs])
+        assert value == pytest.approx(joint / p_fake, abs=1e-5)
     assert infer.main([str(image), *weights, "--runtime", "torch", "--attributes"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{obj['probability']:.4f}\t{image}\tsj: expression=")
+    given = " ".join(f"{n} {p:.2f}" for n, p in got["given_fake"].items())
+    assert line == (
+        f"{obj['probability']:.4f}\t{image}\tsj: p(fake) {got['fake']:.2f} | if fake: {given}"
+        " | untrained: expression synthesis"
+    )
+    forwards.clear()
     assert infer.main([str(image), *weights, "--runtime", "torch"]) == 0
     assert capsys.readouterr().out.strip() == f"{obj['probability']:.4f}\t{image}"  # without the flag: as before
+    assert len(forwards) == with_attributes >= 2  # --attributes runs no network a second time
 
 
 @pytest.mark.slow
 def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
     """The CPU path: the exported network gives PyTorch's logits and attributes, which
     `core.infer.attributes` reads from ONNX Runtime's outputs by name."""
-    from core.infer.attributes import AttributeScorer
-    from core.infer.scoring import Group
+    from PIL import Image
+
+    from core.infer.scoring import ArrayScorer, Group
     from core.preprocess import Preprocessing
     from models.onnx_export import export_and_check
 
@@ -615,8 +764,11 @@ def test_onnx_export_carries_the_attributes(tmp_path: Path) -> None:
     network, reason = export_and_check(net, 16, "tiny")
     assert network is not None, reason
     image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
     prep = Preprocessing(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    got = AttributeScorer([Group(prep, [network], [0])], ["tiny"]).score_image(image)["tiny"]
+    scorer = ArrayScorer([Group(prep, [network], [0])], 1, explain=True)
+    scorer.score_files([tmp_path / "a.png"], print)
+    got = scorer.attributes[0][0]
     with torch.no_grad():
         ref = net(torch.from_numpy(prep(image))[None])
     for name, value in got.items():
@@ -699,3 +851,15 @@ def test_cosine_over_ten_could_never_call_an_image_real() -> None:
     tree = demo_tree()
     _, marginals = LegalStates(tree)(torch.full((1, 12), -0.1))  # every score at its lowest
     assert float(marginals[0, 0]) > 0.99
+
+
+def test_level_weights_under_ddp_with_a_rank_left_one_readable_image(tmp_path: Path) -> None:
+    """Two gloo processes (tests/sjedd_ddp_workers.py): a rank without a held-out pair still joins
+    the all-reduce of the hypergradient (a short process-group timeout fails instead of hanging)."""
+    import torch.multiprocessing as mp
+
+    from tests import sjedd_ddp_workers
+    from tests.ddp_workers import WORLD
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(sjedd_ddp_workers.level_weights_with_a_nearly_unreadable_share, args=(init,), nprocs=WORLD, join=True)

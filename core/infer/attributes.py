@@ -1,28 +1,30 @@
-"""What a member says was altered: attribute probabilities next to the fake probability.
+"""What a member says was altered: attribute probabilities beside its fake probability.
 
 A network that explains an image returns, besides `logits`, one output per attribute named
-`attribute:<name>` (N,): the probability that <name> was altered (eye, mouth, identity, ...).
-The names travel with the outputs (dict keys in PyTorch, output names in ONNX), so nothing
-else has to know a member's attributes. Torch-free: infer.py's ONNX path uses it as it is.
+`attribute:<name>` (N,): the joint probability that the image is fake and <name> was altered
+(eye, mouth, identity, ...); it is at most the network's p(fake). The names travel with the
+outputs (dict keys in PyTorch, output names in ONNX), so nothing else has to know a member's
+attributes. The scorers keep them from the same forward pass that gives the fake probability
+(`core.infer.scoring.ArrayScorer(explain=True)`): nothing runs twice. Torch-free: infer.py's
+ONNX path uses it as it is.
 
-`AttributeScorer` runs the networks of an ensemble on image files and keeps, per image and
-member, each attribute's probability with the member's folds averaged. A network whose first
-output has no attribute is not run again.
+`explain_member` turns one image's outputs into what a reader is shown, per member: its p(fake)
+(its folds averaged), each attribute given fake (the folds' mean joint probability over their
+mean p(fake): the probability of the alteration if the image is fake) and the attributes it
+never saw altered in training (`untrained`: every fold's meta.json records 0 positive examples),
+which are left out of the evidence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from core.imaging import ImageDecodeError, decode_image
-from core.infer.scoring import Group
-
 ATTRIBUTE_PREFIX = "attribute:"
+POSITIVES_KEY = "attribute_positives"  # in meta.json's training_data: attribute -> positive training examples
 
-Attributes = dict[str, dict[str, float]]  # member -> attribute -> probability
+Explained = dict[str, object]  # {"fake": p, "given_fake": {attribute: p}, "untrained": [attribute, ...]}
 
 
 def attribute_outputs(outputs: object) -> dict[str, np.ndarray]:
@@ -36,45 +38,30 @@ def attribute_outputs(outputs: object) -> dict[str, np.ndarray]:
     }
 
 
-class AttributeScorer:
-    """Attribute probabilities per image: `groups` as `core.infer.scoring.ArrayScorer` holds them
-    (preprocessing, NumPy-in networks, their model columns), `members` the member of each column."""
-
-    def __init__(self, groups: Sequence[Group], members: Sequence[str]):
-        # Networks fed face crops are scored per face, not on the image: none explains attributes.
-        self.groups = [g for g in groups if g.crop is None]
-        self.members = list(members)
-        self.silent: set[int] = set()  # columns whose network explains nothing
-
-    def score_image(self, image: np.ndarray) -> Attributes:
-        sums: dict[str, dict[str, list[float]]] = {}
-        for group in self.groups:
-            x = group.preprocessing(image)[None]
-            for network, column in zip(group.networks, group.columns, strict=True):
-                if column in self.silent:
-                    continue
-                found = attribute_outputs(network(x))
-                if not found:
-                    self.silent.add(column)
-                for name, value in found.items():
-                    sums.setdefault(self.members[column], {}).setdefault(name, []).append(float(value[0]))
-        return {m: {name: float(np.mean(v)) for name, v in attrs.items()} for m, attrs in sums.items()}
-
-    def score_files(self, paths: Sequence[str | Path]) -> list[Attributes]:
-        """One entry per path; empty where the image cannot be read (the fake-probability pass
-        reports it) or no member explains."""
-        rows: list[Attributes] = []
-        for path in paths:
-            try:
-                rows.append(self.score_image(decode_image(path)))
-            except ImageDecodeError:
-                rows.append({})
-        return rows
+def explain_member(
+    joint: Sequence[Mapping[str, float]], fake: Sequence[float], positives: Sequence[Mapping[str, int] | None]
+) -> Explained:
+    """One member's explanation of one image from its folds: per fold the joint attribute
+    probabilities, p(fake) and the positives its training data held per attribute (None: not
+    recorded). An attribute is untrained when every fold that records its positives has none."""
+    names = list(joint[0])
+    p_fake = float(np.mean(fake))
+    recorded = [p for p in positives if p is not None]
+    untrained = [n for n in names if recorded and all(int(p.get(n, 0)) == 0 for p in recorded)]
+    given = {}
+    for name in names:
+        if name not in untrained:
+            mean_joint = float(np.mean([j[name] for j in joint]))
+            given[name] = min(1.0, mean_joint / p_fake) if p_fake > 0 else float("nan")
+    return {"fake": p_fake, "given_fake": given, "untrained": untrained}
 
 
-def format_attributes(attributes: Attributes) -> str:
-    """`member: name=0.12 name=0.80` per member, tab-separated, for infer.py's text lines."""
-    return "".join(
-        f"\t{member}: " + " ".join(f"{name}={p:.4f}" for name, p in attrs.items())
-        for member, attrs in sorted(attributes.items())
-    )
+def format_attributes(attributes: Mapping[str, Explained]) -> str:
+    """`member: p(fake) 0.87 | if fake: identity 0.82 eye 0.80 | untrained: expression` per member,
+    tab-separated, for infer.py's text lines (2 decimals: the third is noise to a reader)."""
+    parts = []
+    for member, e in sorted(attributes.items()):
+        given = " ".join(f"{name} {p:.2f}" for name, p in e["given_fake"].items())
+        text = f"\t{member}: p(fake) {e['fake']:.2f} | if fake: {given}"
+        parts.append(text + (f" | untrained: {' '.join(e['untrained'])}" if e["untrained"] else ""))
+    return "".join(parts)

@@ -11,6 +11,9 @@ A group whose checkpoints take face crops (`Preprocessing.face_crop`) is given a
 callable: an image -> the crops its networks take, one per face. The group scores every crop
 and keeps the highest probability (the published recipe for an image with several faces); an
 image with no face is NaN for that group alone, reported with the group's `label`.
+
+With `explain`, `ArrayScorer.score_files` also keeps each whole-image network's attribute
+outputs (`core.infer.attributes`) from the same forward pass, averaged over the same views.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from core.data.tta import average_views, check_mode
 from core.imaging import ImageDecodeError, decode_image
+from core.infer.attributes import attribute_outputs
 from core.prefetch import read_ahead
 from core.preprocess import Preprocessing
 
@@ -41,9 +45,23 @@ def fake_probability(outputs: dict | np.ndarray) -> np.ndarray:
     return exp[:, 1] / exp.sum(axis=1)
 
 
+def network_scores(network: Network, images: np.ndarray, tta: str = "none") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`network`'s fake probability of each image of the batch and its attribute outputs by name
+    (none for most networks), each averaged over the views of `tta`: one forward pass per view."""
+    found: list[dict[str, np.ndarray]] = []
+
+    def probability(view: np.ndarray) -> np.ndarray:
+        outputs = network(view)
+        found.append(attribute_outputs(outputs))
+        return fake_probability(outputs)
+
+    probs = average_views(probability, images, tta)
+    return probs, {name: np.mean([f[name] for f in found], axis=0) for name in found[0]}
+
+
 def network_probability(network: Network, images: np.ndarray, tta: str = "none") -> np.ndarray:
     """`network`'s fake probability of each image of the batch, averaged over the views of `tta`."""
-    return average_views(lambda view: fake_probability(network(view)), images, tta)
+    return network_scores(network, images, tta)[0]
 
 
 @dataclass
@@ -67,9 +85,15 @@ class Group:
     def probabilities(self, inputs: list[np.ndarray | None], tta: str = "none") -> np.ndarray:
         """(n_images, n_networks) fake probabilities of a batch of `inputs`, averaged over the
         views of `tta`; with a crop, the highest over each image's faces, NaN for an image without one."""
+        return self.scores(inputs, tta)[0]
+
+    def scores(self, inputs: list[np.ndarray | None], tta: str = "none") -> tuple[np.ndarray, list[dict]]:
+        """`probabilities`, and per network its attribute outputs by name, (n_images,) each; a group
+        fed face crops explains nothing (its score is the highest over faces)."""
         if self.crop is None:
             x = np.stack(inputs)
-            return np.stack([network_probability(network, x, tta) for network in self.networks], axis=1)
+            scored = [network_scores(network, x, tta) for network in self.networks]
+            return np.stack([p for p, _ in scored], axis=1), [a for _, a in scored]
         out = np.full((len(inputs), len(self.networks)), np.nan)
         found = [i for i, x in enumerate(inputs) if x is not None]
         if found:
@@ -78,7 +102,7 @@ class Group:
             scores = np.stack([network_probability(network, x, tta) for network in self.networks], axis=1)
             for i in found:
                 out[i] = scores[owner == i].max(axis=0)
-        return out
+        return out, [{} for _ in self.networks]
 
 
 def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
@@ -98,16 +122,26 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 class ArrayScorer:
     """Fake probability of every network for every image, shape (N, n_models), averaged over
-    the views of `tta`; NaN where an image could not be read."""
+    the views of `tta`; NaN where an image could not be read. With `explain`, `score_files`
+    leaves in `attributes` {image index: {column: {attribute: joint probability}}} for the
+    networks that gave any (`core.infer.attributes`)."""
 
     def __init__(
-        self, groups: Sequence[Group], n_models: int, batch_size: int = 1, workers: int = 0, tta: str = "none"
+        self,
+        groups: Sequence[Group],
+        n_models: int,
+        batch_size: int = 1,
+        workers: int = 0,
+        tta: str = "none",
+        explain: bool = False,
     ):
         self.groups = list(groups)
         self.n_models = n_models
         self.batch_size = batch_size
         self.workers = workers
         self.tta = check_mode(tta, "tta")
+        self.explain = explain
+        self.attributes: dict[int, dict[int, dict[str, float]]] = {}
 
     def _inputs(self, image: np.ndarray) -> list[np.ndarray | None]:
         return [g.inputs(image) for g in self.groups]
@@ -119,9 +153,11 @@ class ArrayScorer:
         on_error,
         progress: bool,
         names: Sequence[str | Path] | None = None,
+        explain: bool = False,
     ):
         """(n, n_models) probabilities of `items`; with `names` (files), an image in which a
-        face-cropping group found no face is reported by name."""
+        face-cropping group found no face is reported by name; with `explain`, the attribute
+        outputs go to `attributes`."""
         probs = np.full((n, self.n_models), np.nan)
         batches = _batches(items, self.batch_size, on_error)
         if progress:
@@ -130,12 +166,21 @@ class ArrayScorer:
             batches = progress_bar(batches, desc="predict", total=-(-n // self.batch_size), leave=False)
         for index, inputs in batches:
             for g, group in enumerate(self.groups):
-                probs[np.ix_(index, group.columns)] = group.probabilities([one[g] for one in inputs], self.tta)
+                probs[np.ix_(index, group.columns)], found = group.scores([one[g] for one in inputs], self.tta)
+                if explain:
+                    self._keep(index, group.columns, found)
                 if names is not None:
                     for i, one in zip(index, inputs, strict=True):
                         if one[g] is None:
                             on_error(f"{names[i]}: no face found; not scored by {group.label}")
         return probs
+
+    def _keep(self, index: list[int], columns: list[int], found: list[dict[str, np.ndarray]]) -> None:
+        for column, attrs in zip(columns, found, strict=True):
+            if not attrs:  # a network that explains nothing
+                continue
+            for k, i in enumerate(index):
+                self.attributes.setdefault(i, {})[column] = {name: float(v[k]) for name, v in attrs.items()}
 
     def score_files(self, paths: Sequence[str | Path], on_error: Callable[[str], None]) -> np.ndarray:
         def load(item: tuple[int, str | Path]) -> tuple[int, list[np.ndarray] | str]:
@@ -146,7 +191,9 @@ class ArrayScorer:
                 return i, str(err)
 
         items = ordered_map(load, enumerate(paths), self.workers)
-        return self._score(items, len(paths), on_error, progress=len(paths) > self.batch_size, names=paths)
+        self.attributes = {}
+        progress = len(paths) > self.batch_size
+        return self._score(items, len(paths), on_error, progress, names=paths, explain=self.explain)
 
     def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         items = ((i, self._inputs(a)) for i, a in enumerate(arrays))
