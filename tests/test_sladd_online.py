@@ -103,7 +103,7 @@ def test_a_forgery_changes_only_its_region_and_carries_its_configuration(pair: t
         ratio = 0.6 if blend_type == "copy" else 1.0
         fake, mask = sladd_forge(tgt, tgt_lm, src, src_lm, region, blend_type, ratio, np.random.default_rng(seed))
         assert np.array_equal(f.image, fake)
-        np.testing.assert_allclose(f.mask_map, mask_map(mask, 16), atol=1e-6)
+        np.testing.assert_allclose(f.mask_map, mask_map(mask / ratio, 16), atol=1e-6)
         assert (f.mag == 0.6) if blend_type == "copy" else math.isnan(f.mag)
         # Only the region moved: the landmark region drawn with that seed, widened by the alpha feather.
         soft = region_mask(tgt_lm, region, tgt.shape, np.random.default_rng(seed)) > 0
@@ -111,8 +111,10 @@ def test_a_forgery_changes_only_its_region_and_carries_its_configuration(pair: t
         changed = (f.image != tgt).any(-1)
         assert changed.any() and not (changed & ~_dilate(soft, band)).any(), f"{blend_type} region {region}"
         assert changed_share(tgt, f.image, mask, FORGE.min_delta) >= FORGE.min_changed
-        # The map target is the blend weight (at most the ratio), averaged to 16 x 16: empty far from the region.
-        assert 0 < f.mask_map.max() <= ratio + 1e-6 and f.mask_map.min() == 0.0
+        # The map target is the region's blend weight, not scaled by the ratio (the public code's),
+        # averaged to 16 x 16: empty far from the region.
+        assert 0 < f.mask_map.max() <= 1 + 1e-6 and f.mask_map.min() == 0.0
+        assert blend_type != "copy" or f.mask_map.max() > ratio
 
 
 def test_none_a_face_forged_into_itself_and_a_failed_forgery_are_the_real_labelled_real(pair: tuple) -> None:
@@ -273,7 +275,7 @@ def test_every_target_matches_the_configuration_that_made_the_image(photos: dict
 
 
 def test_the_synthesizer_learns_from_the_rewards_of_its_own_images(photos: dict) -> None:
-    part = _part()
+    part = _part(reward="image", baseline_momentum=0.9)
     before = {k: v.clone() for k, v in part.net.state_dict().items()}
     batch = _batch(photos)
     out = part.prepare(batch, learn=True)
@@ -290,7 +292,7 @@ def test_the_synthesizer_learns_from_the_rewards_of_its_own_images(photos: dict)
     assert summary["synth_reward"] == pytest.approx(2.5) and summary["synth_baseline"] == part.baseline
     # The state goes into the training state and comes back.
     state = part.state_dict()
-    other = _part()
+    other = _part(reward="image", baseline_momentum=0.9)
     other.load_state_dict(state)
     assert other.baseline == part.baseline
     assert all(torch.equal(v, other.net.state_dict()[k]) for k, v in part.net.state_dict().items())
@@ -320,10 +322,10 @@ def test_a_batch_with_one_target_or_none_is_forged(photos: dict) -> None:
     items = [_items(photos)[i] for i in range(3)]
     one = part.prepare(collate_sladd(items[1:]), learn=True)
     assert one["target"].tolist()[:1] == [0] and len(one["image"]) == 3 and part.pending[1] == 1
-    part.backward(one, {"sample_loss": torch.ones(3)}, scale=1.0)
+    part.backward(one, {"loss": torch.tensor(1.0), "sample_loss": torch.ones(3)}, scale=1.0)
     none = part.prepare(collate_sladd(items[2:]), learn=True)
     assert none["target"].tolist() == [1] and none["type_target"].tolist() == [OTHER_FAKE_TYPE]
-    part.backward(none, {"sample_loss": torch.ones(1)}, scale=1.0)
+    part.backward(none, {"loss": torch.tensor(1.0), "sample_loss": torch.ones(1)}, scale=1.0)
     part.step()
 
 
