@@ -11,7 +11,10 @@ once per seed (`train.seed`: the initialisations, the batches, the sources, ever
 
 - `random`: `synthesizer.mode=random`, configurations drawn uniformly (regions, blend types,
   `none` included, mag in [mag_min, 1]) and never learnt;
-- `learned`: the synthesizer trained by REINFORCE, which starts from that same uniform policy.
+- `learned`: the synthesizer trained by REINFORCE, which starts from that same uniform policy,
+  with the published reward (the detector's loss on the whole batch, no baseline);
+- `image_reward`: the same with each action paid the loss on the image it made, less a moving
+  baseline (not the public code's; it pays `none` the loss on a real).
 
 A setting's out-of-fold (OOF) predictions are its folds' oof.csv files together; rows give
 their ROC-AUC and TPR at FPR = 1e-3 per seed, the summary the mean and sample standard
@@ -35,7 +38,11 @@ from bench.sbi_ablation import ablation_parser, ablation_result, markdown, train
 from core.config import load_config
 from core.report import pyplot, save_figure
 
-SETTINGS: dict[str, list[str]] = {"random": ["synthesizer.mode=random"], "learned": []}
+SETTINGS: dict[str, list[str]] = {
+    "random": ["synthesizer.mode=random"],
+    "learned": [],
+    "image_reward": ["synthesizer.reward=image", "synthesizer.baseline_momentum=0.9"],
+}
 BLENDS = ("alpha", "poisson", "copy", "none")
 
 
@@ -58,35 +65,45 @@ def run_one(args: argparse.Namespace, setting: str, seed: int, work: Path, folds
 
 
 def synthesizer_trajectory(rows: list[dict]) -> pd.DataFrame:
-    """Per epoch, the synthesizer's figures (synth_* columns) averaged over the learnt runs' seeds and folds."""
-    history = pd.DataFrame([h for r in rows if r["setting"] == "learned" for h in r["history"]])
+    """Per learnt setting and epoch, the synthesizer's figures (synth_* columns) averaged over its
+    runs' seeds and folds."""
+    history = pd.DataFrame(
+        [{**h, "setting": r["setting"]} for r in rows if r["setting"] != "random" for h in r["history"]]
+    )
     if history.empty:
         return history
     columns = [c for c in history if c.startswith("synth_")]
-    return history.groupby("epoch")[columns].mean().reset_index()
+    return history.groupby(["setting", "epoch"])[columns].mean().reset_index()
 
 
 def plot_trajectory(trajectory: pd.DataFrame, path: str | Path, title: str) -> Path:
-    """Three panels over the epochs: region probabilities, blend-type probabilities, and the
-    share of the synthesized images that were fakes (the rest the real unchanged)."""
+    """Three panels over the epochs, for the published reward (`learned`): region probabilities,
+    blend-type probabilities (the per-image reward's dashed, where it ran), and the share of the
+    synthesized images that were fakes (the rest the real unchanged)."""
     plt = pyplot()
     fig, (ax_r, ax_b, ax_f) = plt.subplots(1, 3, figsize=(14, 4))
-    epochs = trajectory["epoch"]
+    published = trajectory[trajectory["setting"] == "learned"]
+    per_image = trajectory[trajectory["setting"] == "image_reward"]
     blend_cols = [f"synth_p_{b}" for b in BLENDS]
     region_cols = [c for c in trajectory if c.startswith("synth_p_") and c not in blend_cols]
     for col in region_cols:
-        ax_r.plot(epochs, trajectory[col], marker=".", label=col.removeprefix("synth_p_"))
-    ax_r.set(xlabel="epoch", ylabel="mean probability", title="region")
+        ax_r.plot(published["epoch"], published[col], marker=".", label=col.removeprefix("synth_p_"))
+    ax_r.set(xlabel="epoch", ylabel="mean probability", title="region (published reward)")
     ax_r.legend(fontsize=7, ncol=2)
-    for col in blend_cols:
-        ax_b.plot(epochs, trajectory[col], marker="o", label=col.removeprefix("synth_p_"))
+    for i, col in enumerate(blend_cols):
+        name = col.removeprefix("synth_p_")
+        ax_b.plot(published["epoch"], published[col], marker="o", color=f"C{i}", label=name)
+        if not per_image.empty:
+            ax_b.plot(per_image["epoch"], per_image[col], ls="--", color=f"C{i}", label=f"{name}, per-image reward")
     ax_b.set(xlabel="epoch", title="blend type")
-    ax_b.legend(fontsize=8)
-    ax_f.plot(epochs, trajectory["synth_fake"], marker="o", label="fake")
-    ax_f.plot(epochs, trajectory["synth_none"], marker="s", label="none (real)")
-    ax_f.plot(epochs, trajectory["synth_unchanged"], marker="^", label="changed too little (real)")
+    ax_b.legend(fontsize=7)
+    for setting, rows, ls in (("", published, "-"), (", per-image reward", per_image, "--")):
+        if rows.empty:
+            continue
+        ax_f.plot(rows["epoch"], rows["synth_fake"], ls=ls, marker="o", color="C0", label=f"fake{setting}")
+        ax_f.plot(rows["epoch"], rows["synth_none"], ls=ls, marker="s", color="C1", label=f"none (real){setting}")
     ax_f.set(xlabel="epoch", ylim=(0, 1), title="what the synthesized images became")
-    ax_f.legend(fontsize=8)
+    ax_f.legend(fontsize=7)
     return save_figure(fig, path, title)
 
 
@@ -95,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         rows = [run_one(args, s, seed, work, folds_csv, folds) for s in args.settings for seed in args.seeds]
     cfg = load_config([args.data_config, args.config], args.overrides)
     trajectory = synthesizer_trajectory(rows)
-    if args.plot and not trajectory.empty:
+    if args.plot and "learned" in args.settings:
         plot_trajectory(trajectory, args.plot, f"{cfg['name']}: the synthesizer over training (seeds {args.seeds})")
     runs = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     return {**ablation_result(args, cfg, folds, runs), "synthesizer_by_epoch": trajectory.to_dict("records")}

@@ -20,9 +20,8 @@ comes from the synthesizer): `blending.sladd_forge` pastes the source's region i
 sample labelled fake always differs from its real inside the chosen region: the blend type
 `none`, a forgery that changes less than `min_changed` of the region's pixels (a source that
 looks like the target there, a small `mag`), and a forgery that cannot be made (degenerate
-landmarks) all become the untouched real, labelled real, type `real`, with an empty mask. The
-synthesizer's reward for such a choice is then the detector's loss on a real, so it learns to
-avoid choices that make nothing.
+landmarks) all become the untouched real, labelled real, type `real`, with an empty mask, as the
+public code labels `none`.
 """
 
 from __future__ import annotations
@@ -143,8 +142,8 @@ def _section(cfg: dict, key: str, kind: type) -> dict:
 class Forged(NamedTuple):
     """One synthesized slot: the image (uint8 H x W x 3), its label (1 fake, 0 real), its type
     class (TYPE_CLASSES), the mag it was blended at (nan when its type takes no mag or it is
-    real), its blend-mask map (float32 map_size x map_size), and `status` (STATUSES) with
-    `reason` for a failed forgery."""
+    real), its blend-mask map (float32 map_size x map_size: the region's blend weight, not scaled
+    by mag), and `status` (STATUSES) with `reason` for a failed forgery."""
 
     image: np.ndarray
     label: int
@@ -197,7 +196,10 @@ def forge_pair(
     if changed_share(target, fake, mask, s.min_delta) < s.min_changed:
         return real._replace(status="unchanged")
     target_mag = ratio if blend_type in s.mag_types else float("nan")
-    return Forged(fake, 1, BLEND_TYPES.index(blend_type), target_mag, mask_map(mask, s.map_size), "fake")
+    # The map target is the region's blend weight before the ratio, as the public code's (which
+    # regresses the mask it blended with, whatever `mag` the copy blend took): `mag` has its own head.
+    region_weight = mask / np.float32(ratio)
+    return Forged(fake, 1, BLEND_TYPES.index(blend_type), target_mag, mask_map(region_weight, s.map_size), "fake")
 
 
 # --------------------------------------------------------------------------- the loader's items

@@ -63,6 +63,7 @@ N_TYPE_CLASSES = 5  # data_prep.sladd_online.TYPE_CLASSES
 LOSS_TERMS = ("cls", "map", "type", "mag")
 CLS_LOSSES = ("ce", "am_softmax")
 CLS_HEADS = ("linear", "cosine")
+REWARDS = ("batch", "image")
 # Beta concentrations are 0.5 + softplus(z): bounded away from 0 (no sample stuck at 0 or 1),
 # and z = log(e^0.5 - 1) gives 1, i.e. Beta(1, 1), the uniform distribution.
 CONCENTRATION_FLOOR = 0.5
@@ -240,9 +241,10 @@ def build_sladd_loss(cfg: dict) -> Callable:
     L_mag = mean of mag_i over the synthesized fakes whose blend type takes `mag`. A term with
     weight 0 is computed and added times 0, so every head takes part in every step (DDP).
 
-    The logs carry `sample_loss` (N,), each image's own share of L:
-    w_cls cls_i + w_map map_i [mask known] + w_type type_i + w_mag mag_i [mag known], which is
-    the synthesizer's reward for the image it made.
+    The logs carry `loss`, L itself (the synthesizer's reward for every action of the batch, as
+    published), and `sample_loss` (N,), each image's own share of L:
+    w_cls cls_i + w_map map_i [mask known] + w_type type_i + w_mag mag_i [mag known] (the reward
+    for the image an action made, with `synthesizer.reward: image`).
     """
     unknown = sorted(set(cfg) - {"name", "add", "cls_loss", "am_margin", "am_scale", *LOSS_TERMS})
     if unknown:
@@ -266,6 +268,7 @@ def build_sladd_loss(cfg: dict) -> Callable:
         loss = sum(weights[k] * logs[k] for k in LOSS_TERMS)
         sample = sum(weights[k] * (v if valid[k] is None else v * valid[k]) for k, v in terms.items())
         logs = {k: v.detach() for k, v in logs.items()}
+        logs["loss"] = loss.detach()
         logs["sample_loss"] = sample.detach()
         return loss, out["logits"], logs
 
@@ -276,14 +279,16 @@ def build_sladd_loss(cfg: dict) -> Callable:
 
 
 class Synthesizer(nn.Module):
-    """backbone over the (real, source) pair, 6 channels -> pooled features -> region logits (10),
-    blend-type logits (4) and the two concentrations of a Beta distribution over mag. The heads
+    """backbone over the (real, source) pair, 6 channels -> pooled features -> dropout -> region
+    logits (10), blend-type logits (4) and the two concentrations of a Beta distribution over
+    mag; each head draws its own dropout mask (published: 0.5 before each head's FC). The heads
     start at zero weights, so before any update the policy is uniform (regions, types and, with
     Beta(1, 1), mag): a learnt synthesizer starts where the random one stays."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, drop_rate: float = 0.0):
         super().__init__()
         self.backbone = backbone
+        self.drop_rate = float(drop_rate)
         width = backbone.num_features
         self.region = nn.Linear(width, N_REGIONS)
         self.blend = nn.Linear(width, N_BLENDS)
@@ -295,10 +300,14 @@ class Synthesizer(nn.Module):
 
     def forward(self, pair: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(pair)
+
+        def head(fc: nn.Linear) -> torch.Tensor:
+            return fp32_head(fc, F.dropout(features, self.drop_rate, self.training))
+
         return {
-            "region_logits": fp32_head(self.region, features),
-            "blend_logits": fp32_head(self.blend, features),
-            "mag_concentration": CONCENTRATION_FLOOR + F.softplus(fp32_head(self.mag, features)),
+            "region_logits": head(self.region),
+            "blend_logits": head(self.blend),
+            "mag_concentration": CONCENTRATION_FLOOR + F.softplus(head(self.mag)),
         }
 
 
@@ -369,10 +378,11 @@ def reinforce_loss(
 ) -> torch.Tensor:
     """L_syn = -1/B sum_i (R_i - b) log pi(a_i | x_i) - beta_H 1/B sum_i H_i.
 
-    R_i: the detector's loss on the image made by action a_i (its `sample_loss`, no gradient);
-    b: a moving average of past rewards, so only better- or worse-than-usual choices move the
-    policy; beta_H: the entropy bonus (published 1e-5). Descending L_syn ascends the expected
-    detector loss: the synthesizer learns to make forgeries the detector gets wrong.
+    R_i: the reward of action a_i, no gradient (published: the detector's loss on the whole
+    batch, the same for every action; or the loss on the image a_i made); b: a baseline (published:
+    none, 0; or a moving average of past rewards, so only better- or worse-than-usual choices move
+    the policy); beta_H: the entropy bonus (published 1e-5). Descending L_syn ascends the
+    expected detector loss: the synthesizer learns to make forgeries the detector gets wrong.
     """
     advantage = reward.detach().float() - baseline
     return -(advantage * log_prob).mean() - entropy_weight * entropy.mean()
@@ -381,7 +391,10 @@ def reinforce_loss(
 @dataclass(frozen=True)
 class SynthSettings:
     """The `synthesizer:` section. mode: `learned` (REINFORCE) or `random` (uniform configurations,
-    no network: the ablation's reference)."""
+    no network: the ablation's reference). reward: `batch` (published: every action is paid the
+    detector's loss on the whole batch) or `image` (each action the loss on the image it made).
+    baseline_momentum: null (published: no baseline) or the momentum of a moving average of the
+    mean reward, subtracted from every reward."""
 
     mode: str
     backbone: str
@@ -389,11 +402,13 @@ class SynthSettings:
     weights: str | None
     allow_mismatch: bool
     image_size: int
+    drop_rate: float
     lr: float
     weight_decay: float
     betas: tuple[float, float]
     entropy_weight: float
-    baseline_momentum: float
+    reward: str
+    baseline_momentum: float | None
     clip_grad: float | None
 
     @classmethod
@@ -408,8 +423,10 @@ class SynthSettings:
         s = cls(**{**section, "betas": tuple(section["betas"])})
         if s.mode not in ("learned", "random"):
             raise ConfigError(f"synthesizer.mode must be learned or random, not {s.mode!r}")
-        if not 0.0 <= s.baseline_momentum < 1.0:
-            raise ConfigError(f"synthesizer.baseline_momentum must be in [0, 1), not {s.baseline_momentum}")
+        if s.reward not in REWARDS:
+            raise ConfigError(f"synthesizer.reward must be one of {list(REWARDS)}, not {s.reward!r}")
+        if s.baseline_momentum is not None and not 0.0 <= s.baseline_momentum < 1.0:
+            raise ConfigError(f"synthesizer.baseline_momentum must be null or in [0, 1), not {s.baseline_momentum}")
         return s
 
 
@@ -421,7 +438,7 @@ def build_synthesizer(s: SynthSettings) -> Synthesizer:
         net = widen_input(net, 6)
     else:
         net = create_backbone(s.backbone, in_chans=6)
-    return Synthesizer(net)
+    return Synthesizer(net, s.drop_rate)
 
 
 class SynthesizerPart:
@@ -498,27 +515,41 @@ class SynthesizerPart:
         return out
 
     def backward(self, batch: dict, logs: dict, scale: float) -> None:
-        """REINFORCE on the rewards of this batch's synthesized images (`reinforce_loss`); the
-        baseline then moves towards their mean over every process. Every process takes part in
-        the sum, also one whose batch held no target."""
+        """REINFORCE on this batch's actions (`reinforce_loss`) with the rewards of `rewards`; a
+        moving baseline then moves towards their mean over every process. Every process takes
+        part in the sum, also one whose batch held no target."""
         if self.pending is None:
             return
         actions, b = self.pending
         self.pending = None
-        if "sample_loss" not in logs:
-            raise ConfigError("the sladd synthesizer learns from the sladd loss's per-image losses (loss.name: sladd)")
-        reward = logs["sample_loss"][b : 2 * b].float()
+        reward = self.rewards(logs, b)
         totals = sum_over_processes(torch.stack([reward.sum(), reward.new_tensor(float(b))]))
         if totals[1] == 0:
             return
         mean = float(totals[0] / totals[1])
-        if math.isnan(self.baseline):
+        momentum = self.s.baseline_momentum
+        if momentum is not None and math.isnan(self.baseline):
             self.baseline = mean
         self.stats["reward"] += float(reward.sum())
         if self.net is not None and b:
-            loss = reinforce_loss(actions.log_prob, actions.entropy, reward, self.baseline, self.s.entropy_weight)
+            baseline = 0.0 if momentum is None else self.baseline
+            loss = reinforce_loss(actions.log_prob, actions.entropy, reward, baseline, self.s.entropy_weight)
             (loss * scale).backward()
-        self.baseline = self.s.baseline_momentum * self.baseline + (1.0 - self.s.baseline_momentum) * mean
+        if momentum is not None:
+            self.baseline = momentum * self.baseline + (1.0 - momentum) * mean
+
+    def rewards(self, logs: dict, b: int) -> torch.Tensor:
+        """The reward of each of the batch's b actions, (b,): with `reward: batch` the criterion's
+        loss on the whole batch for every one (published: a forgery is worth what the batch
+        it joined costs the detector, and the label of `none` (the real, kept) counts only
+        through that); with `reward: image` the loss on the image the action made (the batch's
+        images b .. 2b - 1)."""
+        key = "loss" if self.s.reward == "batch" else "sample_loss"
+        if key not in logs:
+            raise ConfigError(f"the sladd synthesizer learns from the sladd loss's `{key}` (loss.name: sladd)")
+        if self.s.reward == "batch":
+            return logs["loss"].detach().float().reshape(1).expand(b)
+        return logs["sample_loss"][b : 2 * b].float()
 
     def step(self) -> None:
         """One Adam step on the gradients averaged over every process."""

@@ -111,6 +111,7 @@ def synthesizer_over_two_processes(rank: int, init: str) -> None:
 
     with open("configs/members/sladd_demo.yaml") as fh:
         cfg = yaml.safe_load(fh)
+    cfg["synthesizer"].update(reward="image", baseline_momentum=0.9)  # each rank's own rewards, a shared baseline
     s = SynthSettings.from_cfg(cfg)
     torch.manual_seed(rank)
     part = SynthesizerPart(build_synthesizer(s), s, ForgeSettings.from_cfg(cfg), RecipeSettings.from_cfg(cfg),

@@ -27,8 +27,8 @@ def test_throughput_reports_every_rate_and_the_cores_they_imply() -> None:
     assert workers["forge_threads"] == pytest.approx(600 / uniform, abs=0.06)
 
 
-@pytest.mark.slow  # four short trainings: about a minute
-def test_ablation_trains_both_settings_per_seed_and_plots_the_synthesizer(tmp_path, capsys) -> None:
+@pytest.mark.slow  # six short trainings: about a minute and a half
+def test_ablation_trains_every_setting_per_seed_and_plots_the_synthesizer(tmp_path, capsys) -> None:
     import json
 
     import yaml
@@ -47,12 +47,22 @@ def test_ablation_trains_both_settings_per_seed_and_plots_the_synthesizer(tmp_pa
         ("random", 1),
         ("learned", 0),
         ("learned", 1),
+        ("image_reward", 0),
+        ("image_reward", 1),
     ]
     assert all(r["n_oof"] > 0 and 0 <= r["oof_auc"] <= 1 for r in result["rows"])
     resolved = yaml.safe_load((work / "random-seed1" / "sladd_demo" / "fold0" / "config.yaml").read_text())
     assert resolved["synthesizer"]["mode"] == "random" and resolved["train"]["seed"] == 1
+    resolved = yaml.safe_load((work / "image_reward-seed0" / "sladd_demo" / "fold0" / "config.yaml").read_text())
+    assert resolved["synthesizer"]["reward"] == "image" and resolved["synthesizer"]["baseline_momentum"] == 0.9
     trajectory = result["synthesizer_by_epoch"]
-    assert [row["epoch"] for row in trajectory] == [1, 2]  # the member config trains 2 epochs
+    # the member config trains 2 epochs
+    assert [(row["setting"], row["epoch"]) for row in trajectory] == [
+        ("image_reward", 1),
+        ("image_reward", 2),
+        ("learned", 1),
+        ("learned", 2),
+    ]
     blends = sum(trajectory[0][f"synth_p_{b}"] for b in ("alpha", "poisson", "copy", "none"))
     assert blends == pytest.approx(1.0) and png.stat().st_size > 10_000
     assert "| learned | 2 |" in capsys.readouterr().out

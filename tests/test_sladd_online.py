@@ -103,7 +103,7 @@ def test_a_forgery_changes_only_its_region_and_carries_its_configuration(pair: t
         ratio = 0.6 if blend_type == "copy" else 1.0
         fake, mask = sladd_forge(tgt, tgt_lm, src, src_lm, region, blend_type, ratio, np.random.default_rng(seed))
         assert np.array_equal(f.image, fake)
-        np.testing.assert_allclose(f.mask_map, mask_map(mask, 16), atol=1e-6)
+        np.testing.assert_allclose(f.mask_map, mask_map(mask / ratio, 16), atol=1e-6)
         assert (f.mag == 0.6) if blend_type == "copy" else math.isnan(f.mag)
         # Only the region moved: the landmark region drawn with that seed, widened by the alpha feather.
         soft = region_mask(tgt_lm, region, tgt.shape, np.random.default_rng(seed)) > 0
@@ -111,8 +111,10 @@ def test_a_forgery_changes_only_its_region_and_carries_its_configuration(pair: t
         changed = (f.image != tgt).any(-1)
         assert changed.any() and not (changed & ~_dilate(soft, band)).any(), f"{blend_type} region {region}"
         assert changed_share(tgt, f.image, mask, FORGE.min_delta) >= FORGE.min_changed
-        # The map target is the blend weight (at most the ratio), averaged to 16 x 16: empty far from the region.
-        assert 0 < f.mask_map.max() <= ratio + 1e-6 and f.mask_map.min() == 0.0
+        # The map target is the region's blend weight, not scaled by the ratio (the public code's),
+        # averaged to 16 x 16: empty far from the region.
+        assert 0 < f.mask_map.max() <= 1 + 1e-6 and f.mask_map.min() == 0.0
+        assert blend_type != "copy" or f.mask_map.max() > ratio
 
 
 def test_none_a_face_forged_into_itself_and_a_failed_forgery_are_the_real_labelled_real(pair: tuple) -> None:
@@ -273,7 +275,7 @@ def test_every_target_matches_the_configuration_that_made_the_image(photos: dict
 
 
 def test_the_synthesizer_learns_from_the_rewards_of_its_own_images(photos: dict) -> None:
-    part = _part()
+    part = _part(reward="image", baseline_momentum=0.9)
     before = {k: v.clone() for k, v in part.net.state_dict().items()}
     batch = _batch(photos)
     out = part.prepare(batch, learn=True)
@@ -290,7 +292,7 @@ def test_the_synthesizer_learns_from_the_rewards_of_its_own_images(photos: dict)
     assert summary["synth_reward"] == pytest.approx(2.5) and summary["synth_baseline"] == part.baseline
     # The state goes into the training state and comes back.
     state = part.state_dict()
-    other = _part()
+    other = _part(reward="image", baseline_momentum=0.9)
     other.load_state_dict(state)
     assert other.baseline == part.baseline
     assert all(torch.equal(v, other.net.state_dict()[k]) for k, v in part.net.state_dict().items())
@@ -298,6 +300,78 @@ def test_the_synthesizer_learns_from_the_rewards_of_its_own_images(photos: dict)
     part.prepare(batch, learn=True)
     with pytest.raises(ConfigError, match="loss.name: sladd"):
         part.backward(out, {"ce": torch.tensor(1.0)}, scale=1.0)
+
+
+class _CallsEverythingReal(torch.nn.Module):
+    """A detector sure that every image is real: its loss is high on a fake and near 0 on a real,
+    so the synthesizer's paying actions are the forgeries and its worst is `none` (a real)."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = len(images)
+        return {
+            "logits": torch.tensor([[4.0, -4.0]]).expand(n, 2),
+            "mask_map": torch.zeros(n, 1, FORGE.map_size, FORGE.map_size),
+            "type_logits": torch.zeros(n, len(TYPE_CLASSES)),
+            "mag": torch.full((n,), 0.5),
+        }
+
+
+def _targets(photos: dict, copies: int) -> dict:
+    """`copies` x both portraits as targets, then one fake that passes through."""
+    items = [_items(photos)[i] for i in range(3)]
+    return collate_sladd(items[:2] * copies + items[2:])
+
+
+def test_reinforce_end_to_end_moves_the_policy_towards_the_actions_the_detector_gets_wrong(photos: dict) -> None:
+    """prepare -> the sladd criterion -> backward -> step, four pairs a step, each action paid
+    the loss on its own image (`reward: image`): within ten steps the synthesizer draws fewer
+    `none` (the real, which the detector gets right) and more forgeries (which it gets wrong).
+    A flipped update moves it the other way, rewards paired with the wrong actions not at all.
+    The published reward (the batch's loss for every action, no baseline) is too noisy to move
+    it reliably in a few steps (its direction is pinned exactly by the next test)."""
+    part = _part(reward="image", baseline_momentum=0.9, lr=1e-3, image_size=32)
+    criterion = models.build_criterion(DEMO)
+    detector = _CallsEverythingReal()
+    batch = _targets(photos, copies=2)
+    torch.manual_seed(0)
+    p_none = []
+    for _ in range(10):
+        out = part.prepare(batch, learn=True)
+        p_none.append(float(part.pending[0].blend_probs[:, BLEND_TYPES.index("none")].mean()))
+        _, _, logs = criterion(detector, out)
+        part.backward(out, logs, scale=1.0)
+        part.step()
+    assert p_none[0] == pytest.approx(0.25, abs=0.01)  # the uniform start
+    assert p_none[-1] < 0.24 and part.summary()["synth_p_none"] < 0.25
+
+
+@pytest.mark.parametrize("reward", ["batch", "image"])
+def test_each_action_is_credited_with_its_own_reward(photos: dict, reward: str) -> None:
+    """Several pairs, distinct per-image losses: the gradient on the blend head is exactly
+    -1/B sum_i A_i (onehot(blend_i) - p) (at the start the blend logits are the head's bias), with
+    A_i the batch loss for every pair (published) or pair i's own image loss less the baseline;
+    rewards shifted by one pair give another gradient, so the test tells the pairings apart."""
+    part = _part(reward=reward, baseline_momentum=0.9 if reward == "image" else None, entropy_weight=0.0)
+    batch = _targets(photos, copies=3)
+    torch.manual_seed(3)
+    out = part.prepare(batch, learn=True)
+    actions, b = part.pending
+    assert b == 6 and len(set(actions.blend.tolist())) >= 3
+    n = len(out["image"])
+    sample = torch.linspace(0.5, 3.0, n) ** 2  # every image its own loss
+    logs = {"loss": torch.tensor(1.7), "sample_loss": sample}
+    part.backward(out, logs, scale=1.0)
+    own = sample[b : 2 * b]
+    advantage = torch.full((b,), 1.7) if reward == "batch" else own - own.mean()  # the baseline starts at the mean
+
+    def blend_grad(a: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(part.net.blend.bias.detach(), 0)
+        return -(a[:, None] * (torch.nn.functional.one_hot(actions.blend, 4) - p)).mean(0)
+
+    torch.testing.assert_close(part.net.blend.bias.grad, blend_grad(advantage), rtol=1e-4, atol=1e-6)
+    if reward == "image":
+        for shifted in (advantage.roll(1), (sample[b - 1 : 2 * b - 1] - own.mean())):
+            assert not torch.allclose(blend_grad(shifted), blend_grad(advantage), atol=1e-3)
 
 
 def test_forging_threads_change_nothing_but_speed(photos: dict) -> None:
@@ -320,10 +394,10 @@ def test_a_batch_with_one_target_or_none_is_forged(photos: dict) -> None:
     items = [_items(photos)[i] for i in range(3)]
     one = part.prepare(collate_sladd(items[1:]), learn=True)
     assert one["target"].tolist()[:1] == [0] and len(one["image"]) == 3 and part.pending[1] == 1
-    part.backward(one, {"sample_loss": torch.ones(3)}, scale=1.0)
+    part.backward(one, {"loss": torch.tensor(1.0), "sample_loss": torch.ones(3)}, scale=1.0)
     none = part.prepare(collate_sladd(items[2:]), learn=True)
     assert none["target"].tolist() == [1] and none["type_target"].tolist() == [OTHER_FAKE_TYPE]
-    part.backward(none, {"sample_loss": torch.ones(1)}, scale=1.0)
+    part.backward(none, {"loss": torch.tensor(1.0), "sample_loss": torch.ones(1)}, scale=1.0)
     part.step()
 
 
