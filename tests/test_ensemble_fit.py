@@ -23,9 +23,8 @@ from core.blend.fitting import (
     fit_ensemble,
     nested_calibration,
     nested_method,
-    rank_auc,
-    search_weights,
 )
+from core.blend.search import CHUNK, rank_auc, search_weights, stratified_sample
 from core.config import ConfigError
 from core.infer.ensemble import Ensemble
 from core.metrics import brier_score, expected_calibration_error
@@ -54,6 +53,10 @@ def test_rank_auc_is_sklearns_auc_with_ties_counted_half():
     y = rng.integers(0, 2, 200)
     scores = rng.integers(0, 6, (200, 3)).astype(float)  # many ties
     assert rank_auc(y, scores) == pytest.approx([roc_auc_score(y, scores[:, j]) for j in range(3)], abs=1e-12)
+    # more candidates than one chunk, tied and untied columns mixed, scored on threads
+    many = np.where(np.arange(40) % 3 == 0, rng.integers(0, 4, (200, 40)), rng.normal(size=(200, 40)))
+    assert len(many.T) > CHUNK
+    assert rank_auc(y, many) == pytest.approx([roc_auc_score(y, c) for c in many.T], abs=1e-12)
 
 
 def test_ece_and_brier_by_hand():
@@ -157,6 +160,28 @@ def test_weights_search_favours_the_informative_member_and_keeps_the_mean_on_a_t
     twins = np.repeat(probs[:, :1], 2, axis=1)  # two identical members: every weighting ties
     np.testing.assert_array_equal(search_weights(twins, y, generations=5, seed=0), [0.5, 0.5])
     np.testing.assert_array_equal(search_weights(probs, y, generations=20, seed=0), w)  # seeded
+
+
+def test_weights_searched_on_a_sample_of_many_rows_still_beat_the_mean_on_every_row():
+    probs, y, _ = synthetic_oof(n=6000)
+    sample = stratified_sample(y, 1000, seed=0)
+    assert len(sample) == pytest.approx(1000, abs=1) and y[sample].mean() == pytest.approx(y.mean(), abs=2e-3)
+    full = search_weights(probs, y, generations=10, seed=0)
+    sampled = search_weights(probs, y, generations=10, seed=0, search_rows=1000)
+    assert not np.array_equal(full, sampled)  # the search did rank another set of rows
+    np.testing.assert_allclose(sampled, full, atol=0.1)
+    assert rank_auc(y, (probs @ sampled)[:, None])[0] > rank_auc(y, probs.mean(axis=1)[:, None])[0]
+    # the plain mean stays where the sample's best does not beat it on every row
+    twins = np.repeat(probs[:, :1], 2, axis=1)
+    np.testing.assert_array_equal(search_weights(twins, y, generations=5, seed=0, search_rows=1000), [0.5, 0.5])
+
+
+def test_a_forced_method_is_measured_against_the_plain_mean_only():
+    probs, y, folds = synthetic_oof()
+    fit = fit_ensemble(["a", "b", "c"], probs, y, folds, BlendSettings(method="stack"))
+    assert set(fit.results) == {"mean", "stack"} and fit.method == "stack"
+    fit = fit_ensemble(["a", "b", "c"], probs, y, folds, BlendSettings(method="mean"))
+    assert set(fit.results) == {"mean"}
 
 
 def result(method: str, fold_auc: list[float]) -> MethodResult:

@@ -9,15 +9,15 @@ calibration, on the blend's nested scores.
 Methods (`core.blend.applied` applies them):
 - `mean`: the plain mean of the members' probabilities (the winning solution's blend);
 - `rank_mean`: the mean of each member's rank within its own OOF scores;
-- `weights`: non-negative weights summing to 1 that maximise the OOF AUC. AUC only changes
-  where two images swap places, so it is flat almost everywhere in the weights: a gradient
-  (scipy's L-BFGS or SLSQP) is zero there and the search stops where it starts. The search
-  is scipy's differential evolution: gradient-free (it compares AUCs, never slopes), seeded
-  (the same OOF predictions give the same weights), and vectorised (a whole population is
-  ranked in one NumPy pass). Optuna's TPE, the project's tuner, was the other candidate, but
-  its sampler costs milliseconds a trial, more than an AUC on a few thousand images. The
-  plain mean and each member alone are in the first population, and the plain mean is kept
-  unless a weighting beats its AUC strictly;
+- `weights`: non-negative weights summing to 1 that maximise the OOF AUC (`core.blend.search`).
+  AUC only changes where two images swap places, so it is flat almost everywhere in the
+  weights: a gradient (scipy's L-BFGS or SLSQP) is zero there and the search stops where it
+  starts. The search is scipy's differential evolution: gradient-free (it compares AUCs, never
+  slopes), seeded (the same OOF predictions give the same weights), and vectorised (a whole
+  population is ranked per call, a chunk of candidates at a time on every core). Optuna's TPE,
+  the project's tuner, was the other candidate, but its sampler costs milliseconds a trial,
+  more than an AUC on a few thousand images. The plain mean and each member alone are in the
+  first population, and the plain mean is kept unless a weighting beats its AUC strictly;
 - `stack`: scikit-learn's logistic regression on the members' logits.
 """
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from core.blend.applied import CALIBRATIONS, METHODS, FittedBlend, blend_scores, calibrate, ecdf_knots, logit
+from core.blend.search import search_weights
 from core.config import ConfigError
 from core.metrics import brier_score, expected_calibration_error, score_report
 
@@ -45,6 +46,7 @@ class BlendSettings:
     method: str = "auto"
     calibration: str = "temperature"
     weight_generations: int = 50
+    search_rows: int = 50_000
     stack_c: float = 1.0
     seed: int = 0
     ece_bins: int = 10
@@ -63,8 +65,10 @@ class BlendSettings:
             raise ConfigError(
                 f"ensemble.calibration={settings.calibration!r}: expected one of {', '.join(CALIBRATIONS)}"
             )
-        if settings.weight_generations < 1 or settings.ece_bins < 1 or settings.rank_knots < 2:
+        if min(settings.weight_generations, settings.ece_bins) < 1 or settings.rank_knots < 2:
             raise ConfigError("ensemble: weight_generations and ece_bins must be >= 1, rank_knots >= 2")
+        if settings.search_rows < 1000:
+            raise ConfigError(f"ensemble.search_rows={settings.search_rows}: at least 1000 rows to rank candidates on")
         return settings
 
 
@@ -73,53 +77,10 @@ def _need_both_classes(target: np.ndarray, what: str) -> None:
         raise BlendFitError(f"{what} needs real and fake images among the rows it is fitted on")
 
 
-def rank_auc(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC-AUC of each column of (N, S) `scores` at once (Mann-Whitney: average ranks, so a tie
-    counts half, as scikit-learn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
-    pos = np.asarray(target) == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    ranks = rankdata(scores, axis=0)
-    return (ranks[pos].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def search_weights(probs: np.ndarray, target: np.ndarray, generations: int, seed: int) -> np.ndarray:
-    """Simplex weights with the highest AUC of the weighted mean, on the images every member
-    scored (see the module docstring for the search); the plain mean unless strictly beaten."""
-    m = probs.shape[1]
-    equal = np.full(m, 1.0 / m)
-    if m == 1:
-        return equal
-    _need_both_classes(target, "the weights search")
-    from scipy.optimize import differential_evolution
-
-    ok = ~np.isnan(probs).any(axis=1)
-    probs, target = probs[ok], np.asarray(target)[ok]
-
-    def simplex(raw: np.ndarray) -> np.ndarray:  # (m, S) raw values in [0, 1] -> columns summing to 1
-        total = raw.sum(axis=0, keepdims=True)
-        return np.where(total > 0, raw / np.where(total > 0, total, 1.0), 1.0 / m)
-
-    def negative_auc(raw: np.ndarray) -> np.ndarray:  # vectorised: a whole population per call
-        raw = raw.reshape(m, -1)
-        return -rank_auc(target, probs @ simplex(raw))
-
-    rng = np.random.default_rng(seed)
-    starts = np.vstack([np.ones(m), np.eye(m), rng.uniform(size=(14 * m, m))])  # the mean, each member alone
-    result = differential_evolution(
-        negative_auc,
-        [(0.0, 1.0)] * m,
-        init=starts,
-        maxiter=generations,
-        tol=0.0,  # the default stops once AUCs agree within 1%, which they do from the first generation
-        polish=False,  # polishing is a gradient search: nothing to gain on a flat objective
-        vectorized=True,
-        updating="deferred",
-        rng=seed,
-    )
-    best = simplex(result.x.reshape(m, 1))[:, 0]
-    return best if -result.fun > rank_auc(target, (probs @ equal)[:, None])[0] else equal
+def _search(probs: np.ndarray, target: np.ndarray, settings: BlendSettings) -> np.ndarray:
+    if probs.shape[1] > 1:
+        _need_both_classes(target, "the weights search")
+    return search_weights(probs, target, settings.weight_generations, settings.seed, settings.search_rows)
 
 
 def fit_stack(probs: np.ndarray, target: np.ndarray, c: float) -> dict:
@@ -146,7 +107,7 @@ def fit_method(
             raise BlendFitError("rank_mean needs out-of-fold scores of every member to rank against")
         return {"knots": [ecdf_knots(probs[:, j], settings.rank_knots) for j in range(probs.shape[1])]}
     if method == "weights":
-        w = fixed if fixed is not None else search_weights(probs, target, settings.weight_generations, settings.seed)
+        w = fixed if fixed is not None else _search(probs, target, settings)
         return {"weights": (np.asarray(w, dtype=float) / np.sum(w)).tolist()}
     if method == "stack":
         return fit_stack(probs, target, settings.stack_c)
@@ -260,9 +221,11 @@ def evaluate(method: str, scores: np.ndarray, target: np.ndarray, folds: np.ndar
 def evaluate_methods(
     probs: np.ndarray, target: np.ndarray, folds: np.ndarray, settings: BlendSettings, fixed: np.ndarray | None
 ) -> dict[str, MethodResult]:
-    """Every method measured by nested CV; one that cannot be fitted carries its reason."""
+    """The methods `settings.method` chooses among measured by nested CV: every one for `auto`,
+    else the forced one and the plain mean it is compared with. One that cannot be fitted
+    carries its reason."""
     out = {}
-    for method in METHODS:
+    for method in METHODS if settings.method == "auto" else dict.fromkeys(("mean", settings.method)):
         try:
             scores = nested_method(method, probs, target, folds, settings, fixed)
         except BlendFitError as err:
@@ -384,6 +347,7 @@ class EnsembleFit:
 
     members: list[str]
     results: dict[str, MethodResult]
+    requested: str  # ensemble.method: auto, or the method forced
     method: str
     reason: str
     fitted: FittedBlend
@@ -420,4 +384,4 @@ def fit_ensemble(
     cal = evaluate_calibration(nested, target, folds, settings.calibration, settings.ece_bins)
     calibration = fit_calibration(cal.applied, nested, target)
     fitted = FittedBlend(list(members), method, params, calibration)
-    return EnsembleFit(list(members), results, method, reason, fitted, cal, fixed is not None)
+    return EnsembleFit(list(members), results, settings.method, method, reason, fitted, cal, fixed is not None)

@@ -79,6 +79,11 @@ def methods_section(fit: EnsembleFit) -> list[str]:
         "other folds' out-of-fold predictions only and scores the held-out fold. Spreads are the "
         "population std over folds; the gain is the per-fold AUC minus the plain mean's on the same fold."
     )
+    if fit.requested != "auto":
+        notes.append(
+            f"- ensemble.method={fit.requested}: only it and the plain mean were fitted; "
+            "ensemble.method=auto measures every method"
+        )
     return ["## Blend methods, nested out of fold", "", intro, "", *_table(head, rows), *notes, ""]
 
 
