@@ -271,3 +271,41 @@ def test_infer_applies_the_fit_without_sklearn_scipy_or_pandas(tmp_path):
     assert got["heavy"] == []
     # one image ranked against the stored OOF distributions scores as it would inside the batch
     assert got["blend"][0] == pytest.approx(fit.fitted.apply(probs)[0], abs=1e-12)
+
+
+def saturated(n: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct probabilities of a confident member (logits 8 to 30 from the middle, where the
+    old clip at 1e-6 tied them) and labels it is three times overconfident about."""
+    rng = np.random.default_rng(seed)
+    z = rng.choice([-1.0, 1.0], n) * rng.uniform(8.0, 30.0, n)
+    y = (rng.uniform(size=n) < sigmoid(z / 3.0)).astype(int)
+    p = sigmoid(z)
+    keep = np.unique(p, return_index=True)[1][:n]
+    return p[keep], y[keep]
+
+
+def test_logits_keep_float64_precision_and_move_only_exact_zero_and_one():
+    p = np.array([0.0, 1e-300, 1e-20, 1e-7, 0.5, 1 - 1e-7, 1 - 1e-15, 1.0])
+    z = logit(p)
+    assert np.isfinite(z).all() and (np.diff(z) > 0).all()
+    np.testing.assert_allclose(
+        z[1:-1], [np.log(1e-300), np.log(1e-20), np.log(1e-7 / (1 - 1e-7)), 0.0, 16.118, 34.539], rtol=1e-4
+    )
+    np.testing.assert_allclose(sigmoid(z[1:-1]), p[1:-1], rtol=1e-9)  # 1e-300 comes back, not 0
+
+
+def test_temperature_scaling_keeps_20000_saturated_scores_distinct():
+    p, y = saturated()
+    assert len(np.unique(p)) >= 19_000 and (np.minimum(p, 1 - p) < 1e-6).mean() > 0.5
+    cal = fit_calibration("temperature", p, y)
+    assert cal["temperature"] == pytest.approx(3.0, rel=0.2)
+    out = calibrate(cal, p)
+    assert len(np.unique(out)) == len(np.unique(p)) and (np.diff(out[np.argsort(p)]) > 0).all()
+
+
+def test_stacking_keeps_saturated_scores_apart():
+    p, y = saturated()
+    probs = np.stack([p, p], axis=1)
+    fit = fit_ensemble(["a", "b"], probs, y, np.arange(len(y)) % 4, BlendSettings(method="stack"))
+    out = fit.fitted.scores(probs)
+    assert len(np.unique(out)) == len(np.unique(p))
