@@ -17,6 +17,7 @@ from core.blend.applied import FittedBlend, calibrate, ecdf_knots, logit, rank_s
 from core.blend.fitting import (
     BlendSettings,
     MethodResult,
+    blend_row_note,
     choose_method,
     evaluate_calibration,
     fit_calibration,
@@ -130,6 +131,30 @@ def test_calibration_is_fitted_without_the_fold_it_calibrates():
     assert not np.array_equal(clean[folds == 0], dirty[folds == 0])
 
 
+@pytest.mark.parametrize("method", ["weights", "stack"])  # rank_mean's fit reads no label
+def test_a_fitted_blend_is_calibrated_without_the_labels_of_the_fold_it_calibrates(method):
+    # fold k's calibration is fitted on the other folds' scores from blends that never saw fold k
+    probs, y, folds = synthetic_oof(n=400)
+    probs = sigmoid(3.0 * logit(probs))  # overconfident members, so the calibration moves the scores
+    settings = BlendSettings(method=method, weight_generations=5)
+    corrupted = np.where(folds == 0, 1 - y, y)
+    clean, dirty = (fit_ensemble(["a", "b", "c"], probs, t, folds, settings).calibration for t in (y, corrupted))
+    held = folds == 0
+    np.testing.assert_array_equal(clean.uncalibrated[held], dirty.uncalibrated[held])
+    for kind in ("temperature", "isotonic"):
+        assert not np.array_equal(clean.nested[kind][held], clean.uncalibrated[held])  # it calibrates something
+        np.testing.assert_array_equal(clean.nested[kind][held], dirty.nested[kind][held])
+        assert not np.array_equal(clean.nested[kind][folds == 1], dirty.nested[kind][folds == 1])
+
+
+def test_a_fitted_blend_on_two_folds_is_not_calibrated_and_says_why():
+    probs, y, _ = synthetic_oof(n=200)
+    fit = fit_ensemble(["a", "b", "c"], probs, y, np.arange(200) % 2, BlendSettings(method="stack"))
+    assert fit.calibration.applied == "none" and "needs three folds or more" in fit.calibration.reason
+    mean = fit_ensemble(["a", "b", "c"], probs, y, np.arange(200) % 2, BlendSettings(method="mean"))
+    assert "error" not in mean.calibration.after["temperature"]  # nothing fitted: two folds are enough
+
+
 def test_rank_mean_ranks_each_fold_against_the_other_folds_only():
     probs, y, folds = synthetic_oof(n=40)
     nested = nested_method("rank_mean", probs, y, folds, FAST)
@@ -208,6 +233,8 @@ def test_fit_ensemble_measures_all_four_methods_and_calibrates_out_of_fold():
     assert all(r.error is None and len(r.fold_metrics) == 4 for r in fit.results.values())
     assert fit.method in {"weights", "stack"}  # the noise member drags the plain mean down
     assert fit.calibration.calibrated.shape == y.shape
+    note = blend_row_note(fit)
+    assert note.startswith("The blend row includes the choice of method") and "not nested over that choice" in note
 
 
 def test_one_fold_measures_nothing_and_keeps_the_plain_mean():

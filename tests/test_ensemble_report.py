@@ -109,6 +109,8 @@ def test_forced_weights_writes_the_report_with_that_method_and_the_mean_out_of_f
     assert len(oof_blend) == N_FOLDS * PER_FOLD and oof_blend["y_pred"].between(0, 1).all()
     printed = capsys.readouterr().out
     assert "blend: weights (forced by ensemble.method=weights" in printed and "  mean " in printed
+    assert "The blend row: ensemble.method=weights, fixed before the folds were looked at; nested" in printed
+    assert "The blend row: ensemble.method=weights, fixed before" in report
 
 
 def test_a_forced_method_that_loses_to_the_mean_says_so(project):

@@ -3,8 +3,12 @@
 Everything here sees out-of-fold (OOF) member probabilities and their labels only; the test
 answers are never read. What a method is worth is measured by nested cross-validation over the
 members' own folds: for each fold k the method is fitted on the OOF rows of the other folds and
-scores fold k, so no row's score comes from a fit that saw its label. The same is done for the
-calibration, on the blend's nested scores.
+scores fold k, so no row's score comes from a fit that saw its label. The calibration is nested
+inside that: fold k's is fitted on the other folds' nested scores recomputed without fold k
+(each fold j blended by a fit on the folds other than j and k), because the nested scores of
+the other folds came from blends fitted on fold k. That costs K(K-1) more fits of the chosen
+method, none for the plain mean. `auto` chooses the method on the same folds that measure it:
+the reported blend row includes that choice and says so (`blend_row_note`).
 
 Methods (`core.blend.applied` applies them):
 - `mean`: the plain mean of the members' probabilities (the winning solution's blend);
@@ -23,7 +27,9 @@ Methods (`core.blend.applied` applies them):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cache
 
 import numpy as np
 
@@ -176,14 +182,60 @@ def nested_method(
     )
 
 
-def nested_calibration(kind: str, scores: np.ndarray, target: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """The blend's nested scores calibrated fold by fold, each by a fit on the other folds."""
-    return nested_scores(
-        lambda train: fit_calibration(kind, scores[train], target[train]),
-        lambda cal, held: calibrate(cal, scores[held]),
-        len(target),
-        folds,
-    )
+def inner_nested(
+    method: str,
+    probs: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    settings: BlendSettings,
+    fixed: np.ndarray | None = None,
+) -> Callable[[int], np.ndarray]:
+    """For fold k, the nested scores of `method` over the other folds, computed as if fold k did
+    not exist: each fold j != k blended by a fit on the folds other than j and k (NaN on fold k).
+    What fold k's calibration may be fitted on: the nested scores of the other folds came from
+    blends fitted on fold k too. Computed on first use, once per fold."""
+    if method == "mean":  # nothing is fitted: each score is its own row's alone
+        scores = blend_scores("mean", {}, probs)
+        return lambda k: np.where(folds == k, np.nan, scores)
+    if len(np.unique(folds)) < 3:
+        message = (
+            f"calibrating {method} out of fold needs three folds or more (its calibration is fitted on "
+            "nested scores of the other folds, blended without the calibrated fold)"
+        )
+
+        def refuse(k: int) -> np.ndarray:
+            raise BlendFitError(message)
+
+        return refuse
+
+    @cache
+    def scores_without(k: int) -> np.ndarray:
+        rest = folds != k
+        out = np.full(len(target), np.nan)
+        out[rest] = nested_method(method, probs[rest], target[rest], folds[rest], settings, fixed)
+        return out
+
+    return scores_without
+
+
+def nested_calibration(
+    kind: str,
+    scores: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    reference: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The blend's nested `scores` calibrated fold by fold: fold k by a fit on `reference(k)` over
+    the other folds (`inner_nested`: scores none of whose fits saw fold k), or on `scores`
+    themselves where no blend was fitted (`reference` None)."""
+    if len(np.unique(folds)) < 2:
+        raise BlendFitError("measuring a fit out of fold needs out-of-fold predictions from two folds or more")
+    out = np.full(len(target), np.nan)
+    for k in np.unique(folds):
+        held = folds == k
+        fitted_on = scores if reference is None else reference(int(k))
+        out[held] = calibrate(fit_calibration(kind, fitted_on[~held], target[~held]), scores[held])
+    return out
 
 
 @dataclass
@@ -297,6 +349,7 @@ class CalibrationResult:
     uncalibrated: np.ndarray  # the blend's nested scores
     calibrated: np.ndarray  # the same calibrated out of fold by the applied calibration
     bins: int
+    nested: dict[str, np.ndarray] = field(default_factory=dict)  # per calibration tried: its nested scores
 
 
 def calibration_metrics(scores: np.ndarray, target: np.ndarray, bins: int) -> dict[str, float]:
@@ -308,33 +361,42 @@ def calibration_metrics(scores: np.ndarray, target: np.ndarray, bins: int) -> di
 
 
 def evaluate_calibration(
-    scores: np.ndarray, target: np.ndarray, folds: np.ndarray, requested: str, bins: int
+    scores: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    requested: str,
+    bins: int,
+    reference: Callable[[int], np.ndarray] | None = None,
 ) -> CalibrationResult:
-    """Both calibrations measured out of fold; the requested one is applied when it lowers the
-    nested ECE of the blend, else the blend stays as it is and the reason says so."""
+    """Both calibrations measured out of fold (`nested_calibration`, fitted on `reference`); the
+    requested one is applied when it lowers the nested ECE of the blend, else the blend stays as
+    it is and the reason says so."""
     before = calibration_metrics(scores, target, bins)
     after, nested = {}, {}
     for kind in CALIBRATIONS[1:]:
         try:
-            nested[kind] = nested_calibration(kind, scores, target, folds)
+            nested[kind] = nested_calibration(kind, scores, target, folds, reference)
         except BlendFitError as err:
             after[kind] = {"error": str(err)}
             continue
         after[kind] = calibration_metrics(nested[kind], target, bins)
+
+    def result(applied: str, reason: str) -> CalibrationResult:
+        calibrated = nested[applied] if applied != "none" else scores
+        return CalibrationResult(requested, applied, reason, before, after, scores, calibrated, bins, nested)
+
     if requested == "none":
-        return CalibrationResult(requested, "none", "ensemble.calibration=none", before, after, scores, scores, bins)
+        return result("none", "ensemble.calibration=none")
     if "error" in after[requested]:
-        reason = f"{requested} not applied: {after[requested]['error']}"
-        return CalibrationResult(requested, "none", reason, before, after, scores, scores, bins)
+        return result("none", f"{requested} not applied: {after[requested]['error']}")
     ece = after[requested]["ece"]
     if ece < before["ece"]:
-        reason = f"{requested} lowers the out-of-fold ECE from {before['ece']:.4f} to {ece:.4f}"
-        return CalibrationResult(requested, requested, reason, before, after, scores, nested[requested], bins)
-    reason = (
+        return result(requested, f"{requested} lowers the out-of-fold ECE from {before['ece']:.4f} to {ece:.4f}")
+    return result(
+        "none",
         f"{requested} not applied: fitted out of fold it gives an ECE of {ece:.4f}, not below the "
-        f"uncalibrated blend's {before['ece']:.4f}"
+        f"uncalibrated blend's {before['ece']:.4f}",
     )
-    return CalibrationResult(requested, "none", reason, before, after, scores, scores, bins)
 
 
 # --------------------------------------------------------------------------- the whole fit
@@ -355,6 +417,24 @@ class EnsembleFit:
     fixed_weights: bool
 
 
+def blend_row_note(fit: EnsembleFit) -> str:
+    """What the reported blend row is: nested over the fits and calibration always; over the
+    choice of method only where the method was fixed before these folds were looked at."""
+    nested = "each fold blended by a fit on the other folds"
+    if fit.calibration.applied != "none":
+        nested += (
+            f", and {fit.calibration.applied}-calibrated by a fit on the other folds' scores from blends "
+            "that never saw it"
+        )
+    if fit.requested != "auto":
+        return f"The blend row: ensemble.method={fit.method}, fixed before the folds were looked at; nested: {nested}."
+    return (
+        f"The blend row includes the choice of method: {nested}, but auto chose {fit.method} among "
+        f"{len(fit.results)} methods by their nested AUC on these same folds, so it is not nested over "
+        "that choice (a little optimistic where the methods are close)."
+    )
+
+
 def fixed_weight_vector(members: list[str], weights: dict[str, float] | None) -> np.ndarray | None:
     if not weights:
         return None
@@ -372,8 +452,9 @@ def fit_ensemble(
     settings: BlendSettings,
     weights: dict[str, float] | None = None,
 ) -> EnsembleFit:
-    """Measure every method out of fold, choose, fit the choice on all OOF rows, then calibrate
-    it on its own nested OOF scores (never on scores it was fitted on)."""
+    """Measure the methods out of fold, choose, fit the choice on all OOF rows, then calibrate
+    it on its own nested OOF scores (never on scores it was fitted on); the calibration is
+    measured nested inside the nested blend (`inner_nested`)."""
     target = np.asarray(target, dtype=int)
     folds = np.asarray(folds)
     fixed = fixed_weight_vector(members, weights)
@@ -381,7 +462,8 @@ def fit_ensemble(
     method, reason = choose_method(results, settings.method)
     params = fit_method(method, probs, target, settings, fixed)
     nested = results[method].scores
-    cal = evaluate_calibration(nested, target, folds, settings.calibration, settings.ece_bins)
+    reference = inner_nested(method, probs, target, folds, settings, fixed)
+    cal = evaluate_calibration(nested, target, folds, settings.calibration, settings.ece_bins, reference)
     calibration = fit_calibration(cal.applied, nested, target)
     fitted = FittedBlend(list(members), method, params, calibration)
     return EnsembleFit(list(members), results, settings.method, method, reason, fitted, cal, fixed is not None)

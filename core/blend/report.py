@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.blend.fitting import EnsembleFit, MethodResult, evaluate, fold_metrics, gain_over_mean
+from core.blend.fitting import EnsembleFit, MethodResult, blend_row_note, evaluate, fold_metrics, gain_over_mean
 from core.io import write_text
 from core.metrics import TIE_BREAK_FPR, reliability_bins
 from core.report import pyplot, save_figure
@@ -123,6 +123,7 @@ def chosen_section(fit: EnsembleFit) -> list[str]:
         f"- method: **{fit.method}** ({fit.reason})",
         f"- {_describe_params(fit)}",
         f"- calibration: **{fit.calibration.applied}** ({fit.calibration.reason})",
+        f"- {blend_row_note(fit)}",
         "- fitted on every out-of-fold prediction; written to `ensemble_fit.json`, which infer.py applies",
         "",
     ]
