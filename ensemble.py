@@ -10,10 +10,13 @@ stack (logistic regression on the members' logits). Each is fitted on out-of-fol
 predictions only and measured by nested cross-validation over the same folds; `auto` keeps
 the plain mean unless another method beats it by more than the fold-to-fold spread. The
 chosen blend is fitted on every OOF prediction, then calibrated (`ensemble.calibration`) on
-its own nested OOF scores. Writes, under paths.outputs: ensemble_fit.json (what infer.py
-applies), ensemble_report.md with ensemble_{roc,correlation,reliability}.png, oof_blend.csv
-(img_name,target,fold, each member, the nested blend and its out-of-fold calibration as
-y_pred); and the submission (img_name,y_pred in test-list order) with oof_scores.csv beside it.
+its own nested OOF scores; that calibration is measured nested inside the nested blend (each
+fold's by a fit on scores from blends that never saw the fold). `ensemble.method=auto` measures
+every method, a forced method is measured against the plain mean only. Writes, under
+paths.outputs: ensemble_fit.json (what infer.py applies), ensemble_report.md with
+ensemble_{roc,correlation,reliability}.png, oof_blend.csv (img_name,target,fold, each member,
+the nested blend and its out-of-fold calibration as y_pred); and the submission
+(img_name,y_pred in test-list order) with oof_scores.csv beside it.
 
 Prints, for every member and for the blend, the out-of-fold ROC-AUC and TPR at FPR = 1e-3
 pooled over all folds and the per-fold AUC (mean +- std, min..max). The submission is
@@ -31,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.blend.applied import FIT_FILE
-from core.blend.fitting import BlendFitError, BlendSettings, EnsembleFit, fit_ensemble
+from core.blend.fitting import BlendFitError, BlendSettings, EnsembleFit, blend_row_note, fit_ensemble
 from core.blend.predictions import (
     SCORES_NOTE,
     check_submission,
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print("out-of-fold scores (model selection used only each fold's own validation data)")
     print(SCORES_NOTE)
     print(format_table(table))
+    print(blend_row_note(fit))
     print(blend_summary(fit))
     out = Path(args.out or cfg["submission"])
     write_submission(sub, out)

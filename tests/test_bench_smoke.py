@@ -18,6 +18,11 @@ from tests.conftest import ROOT
 # module -> (smallest arguments, key paths that must be in its JSON: "a.b" is result["a"]["b"],
 # "a[].b" every item of the list result["a"]).
 CASES: dict[str, tuple[list[str], list[str]]] = {
+    "blend_scale": (
+        ["--rows", "300", "--members", "3", "--folds", "3", "--test-rows", "10", "--methods", "weights"],
+        ["runs[].rows", "runs[].method", "runs[].chosen", "runs[].wall_s", "runs[].peak_rss_mb"]
+        + ["runs[].blend_nested_auc", "runs[].blend_fold_auc_mean", "machine.cpus"],
+    ),
     "kmeans_scaling": (
         ["--sizes", "200", "400", "--dim", "16", "--k", "2", "--iters", "2", "--direct-max", "400"],
         ["rows[].n", "rows[].seconds_per_iter", "rows[].init_seconds", "rows[].peak_rss_mb", "rows[].data_mb"]

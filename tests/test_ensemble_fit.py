@@ -17,15 +17,15 @@ from core.blend.applied import FittedBlend, calibrate, ecdf_knots, logit, rank_s
 from core.blend.fitting import (
     BlendSettings,
     MethodResult,
+    blend_row_note,
     choose_method,
     evaluate_calibration,
     fit_calibration,
     fit_ensemble,
     nested_calibration,
     nested_method,
-    rank_auc,
-    search_weights,
 )
+from core.blend.search import CHUNK, rank_auc, search_weights, stratified_sample
 from core.config import ConfigError
 from core.infer.ensemble import Ensemble
 from core.metrics import brier_score, expected_calibration_error
@@ -54,6 +54,10 @@ def test_rank_auc_is_sklearns_auc_with_ties_counted_half():
     y = rng.integers(0, 2, 200)
     scores = rng.integers(0, 6, (200, 3)).astype(float)  # many ties
     assert rank_auc(y, scores) == pytest.approx([roc_auc_score(y, scores[:, j]) for j in range(3)], abs=1e-12)
+    # more candidates than one chunk, tied and untied columns mixed, scored on threads
+    many = np.where(np.arange(40) % 3 == 0, rng.integers(0, 4, (200, 40)), rng.normal(size=(200, 40)))
+    assert len(many.T) > CHUNK
+    assert rank_auc(y, many) == pytest.approx([roc_auc_score(y, c) for c in many.T], abs=1e-12)
 
 
 def test_ece_and_brier_by_hand():
@@ -127,6 +131,30 @@ def test_calibration_is_fitted_without_the_fold_it_calibrates():
     assert not np.array_equal(clean[folds == 0], dirty[folds == 0])
 
 
+@pytest.mark.parametrize("method", ["weights", "stack"])  # rank_mean's fit reads no label
+def test_a_fitted_blend_is_calibrated_without_the_labels_of_the_fold_it_calibrates(method):
+    # fold k's calibration is fitted on the other folds' scores from blends that never saw fold k
+    probs, y, folds = synthetic_oof(n=400)
+    probs = sigmoid(3.0 * logit(probs))  # overconfident members, so the calibration moves the scores
+    settings = BlendSettings(method=method, weight_generations=5)
+    corrupted = np.where(folds == 0, 1 - y, y)
+    clean, dirty = (fit_ensemble(["a", "b", "c"], probs, t, folds, settings).calibration for t in (y, corrupted))
+    held = folds == 0
+    np.testing.assert_array_equal(clean.uncalibrated[held], dirty.uncalibrated[held])
+    for kind in ("temperature", "isotonic"):
+        assert not np.array_equal(clean.nested[kind][held], clean.uncalibrated[held])  # it calibrates something
+        np.testing.assert_array_equal(clean.nested[kind][held], dirty.nested[kind][held])
+        assert not np.array_equal(clean.nested[kind][folds == 1], dirty.nested[kind][folds == 1])
+
+
+def test_a_fitted_blend_on_two_folds_is_not_calibrated_and_says_why():
+    probs, y, _ = synthetic_oof(n=200)
+    fit = fit_ensemble(["a", "b", "c"], probs, y, np.arange(200) % 2, BlendSettings(method="stack"))
+    assert fit.calibration.applied == "none" and "needs three folds or more" in fit.calibration.reason
+    mean = fit_ensemble(["a", "b", "c"], probs, y, np.arange(200) % 2, BlendSettings(method="mean"))
+    assert "error" not in mean.calibration.after["temperature"]  # nothing fitted: two folds are enough
+
+
 def test_rank_mean_ranks_each_fold_against_the_other_folds_only():
     probs, y, folds = synthetic_oof(n=40)
     nested = nested_method("rank_mean", probs, y, folds, FAST)
@@ -159,6 +187,28 @@ def test_weights_search_favours_the_informative_member_and_keeps_the_mean_on_a_t
     np.testing.assert_array_equal(search_weights(probs, y, generations=20, seed=0), w)  # seeded
 
 
+def test_weights_searched_on_a_sample_of_many_rows_still_beat_the_mean_on_every_row():
+    probs, y, _ = synthetic_oof(n=6000)
+    sample = stratified_sample(y, 1000, seed=0)
+    assert len(sample) == pytest.approx(1000, abs=1) and y[sample].mean() == pytest.approx(y.mean(), abs=2e-3)
+    full = search_weights(probs, y, generations=10, seed=0)
+    sampled = search_weights(probs, y, generations=10, seed=0, search_rows=1000)
+    assert not np.array_equal(full, sampled)  # the search did rank another set of rows
+    np.testing.assert_allclose(sampled, full, atol=0.1)
+    assert rank_auc(y, (probs @ sampled)[:, None])[0] > rank_auc(y, probs.mean(axis=1)[:, None])[0]
+    # the plain mean stays where the sample's best does not beat it on every row
+    twins = np.repeat(probs[:, :1], 2, axis=1)
+    np.testing.assert_array_equal(search_weights(twins, y, generations=5, seed=0, search_rows=1000), [0.5, 0.5])
+
+
+def test_a_forced_method_is_measured_against_the_plain_mean_only():
+    probs, y, folds = synthetic_oof()
+    fit = fit_ensemble(["a", "b", "c"], probs, y, folds, BlendSettings(method="stack"))
+    assert set(fit.results) == {"mean", "stack"} and fit.method == "stack"
+    fit = fit_ensemble(["a", "b", "c"], probs, y, folds, BlendSettings(method="mean"))
+    assert set(fit.results) == {"mean"}
+
+
 def result(method: str, fold_auc: list[float]) -> MethodResult:
     return MethodResult(method, None, {k: {"auc": a, "tpr@fpr1e-3": 0.0} for k, a in enumerate(fold_auc)})
 
@@ -183,6 +233,8 @@ def test_fit_ensemble_measures_all_four_methods_and_calibrates_out_of_fold():
     assert all(r.error is None and len(r.fold_metrics) == 4 for r in fit.results.values())
     assert fit.method in {"weights", "stack"}  # the noise member drags the plain mean down
     assert fit.calibration.calibrated.shape == y.shape
+    note = blend_row_note(fit)
+    assert note.startswith("The blend row includes the choice of method") and "not nested over that choice" in note
 
 
 def test_one_fold_measures_nothing_and_keeps_the_plain_mean():
@@ -246,3 +298,41 @@ def test_infer_applies_the_fit_without_sklearn_scipy_or_pandas(tmp_path):
     assert got["heavy"] == []
     # one image ranked against the stored OOF distributions scores as it would inside the batch
     assert got["blend"][0] == pytest.approx(fit.fitted.apply(probs)[0], abs=1e-12)
+
+
+def saturated(n: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct probabilities of a confident member (logits 8 to 30 from the middle, where the
+    old clip at 1e-6 tied them) and labels it is three times overconfident about."""
+    rng = np.random.default_rng(seed)
+    z = rng.choice([-1.0, 1.0], n) * rng.uniform(8.0, 30.0, n)
+    y = (rng.uniform(size=n) < sigmoid(z / 3.0)).astype(int)
+    p = sigmoid(z)
+    keep = np.unique(p, return_index=True)[1][:n]
+    return p[keep], y[keep]
+
+
+def test_logits_keep_float64_precision_and_move_only_exact_zero_and_one():
+    p = np.array([0.0, 1e-300, 1e-20, 1e-7, 0.5, 1 - 1e-7, 1 - 1e-15, 1.0])
+    z = logit(p)
+    assert np.isfinite(z).all() and (np.diff(z) > 0).all()
+    np.testing.assert_allclose(
+        z[1:-1], [np.log(1e-300), np.log(1e-20), np.log(1e-7 / (1 - 1e-7)), 0.0, 16.118, 34.539], rtol=1e-4
+    )
+    np.testing.assert_allclose(sigmoid(z[1:-1]), p[1:-1], rtol=1e-9)  # 1e-300 comes back, not 0
+
+
+def test_temperature_scaling_keeps_20000_saturated_scores_distinct():
+    p, y = saturated()
+    assert len(np.unique(p)) >= 19_000 and (np.minimum(p, 1 - p) < 1e-6).mean() > 0.5
+    cal = fit_calibration("temperature", p, y)
+    assert cal["temperature"] == pytest.approx(3.0, rel=0.2)
+    out = calibrate(cal, p)
+    assert len(np.unique(out)) == len(np.unique(p)) and (np.diff(out[np.argsort(p)]) > 0).all()
+
+
+def test_stacking_keeps_saturated_scores_apart():
+    p, y = saturated()
+    probs = np.stack([p, p], axis=1)
+    fit = fit_ensemble(["a", "b"], probs, y, np.arange(len(y)) % 4, BlendSettings(method="stack"))
+    out = fit.fitted.scores(probs)
+    assert len(np.unique(out)) == len(np.unique(p))

@@ -88,7 +88,7 @@ def run(project: Path, *extra: str) -> int:
     )
 
 
-def test_forced_weights_writes_the_report_with_every_method_out_of_fold(project, capsys):
+def test_forced_weights_writes_the_report_with_that_method_and_the_mean_out_of_fold(project, capsys):
     assert run(project, "ensemble.method=weights") == 0
     out = project / "outputs"
     for name in OUTPUTS + FIGURES:
@@ -98,7 +98,8 @@ def test_forced_weights_writes_the_report_with_every_method_out_of_fold(project,
     report = (out / "ensemble_report.md").read_text()
     methods = report.split("## Blend methods, nested out of fold")[1].split("## Per fold")[0]
     rows = {line.split("|")[1].strip().strip("*") for line in methods.splitlines() if line.startswith("| ")}
-    assert {"mean", "rank_mean", "weights", "stack"} <= rows
+    assert {"mean", "weights"} <= rows and not {"rank_mean", "stack"} & rows  # a forced method costs its fit only
+    assert "ensemble.method=auto measures every method" in methods
     assert "- method: **weights** (forced by ensemble.method=weights" in report
     assert "weights: sharp " in report and "## Test answers (reported only)" in report
     fit = json.loads((out / FIT_FILE).read_text())
@@ -107,7 +108,9 @@ def test_forced_weights_writes_the_report_with_every_method_out_of_fold(project,
     assert list(oof_blend.columns) == ["img_name", "target", "fold", *MEMBERS, "blend", "y_pred"]
     assert len(oof_blend) == N_FOLDS * PER_FOLD and oof_blend["y_pred"].between(0, 1).all()
     printed = capsys.readouterr().out
-    assert "blend: weights (forced by ensemble.method=weights" in printed and "  stack " in printed
+    assert "blend: weights (forced by ensemble.method=weights" in printed and "  mean " in printed
+    assert "The blend row: ensemble.method=weights, fixed before the folds were looked at; nested" in printed
+    assert "The blend row: ensemble.method=weights, fixed before" in report
 
 
 def test_a_forced_method_that_loses_to_the_mean_says_so(project):

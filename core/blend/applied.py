@@ -33,9 +33,12 @@ import numpy as np
 FIT_FILE = "ensemble_fit.json"
 METHODS = ("mean", "rank_mean", "weights", "stack")
 CALIBRATIONS = ("none", "temperature", "isotonic")
-# Probabilities are clipped this far from 0 and 1 before a logit, so a member that outputs
-# exactly 0 or 1 gives a finite feature (logit(1e-6) = -13.8).
-EPS = 1e-6
+# Members write float64 probabilities only (oof.csv, test.csv: `y_pred`), so logits are taken
+# from them in float64. Only exactly 0 and exactly 1 are moved, to the nearest float inside
+# (0, 1), so they stay finite and on the right side of every other score: logit -744.4 and
+# +36.7, the most extreme logits a float64 probability can carry.
+LOWEST = float(np.nextafter(0.0, 1.0))
+HIGHEST = float(np.nextafter(1.0, 0.0))
 
 
 def nan_weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -54,12 +57,18 @@ class BlendFileError(ValueError):
 
 
 def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
+    """log(p / (1 - p)) in float64: distinct probabilities keep distinct logits (1 - p is exact
+    for p >= 1/2), and only exactly 0 or 1 is moved first (LOWEST, HIGHEST)."""
+    p = np.clip(np.asarray(p, dtype=float), LOWEST, HIGHEST)
     return np.log(p) - np.log1p(-p)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=float)))  # no overflow warning for large |z|
+    """1 / (1 + exp(-z)) without overflow, and without cancellation below 1/2: a probability of
+    1e-300 comes out as such, not as 0."""
+    z = np.asarray(z, dtype=float)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def ecdf_knots(scores: np.ndarray, max_knots: int = 1001) -> dict[str, list[float]]:

@@ -3,31 +3,38 @@
 Everything here sees out-of-fold (OOF) member probabilities and their labels only; the test
 answers are never read. What a method is worth is measured by nested cross-validation over the
 members' own folds: for each fold k the method is fitted on the OOF rows of the other folds and
-scores fold k, so no row's score comes from a fit that saw its label. The same is done for the
-calibration, on the blend's nested scores.
+scores fold k, so no row's score comes from a fit that saw its label. The calibration is nested
+inside that: fold k's is fitted on the other folds' nested scores recomputed without fold k
+(each fold j blended by a fit on the folds other than j and k), because the nested scores of
+the other folds came from blends fitted on fold k. That costs K(K-1) more fits of the chosen
+method, none for the plain mean. `auto` chooses the method on the same folds that measure it:
+the reported blend row includes that choice and says so (`blend_row_note`).
 
 Methods (`core.blend.applied` applies them):
 - `mean`: the plain mean of the members' probabilities (the winning solution's blend);
 - `rank_mean`: the mean of each member's rank within its own OOF scores;
-- `weights`: non-negative weights summing to 1 that maximise the OOF AUC. AUC only changes
-  where two images swap places, so it is flat almost everywhere in the weights: a gradient
-  (scipy's L-BFGS or SLSQP) is zero there and the search stops where it starts. The search
-  is scipy's differential evolution: gradient-free (it compares AUCs, never slopes), seeded
-  (the same OOF predictions give the same weights), and vectorised (a whole population is
-  ranked in one NumPy pass). Optuna's TPE, the project's tuner, was the other candidate, but
-  its sampler costs milliseconds a trial, more than an AUC on a few thousand images. The
-  plain mean and each member alone are in the first population, and the plain mean is kept
-  unless a weighting beats its AUC strictly;
+- `weights`: non-negative weights summing to 1 that maximise the OOF AUC (`core.blend.search`).
+  AUC only changes where two images swap places, so it is flat almost everywhere in the
+  weights: a gradient (scipy's L-BFGS or SLSQP) is zero there and the search stops where it
+  starts. The search is scipy's differential evolution: gradient-free (it compares AUCs, never
+  slopes), seeded (the same OOF predictions give the same weights), and vectorised (a whole
+  population is ranked per call, a chunk of candidates at a time on every core). Optuna's TPE,
+  the project's tuner, was the other candidate, but its sampler costs milliseconds a trial,
+  more than an AUC on a few thousand images. The plain mean and each member alone are in the
+  first population, and the plain mean is kept unless a weighting beats its AUC strictly;
 - `stack`: scikit-learn's logistic regression on the members' logits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cache
 
 import numpy as np
 
 from core.blend.applied import CALIBRATIONS, METHODS, FittedBlend, blend_scores, calibrate, ecdf_knots, logit
+from core.blend.search import search_weights
 from core.config import ConfigError
 from core.metrics import brier_score, expected_calibration_error, score_report
 
@@ -45,6 +52,7 @@ class BlendSettings:
     method: str = "auto"
     calibration: str = "temperature"
     weight_generations: int = 50
+    search_rows: int = 50_000
     stack_c: float = 1.0
     seed: int = 0
     ece_bins: int = 10
@@ -63,8 +71,10 @@ class BlendSettings:
             raise ConfigError(
                 f"ensemble.calibration={settings.calibration!r}: expected one of {', '.join(CALIBRATIONS)}"
             )
-        if settings.weight_generations < 1 or settings.ece_bins < 1 or settings.rank_knots < 2:
+        if min(settings.weight_generations, settings.ece_bins) < 1 or settings.rank_knots < 2:
             raise ConfigError("ensemble: weight_generations and ece_bins must be >= 1, rank_knots >= 2")
+        if settings.search_rows < 1000:
+            raise ConfigError(f"ensemble.search_rows={settings.search_rows}: at least 1000 rows to rank candidates on")
         return settings
 
 
@@ -73,53 +83,10 @@ def _need_both_classes(target: np.ndarray, what: str) -> None:
         raise BlendFitError(f"{what} needs real and fake images among the rows it is fitted on")
 
 
-def rank_auc(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC-AUC of each column of (N, S) `scores` at once (Mann-Whitney: average ranks, so a tie
-    counts half, as scikit-learn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
-    pos = np.asarray(target) == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    ranks = rankdata(scores, axis=0)
-    return (ranks[pos].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def search_weights(probs: np.ndarray, target: np.ndarray, generations: int, seed: int) -> np.ndarray:
-    """Simplex weights with the highest AUC of the weighted mean, on the images every member
-    scored (see the module docstring for the search); the plain mean unless strictly beaten."""
-    m = probs.shape[1]
-    equal = np.full(m, 1.0 / m)
-    if m == 1:
-        return equal
-    _need_both_classes(target, "the weights search")
-    from scipy.optimize import differential_evolution
-
-    ok = ~np.isnan(probs).any(axis=1)
-    probs, target = probs[ok], np.asarray(target)[ok]
-
-    def simplex(raw: np.ndarray) -> np.ndarray:  # (m, S) raw values in [0, 1] -> columns summing to 1
-        total = raw.sum(axis=0, keepdims=True)
-        return np.where(total > 0, raw / np.where(total > 0, total, 1.0), 1.0 / m)
-
-    def negative_auc(raw: np.ndarray) -> np.ndarray:  # vectorised: a whole population per call
-        raw = raw.reshape(m, -1)
-        return -rank_auc(target, probs @ simplex(raw))
-
-    rng = np.random.default_rng(seed)
-    starts = np.vstack([np.ones(m), np.eye(m), rng.uniform(size=(14 * m, m))])  # the mean, each member alone
-    result = differential_evolution(
-        negative_auc,
-        [(0.0, 1.0)] * m,
-        init=starts,
-        maxiter=generations,
-        tol=0.0,  # the default stops once AUCs agree within 1%, which they do from the first generation
-        polish=False,  # polishing is a gradient search: nothing to gain on a flat objective
-        vectorized=True,
-        updating="deferred",
-        rng=seed,
-    )
-    best = simplex(result.x.reshape(m, 1))[:, 0]
-    return best if -result.fun > rank_auc(target, (probs @ equal)[:, None])[0] else equal
+def _search(probs: np.ndarray, target: np.ndarray, settings: BlendSettings) -> np.ndarray:
+    if probs.shape[1] > 1:
+        _need_both_classes(target, "the weights search")
+    return search_weights(probs, target, settings.weight_generations, settings.seed, settings.search_rows)
 
 
 def fit_stack(probs: np.ndarray, target: np.ndarray, c: float) -> dict:
@@ -146,7 +113,7 @@ def fit_method(
             raise BlendFitError("rank_mean needs out-of-fold scores of every member to rank against")
         return {"knots": [ecdf_knots(probs[:, j], settings.rank_knots) for j in range(probs.shape[1])]}
     if method == "weights":
-        w = fixed if fixed is not None else search_weights(probs, target, settings.weight_generations, settings.seed)
+        w = fixed if fixed is not None else _search(probs, target, settings)
         return {"weights": (np.asarray(w, dtype=float) / np.sum(w)).tolist()}
     if method == "stack":
         return fit_stack(probs, target, settings.stack_c)
@@ -215,14 +182,60 @@ def nested_method(
     )
 
 
-def nested_calibration(kind: str, scores: np.ndarray, target: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """The blend's nested scores calibrated fold by fold, each by a fit on the other folds."""
-    return nested_scores(
-        lambda train: fit_calibration(kind, scores[train], target[train]),
-        lambda cal, held: calibrate(cal, scores[held]),
-        len(target),
-        folds,
-    )
+def inner_nested(
+    method: str,
+    probs: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    settings: BlendSettings,
+    fixed: np.ndarray | None = None,
+) -> Callable[[int], np.ndarray]:
+    """For fold k, the nested scores of `method` over the other folds, computed as if fold k did
+    not exist: each fold j != k blended by a fit on the folds other than j and k (NaN on fold k).
+    What fold k's calibration may be fitted on: the nested scores of the other folds came from
+    blends fitted on fold k too. Computed on first use, once per fold."""
+    if method == "mean":  # nothing is fitted: each score is its own row's alone
+        scores = blend_scores("mean", {}, probs)
+        return lambda k: np.where(folds == k, np.nan, scores)
+    if len(np.unique(folds)) < 3:
+        message = (
+            f"calibrating {method} out of fold needs three folds or more (its calibration is fitted on "
+            "nested scores of the other folds, blended without the calibrated fold)"
+        )
+
+        def refuse(k: int) -> np.ndarray:
+            raise BlendFitError(message)
+
+        return refuse
+
+    @cache
+    def scores_without(k: int) -> np.ndarray:
+        rest = folds != k
+        out = np.full(len(target), np.nan)
+        out[rest] = nested_method(method, probs[rest], target[rest], folds[rest], settings, fixed)
+        return out
+
+    return scores_without
+
+
+def nested_calibration(
+    kind: str,
+    scores: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    reference: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The blend's nested `scores` calibrated fold by fold: fold k by a fit on `reference(k)` over
+    the other folds (`inner_nested`: scores none of whose fits saw fold k), or on `scores`
+    themselves where no blend was fitted (`reference` None)."""
+    if len(np.unique(folds)) < 2:
+        raise BlendFitError("measuring a fit out of fold needs out-of-fold predictions from two folds or more")
+    out = np.full(len(target), np.nan)
+    for k in np.unique(folds):
+        held = folds == k
+        fitted_on = scores if reference is None else reference(int(k))
+        out[held] = calibrate(fit_calibration(kind, fitted_on[~held], target[~held]), scores[held])
+    return out
 
 
 @dataclass
@@ -260,9 +273,11 @@ def evaluate(method: str, scores: np.ndarray, target: np.ndarray, folds: np.ndar
 def evaluate_methods(
     probs: np.ndarray, target: np.ndarray, folds: np.ndarray, settings: BlendSettings, fixed: np.ndarray | None
 ) -> dict[str, MethodResult]:
-    """Every method measured by nested CV; one that cannot be fitted carries its reason."""
+    """The methods `settings.method` chooses among measured by nested CV: every one for `auto`,
+    else the forced one and the plain mean it is compared with. One that cannot be fitted
+    carries its reason."""
     out = {}
-    for method in METHODS:
+    for method in METHODS if settings.method == "auto" else dict.fromkeys(("mean", settings.method)):
         try:
             scores = nested_method(method, probs, target, folds, settings, fixed)
         except BlendFitError as err:
@@ -334,6 +349,7 @@ class CalibrationResult:
     uncalibrated: np.ndarray  # the blend's nested scores
     calibrated: np.ndarray  # the same calibrated out of fold by the applied calibration
     bins: int
+    nested: dict[str, np.ndarray] = field(default_factory=dict)  # per calibration tried: its nested scores
 
 
 def calibration_metrics(scores: np.ndarray, target: np.ndarray, bins: int) -> dict[str, float]:
@@ -345,33 +361,42 @@ def calibration_metrics(scores: np.ndarray, target: np.ndarray, bins: int) -> di
 
 
 def evaluate_calibration(
-    scores: np.ndarray, target: np.ndarray, folds: np.ndarray, requested: str, bins: int
+    scores: np.ndarray,
+    target: np.ndarray,
+    folds: np.ndarray,
+    requested: str,
+    bins: int,
+    reference: Callable[[int], np.ndarray] | None = None,
 ) -> CalibrationResult:
-    """Both calibrations measured out of fold; the requested one is applied when it lowers the
-    nested ECE of the blend, else the blend stays as it is and the reason says so."""
+    """Both calibrations measured out of fold (`nested_calibration`, fitted on `reference`); the
+    requested one is applied when it lowers the nested ECE of the blend, else the blend stays as
+    it is and the reason says so."""
     before = calibration_metrics(scores, target, bins)
     after, nested = {}, {}
     for kind in CALIBRATIONS[1:]:
         try:
-            nested[kind] = nested_calibration(kind, scores, target, folds)
+            nested[kind] = nested_calibration(kind, scores, target, folds, reference)
         except BlendFitError as err:
             after[kind] = {"error": str(err)}
             continue
         after[kind] = calibration_metrics(nested[kind], target, bins)
+
+    def result(applied: str, reason: str) -> CalibrationResult:
+        calibrated = nested[applied] if applied != "none" else scores
+        return CalibrationResult(requested, applied, reason, before, after, scores, calibrated, bins, nested)
+
     if requested == "none":
-        return CalibrationResult(requested, "none", "ensemble.calibration=none", before, after, scores, scores, bins)
+        return result("none", "ensemble.calibration=none")
     if "error" in after[requested]:
-        reason = f"{requested} not applied: {after[requested]['error']}"
-        return CalibrationResult(requested, "none", reason, before, after, scores, scores, bins)
+        return result("none", f"{requested} not applied: {after[requested]['error']}")
     ece = after[requested]["ece"]
     if ece < before["ece"]:
-        reason = f"{requested} lowers the out-of-fold ECE from {before['ece']:.4f} to {ece:.4f}"
-        return CalibrationResult(requested, requested, reason, before, after, scores, nested[requested], bins)
-    reason = (
+        return result(requested, f"{requested} lowers the out-of-fold ECE from {before['ece']:.4f} to {ece:.4f}")
+    return result(
+        "none",
         f"{requested} not applied: fitted out of fold it gives an ECE of {ece:.4f}, not below the "
-        f"uncalibrated blend's {before['ece']:.4f}"
+        f"uncalibrated blend's {before['ece']:.4f}",
     )
-    return CalibrationResult(requested, "none", reason, before, after, scores, scores, bins)
 
 
 # --------------------------------------------------------------------------- the whole fit
@@ -384,11 +409,30 @@ class EnsembleFit:
 
     members: list[str]
     results: dict[str, MethodResult]
+    requested: str  # ensemble.method: auto, or the method forced
     method: str
     reason: str
     fitted: FittedBlend
     calibration: CalibrationResult
     fixed_weights: bool
+
+
+def blend_row_note(fit: EnsembleFit) -> str:
+    """What the reported blend row is: nested over the fits and calibration always; over the
+    choice of method only where the method was fixed before these folds were looked at."""
+    nested = "each fold blended by a fit on the other folds"
+    if fit.calibration.applied != "none":
+        nested += (
+            f", and {fit.calibration.applied}-calibrated by a fit on the other folds' scores from blends "
+            "that never saw it"
+        )
+    if fit.requested != "auto":
+        return f"The blend row: ensemble.method={fit.method}, fixed before the folds were looked at; nested: {nested}."
+    return (
+        f"The blend row includes the choice of method: {nested}, but auto chose {fit.method} among "
+        f"{len(fit.results)} methods by their nested AUC on these same folds, so it is not nested over "
+        "that choice (a little optimistic where the methods are close)."
+    )
 
 
 def fixed_weight_vector(members: list[str], weights: dict[str, float] | None) -> np.ndarray | None:
@@ -408,8 +452,9 @@ def fit_ensemble(
     settings: BlendSettings,
     weights: dict[str, float] | None = None,
 ) -> EnsembleFit:
-    """Measure every method out of fold, choose, fit the choice on all OOF rows, then calibrate
-    it on its own nested OOF scores (never on scores it was fitted on)."""
+    """Measure the methods out of fold, choose, fit the choice on all OOF rows, then calibrate
+    it on its own nested OOF scores (never on scores it was fitted on); the calibration is
+    measured nested inside the nested blend (`inner_nested`)."""
     target = np.asarray(target, dtype=int)
     folds = np.asarray(folds)
     fixed = fixed_weight_vector(members, weights)
@@ -417,7 +462,8 @@ def fit_ensemble(
     method, reason = choose_method(results, settings.method)
     params = fit_method(method, probs, target, settings, fixed)
     nested = results[method].scores
-    cal = evaluate_calibration(nested, target, folds, settings.calibration, settings.ece_bins)
+    reference = inner_nested(method, probs, target, folds, settings, fixed)
+    cal = evaluate_calibration(nested, target, folds, settings.calibration, settings.ece_bins, reference)
     calibration = fit_calibration(cal.applied, nested, target)
     fitted = FittedBlend(list(members), method, params, calibration)
-    return EnsembleFit(list(members), results, method, reason, fitted, cal, fixed is not None)
+    return EnsembleFit(list(members), results, settings.method, method, reason, fitted, cal, fixed is not None)

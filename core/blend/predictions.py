@@ -67,8 +67,7 @@ SCORES_NOTE = (
     "pooled: every train image scored once, by the model whose fold held it out, and the metric taken over "
     "all of them together;\nper fold: the metric within each validation fold, mean +- std over the folds "
     "(population std) and (min..max), "
-    "as papers quote it.\nThe blend row: the chosen blend, each fold blended and calibrated by fits on the other "
-    "folds only (nested).\nThe submission averages the models of every fold, which neither measures exactly."
+    "as papers quote it.\nThe submission averages the models of every fold, which neither measures exactly."
 )
 
 

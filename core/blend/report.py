@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.blend.fitting import EnsembleFit, MethodResult, evaluate, fold_metrics, gain_over_mean
+from core.blend.fitting import EnsembleFit, MethodResult, blend_row_note, evaluate, fold_metrics, gain_over_mean
 from core.io import write_text
 from core.metrics import TIE_BREAK_FPR, reliability_bins
 from core.report import pyplot, save_figure
@@ -79,6 +79,11 @@ def methods_section(fit: EnsembleFit) -> list[str]:
         "other folds' out-of-fold predictions only and scores the held-out fold. Spreads are the "
         "population std over folds; the gain is the per-fold AUC minus the plain mean's on the same fold."
     )
+    if fit.requested != "auto":
+        notes.append(
+            f"- ensemble.method={fit.requested}: only it and the plain mean were fitted; "
+            "ensemble.method=auto measures every method"
+        )
     return ["## Blend methods, nested out of fold", "", intro, "", *_table(head, rows), *notes, ""]
 
 
@@ -118,6 +123,7 @@ def chosen_section(fit: EnsembleFit) -> list[str]:
         f"- method: **{fit.method}** ({fit.reason})",
         f"- {_describe_params(fit)}",
         f"- calibration: **{fit.calibration.applied}** ({fit.calibration.reason})",
+        f"- {blend_row_note(fit)}",
         "- fitted on every out-of-fold prediction; written to `ensemble_fit.json`, which infer.py applies",
         "",
     ]
