@@ -91,6 +91,18 @@ def create_backbone(
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
+def pooled_before_norm(backbone: torch.nn.Module, feature_map: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The pooled feature map before any normalisation in the head. timm's ConvNeXt head pools
+    and then LayerNorms (`head.norm`) before its classifier; the winning solution's contrastive
+    feature is the pooling's output (`head.global_pool`), not the normalised one. Backbones
+    whose head pools only (EfficientNet, ResNet) give their classifier's input, `pooled`."""
+    head = getattr(backbone, "head", None)
+    norm = getattr(head, "norm", None)
+    if isinstance(norm, torch.nn.Module) and not isinstance(norm, torch.nn.Identity) and hasattr(head, "global_pool"):
+        return head.global_pool(feature_map).flatten(1)
+    return pooled
+
+
 def last_feature_stage(backbone: torch.nn.Module) -> torch.nn.Module:
     """The module whose output is the backbone's deepest feature map (stride 32 for the usual
     CNNs): the last entry of timm's `feature_info` (ResNet `layer4`, ConvNeXt `stages.3`,
