@@ -13,6 +13,7 @@ import timm
 import torch
 
 from core.checkpoint import CheckpointError
+from core.config import ConfigError
 from models.layouts import timm_layout
 from models.provenance import HUB, NONE, Source, hub_cache_revision, local_source, record, sha256_of
 from models.weight_files import load_checked, read_weights
@@ -89,6 +90,16 @@ def create_backbone(
         return model
     record(Source(f"timm {name}", NONE))
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """Every BatchNorm of `model` updates its running statistics with `momentum` (PyTorch's
+    convention: the weight of the new batch; TensorFlow's 0.99 is PyTorch's 0.01)."""
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum must be in (0, 1], not {momentum!r}")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def pooled_before_norm(backbone: torch.nn.Module, feature_map: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
