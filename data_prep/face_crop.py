@@ -1,4 +1,6 @@
-"""The face crops a checkpoint takes when its meta.json says `face_crop` (an imported SBI network).
+"""The face crops a network takes when its recorded preprocessing says `face_crop` (`sbi_fed`,
+whose config records SBI's test crop, and an imported SBI network): in validation and the
+predictions train.py writes, and in infer.py.
 
 Every face dlib finds in the image, largest first, cut as SBI's test crop
 (`data_prep.blending.sbi_test_crop`: the face box widened by `margin` times its width and height
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.preprocess import FaceCrop
+from core.config import ConfigError
+from core.preprocess import FaceCrop, Preprocessing
 from data_prep.blending import load_sbi_config, sbi_test_crop
-from data_prep.faces import FaceAnalyzer
+from data_prep.faces import FaceAnalyzer, FaceModelError
 
 
 class FaceCropper:
@@ -26,5 +29,27 @@ class FaceCropper:
         # Built now: a missing dlib model file stops the run before any image is read.
         self.analyzer = analyzer or FaceAnalyzer(embed=False)
 
+    def __getstate__(self) -> dict:
+        # dlib's models do not pickle; a loader worker started by spawn loads its own.
+        return {**self.__dict__, "analyzer": None}
+
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        if self.analyzer is None:
+            self.analyzer = FaceAnalyzer(embed=False)
         return [sbi_test_crop(image, face.box, self.cfg) for face in self.analyzer.detect(image)]
+
+
+def face_cropper(preprocessing: Preprocessing) -> FaceCropper | None:
+    """The cropper of a network whose recorded preprocessing asks for face crops, else None."""
+    if preprocessing.face_crop is None:
+        return None
+    try:
+        return FaceCropper(preprocessing.face_crop, preprocessing.size)
+    except FaceModelError as err:
+        raise ConfigError(f"{err}; networks that take face crops need it") from None
+
+
+def member_face_cropper(cfg: dict) -> FaceCropper | None:
+    """`face_cropper` of a member config: its validation and predictions are scored on the crops
+    its `data.face_crop` records, as infer.py scores it."""
+    return face_cropper(Preprocessing.from_config(cfg))

@@ -63,6 +63,7 @@ SBI_DATA = {
     "std": [1.0, 1.0, 1.0],
     "resize": "linear",  # the crop is resized to 380 with OpenCV's bilinear before this
     "face_crop": {"kind": "sbi_test", "margin": 0.25, "margin_scale": 0.5},  # box +- w/4, h/4, each x0.5
+    "video_frames": 32,  # SBI's test: 32 frames a video
 }
 SOURCES = {
     "deepfakedefenders": {

@@ -55,6 +55,6 @@ def test_scores_pool_max_over_faces_then_mean_over_frames(weights, monkeypatch):
     crops = {0: [np.zeros((8, 8, 3))] * 2, 1: [np.ones((8, 8, 3))]}  # frame 0: two faces, frame 1: one
     monkeypatch.setattr(infer, "face_crops", lambda frame, analyzer: crops[int(frame)])
     # per crop, the one model's probability; the blend is taken of the pooled model probabilities
-    monkeypatch.setattr(scorer.engine, "score_arrays", lambda arrays: np.array([[0.3], [0.1], [0.5]]))
+    monkeypatch.setattr(scorer.engine, "score_arrays", lambda arrays, face_crops=None: np.array([[0.3], [0.1], [0.5]]))
     monkeypatch.setattr(infer.Scorer, "analyzer", None)
     assert scorer.score_faces("x.avi", [0, 1]) == pytest.approx([(0.3 + 0.5) / 2, (0.3 + 0.5) / 2])

@@ -109,8 +109,9 @@ class ArrayScorer:
         self.workers = workers
         self.tta = check_mode(tta, "tta")
 
-    def _inputs(self, image: np.ndarray) -> list[np.ndarray | None]:
-        return [g.inputs(image) for g in self.groups]
+    def _groups(self, face_crops: bool | None) -> list[Group]:
+        """Every group (None), or only those that take face crops (True) or whole images (False)."""
+        return [g for g in self.groups if face_crops is None or (g.crop is not None) == face_crops]
 
     def _score(
         self,
@@ -119,9 +120,12 @@ class ArrayScorer:
         on_error,
         progress: bool,
         names: Sequence[str | Path] | None = None,
+        groups: Sequence[Group] | None = None,
     ):
-        """(n, n_models) probabilities of `items`; with `names` (files), an image in which a
-        face-cropping group found no face is reported by name."""
+        """(n, n_models) probabilities of `items` (per image, the inputs of each of `groups`, by
+        default all); with `names` (files), an image in which a face-cropping group found no face
+        is reported by name."""
+        groups = self.groups if groups is None else groups
         probs = np.full((n, self.n_models), np.nan)
         batches = _batches(items, self.batch_size, on_error)
         if progress:
@@ -129,7 +133,7 @@ class ArrayScorer:
 
             batches = progress_bar(batches, desc="predict", total=-(-n // self.batch_size), leave=False)
         for index, inputs in batches:
-            for g, group in enumerate(self.groups):
+            for g, group in enumerate(groups):
                 probs[np.ix_(index, group.columns)] = group.probabilities([one[g] for one in inputs], self.tta)
                 if names is not None:
                     for i, one in zip(index, inputs, strict=True):
@@ -141,16 +145,20 @@ class ArrayScorer:
         def load(item: tuple[int, str | Path]) -> tuple[int, list[np.ndarray] | str]:
             i, path = item
             try:
-                return i, self._inputs(decode_image(path))
+                image = decode_image(path)
+                return i, [g.inputs(image) for g in self.groups]
             except ImageDecodeError as err:
                 return i, str(err)
 
         items = ordered_map(load, enumerate(paths), self.workers)
         return self._score(items, len(paths), on_error, progress=len(paths) > self.batch_size, names=paths)
 
-    def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        items = ((i, self._inputs(a)) for i, a in enumerate(arrays))
-        return self._score(items, len(arrays), on_error=None, progress=False)
+    def score_arrays(self, arrays: Sequence[np.ndarray], face_crops: bool | None = None) -> np.ndarray:
+        """Like `score_files` for images in memory; `face_crops` True or False scores only the
+        groups that take face crops or whole images (the other columns stay NaN)."""
+        groups = self._groups(face_crops)
+        items = ((i, [g.inputs(a) for g in groups]) for i, a in enumerate(arrays))
+        return self._score(items, len(arrays), on_error=None, progress=False, groups=groups)
 
 
 def _batches(items: Iterable[tuple[int, list[np.ndarray] | str]], size: int, on_error) -> Iterator:
