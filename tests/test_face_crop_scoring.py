@@ -100,3 +100,34 @@ def test_infer_takes_the_most_frames_a_member_records(tiny_project, monkeypatch)
     assert scorer(None).frames == infer.DEFAULT_FRAMES == 16
     assert scorer(32).frames == 32
     assert scorer(32, "--frames", "3").frames == 3
+
+
+class CountingAnalyzer:
+    """dlib's stand-in: one face box, and how many times it was asked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def settings(self) -> str:
+        return "stub"
+
+    def detect(self, image: np.ndarray) -> list:
+        self.calls += 1
+        return [type("Face", (), {"box": (8, 8, 40, 40)})()]
+
+
+def test_face_boxes_are_searched_once_per_image_with_a_cache(tmp_path):
+    import pickle
+
+    from core.preprocess import FaceCrop
+
+    analyzer = CountingAnalyzer()
+    cropper = data_prep.face_crop.FaceCropper(FaceCrop(**FACE_CROP), 32, analyzer, cache_dir=tmp_path / "boxes")
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    first = cropper(image)
+    again = cropper(image.copy())
+    assert analyzer.calls == 1 and len(first) == 1 and np.array_equal(first[0], again[0])
+    assert first[0].shape == (32, 32, 3)
+    cropper(255 - image)  # other pixels: searched
+    assert analyzer.calls == 2
+    assert pickle.loads(pickle.dumps(cropper)).analyzer is None  # loader workers load their own
