@@ -52,7 +52,9 @@ def test_train_and_infer_score_the_highest_face_crop_alike(tiny_project, monkeyp
     p["member_cfg"].write_text(yaml.safe_dump(member))
     black = p["root"] / "data" / "test" / "t_000.png"
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(black)
-    monkeypatch.setattr(data_prep.face_crop, "face_cropper", lambda prep: halves if prep.face_crop else None)
+    monkeypatch.setattr(
+        data_prep.face_crop, "face_cropper", lambda prep, cache_dir=None: halves if prep.face_crop else None
+    )
     assert cv_split.main(["--config", str(p["data_cfg"])]) == 0
     args = ["--config", str(p["member_cfg"]), "--data-config", str(p["data_cfg"]), "--fold", "0"]
     assert train.main(args) == 0
@@ -94,7 +96,7 @@ def test_infer_takes_the_most_frames_a_member_records(tiny_project, monkeypatch)
     def scorer(video_frames, *extra):
         data = {**cfg["data"], "video_frames": video_frames}
         (folder / "meta.json").write_text(json.dumps({"complete": True, "config": {**cfg, "data": data}}))
-        args = infer.parse_args(["x.avi", "--weights", str(folder / "model.safetensors"), *extra])
+        args = infer.parse_args(["x.avi", "--weights", str(folder / "model.safetensors"), "--runtime", "torch", *extra])
         return infer.Scorer(infer.load_ensemble(args), args, report=lambda m: None)
 
     assert scorer(None).frames == infer.DEFAULT_FRAMES == 16
