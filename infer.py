@@ -11,15 +11,16 @@ sample, the real ones otherwise; every fold of the split, finished; folds averag
 members blended), named on stderr; or the files given with --weights (safetensors only,
 each with the meta.json that train.py or models.import_published wrote beside it; a member's
 folder stands for its finished folds). Each network is fed as its meta.json records; a
-checkpoint that takes face crops (imported SBI) scores each face's crop and keeps the highest,
+checkpoint that takes face crops (sbi_fed, imported SBI) scores each face's crop and keeps the highest,
 and an image where it finds no face is reported and scored by the other members only.
 Members are blended as ensemble.py fitted them (method and calibration, read from
 outputs/ensemble_fit.json, said on stderr) when that file was fitted for exactly these members
 and these trained folds, else by the plain mean (and stderr says why).
 Folders are searched recursively for videos and for every file the decoder can open (any
 image format, by its name or its header); other files are counted in one line. A video is scored from
---frames frames spread evenly over its length: the faces in each frame are cropped, the
-frame's score is the highest face score and the video's the mean over frames. Still images
+--frames frames spread evenly over its length (default: the most any member's meta.json records,
+else 16): the faces in each frame are cropped, the frame's score is the highest face score and
+the video's the mean over the frames with a face. Still images
 are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
 
 On a CPU the networks run in ONNX Runtime: each is exported once per checkpoint, checked
@@ -116,6 +117,8 @@ DEVICE_DEFAULTS = {
     "cuda": {"batch_size": 64, "workers": 8, "runtime": "torch"},
 }
 RUNTIMES = ("auto", "onnx", "torch")
+# Frames a video is scored on where no member's recorded preprocessing says (`video_frames`).
+DEFAULT_FRAMES = 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,7 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="test-time augmentation: none, flip (2 views) or 6view (rotations and mirrors) (default: %(default)s)",
     )
-    p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default: %(default)s)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        help=f"frames sampled per video (default: the most any scored member's preprocessing records, e.g. "
+        f"sbi_fed's 32; {DEFAULT_FRAMES} where none does)",
+    )
     p.add_argument("--crop-faces", action="store_true", help="detect and crop the face of still images too")
     p.add_argument(
         "--explain",
@@ -308,16 +316,12 @@ def cpu_network(trained: ModelFile, size: int) -> Network:
 
 
 def face_cropper(preprocessing: Preprocessing) -> Crop | None:
-    """The face crops of checkpoints whose meta.json asks for them (an imported SBI network)."""
+    """The face crops of checkpoints whose meta.json asks for them (`sbi_fed`, an imported SBI network)."""
     if preprocessing.face_crop is None:
         return None
-    from data_prep.face_crop import FaceCropper
-    from data_prep.faces import FaceModelError
+    from data_prep.face_crop import face_cropper as cropper  # dlib: only where a checkpoint needs it
 
-    try:
-        return FaceCropper(preprocessing.face_crop, preprocessing.size)
-    except FaceModelError as err:
-        raise ConfigError(f"{err}; checkpoints that take face crops need it") from None
+    return cropper(preprocessing)
 
 
 def onnx_scorer(
@@ -343,7 +347,10 @@ class Scorer:
         self.batch_size = args.batch_size or defaults["batch_size"]
         self.workers = defaults["workers"] if args.workers is None else args.workers
         self.runtime = pick_runtime(args.runtime, self.device)
-        self.frames = args.frames
+        recorded = [Preprocessing.from_config(ensemble.trained[idx[0]].config) for idx in ensemble.groups().values()]
+        self.frames = args.frames or max((p.video_frames or 0 for p in recorded), default=0) or DEFAULT_FRAMES
+        self.face_cropping = any(p.face_crop for p in recorded)  # networks that cut their own face crops
+        self.whole = any(p.face_crop is None for p in recorded)  # networks fed the aligned face crops
         self.crop_faces = args.crop_faces
         self.report = report
         self._analyzer = None
@@ -407,24 +414,35 @@ class Scorer:
         return None if pooled is None else self._table(pooled[None])[0]
 
     def pool_faces(self, path: Path, frames: list[np.ndarray], indices: list[int] | None = None) -> np.ndarray | None:
-        """Per image model, max over the faces of a frame, mean over frames; None (reported) when no
-        face. With `indices` (the frames' places in the video), each frame's member scores are kept
-        in `per_frame`."""
-        crops, owner = [], []
-        for f, frame in enumerate(frames):
-            for crop in face_crops(frame, self.analyzer):
-                crops.append(crop)
-                owner.append(f)
-        if not crops:
+        """Per image model, max over the faces of a frame, mean over the frames where it found one;
+        None (reported) when no face. Networks that take face crops cut each frame themselves (as
+        their recorded preprocessing says); the others score the aligned crops of `face_crops`.
+        With `indices` (the frames' places in the video), each frame's member scores are kept in
+        `per_frame`."""
+        per_frame = np.full((len(frames), len(self.ensemble.trained)), np.nan)
+        if self.whole:
+            crops, owner = [], []
+            for f, frame in enumerate(frames):
+                for crop in face_crops(frame, self.analyzer):
+                    crops.append(crop)
+                    owner.append(f)
+            if crops:
+                scores = np.asarray(self.engine.score_arrays(crops, face_crops=False), dtype=float)
+                owner = np.asarray(owner)
+                # fmax skips the NaN columns of models that do not score these crops
+                for f in np.unique(owner):
+                    per_frame[f] = np.fmax.reduce(scores.reshape(len(crops), -1)[owner == f], axis=0)
+        if self.face_cropping:  # NaN where a network found no face; its columns are NaN above
+            per_frame = np.fmax(per_frame, self.engine.score_arrays(frames, face_crops=True))
+        found = ~np.isnan(per_frame).all(axis=1)
+        if not found.any():
             self.report(f"{path}: no face found in {len(frames)} frame(s)")
             return None
-        scores = np.asarray(self.engine.score_arrays(crops), dtype=float).reshape(len(crops), -1)
-        owner = np.asarray(owner)
-        # fmax skips the NaN columns of models that do not score crops (clip models)
-        per_frame = {f: np.fmax.reduce(scores[owner == f], axis=0) for f in np.unique(owner)}
         if indices is not None:
-            self.keep_frames(path, {indices[f]: probs for f, probs in per_frame.items()})
-        return np.mean(list(per_frame.values()), axis=0)
+            self.keep_frames(path, {indices[f]: per_frame[f] for f in np.flatnonzero(found)})
+        scored = ~np.isnan(per_frame[found])
+        total = np.where(scored, per_frame[found], 0.0).sum(axis=0)
+        return np.where(scored.any(axis=0), total / np.maximum(scored.sum(axis=0), 1), np.nan)
 
     def keep_frames(self, path: Path, frames: dict[int, np.ndarray]) -> None:
         """Rows (path, frame, member, probability) of each image member's score of each frame."""

@@ -58,6 +58,7 @@ from core.train.trainer import STATE_FILE, Trainer, TrainSettings, config_finger
 from core.train.tuning import tune
 from core.trained import blend_members
 from data_prep.clip_faces import clip_cropper
+from data_prep.face_crop import member_face_cropper
 from models.provenance import Source, recording
 
 log = get_logger("train")
@@ -185,7 +186,8 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     crop = clip_cropper(cfg)
     with recording("recipe", pretrained):
         train_data = models.build_train_data(cfg, train_df, build_transform(cfg["data"], train=True), settings.seed)
-    val_ds = eval_dataset(cfg, val_df["path"], val_df["target"], build_transform(cfg["data"], train=False), crop)
+    eval_transform = build_transform(cfg["data"], train=False)
+    val_ds = eval_dataset(cfg, val_df["path"], val_df["target"], eval_transform, crop, member_face_cropper(cfg))
     with recording("loss", pretrained):
         criterion = models.build_criterion(cfg)
     trainer = Trainer(
@@ -221,7 +223,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
     write_csv(oof, out_dir / "oof.csv")
     write_csv(test[[c for c in ("img_name", "target", "y_pred") if c in test.columns]], out_dir / "test.csv")
     plot_history(result.history, out_dir / "curve.png", f"{cfg['name']} fold {fold}")
-    test_metrics = score_report(test["target"], test["y_pred"]) if "target" in test.columns else {}
+    test_metrics = scored_report(test) if "target" in test.columns else {}
     oof_metrics = scored_report(oof)
     if tta != "none":
         log.info("oof.csv under tta %s: auc %.4f, tpr@fpr1e-3 %.4f", tta, *oof_metrics.values())
@@ -267,9 +269,8 @@ def score_selected(
     rank 0 alone would keep the others waiting past the collective timeout."""
     model.load_state_dict(load_weights(out_dir / WEIGHTS_FILE))  # rank 0 wrote it before fit's last barrier
     idx = shard(len(paths), dist)
-    dataset = eval_dataset(
-        cfg, [paths[i] for i in idx], None, build_transform(cfg["data"], train=False), clip_cropper(cfg)
-    )
+    transform = build_transform(cfg["data"], train=False)
+    dataset = eval_dataset(cfg, [paths[i] for i in idx], None, transform, clip_cropper(cfg), member_face_cropper(cfg))
     local = predict_loader(
         [model],
         make_loader(dataset, settings.eval_batch_size, settings.num_workers),

@@ -100,12 +100,14 @@ def train_setting(
     cfg = load_config([args.data_config, args.config], overrides)
     results = {str(k): fold_result(cfg, k) for k in folds}
     oof, _ = member_predictions(out, cfg["name"], folds)
-    report = score_report(oof["target"], oof["y_pred"])
+    scored = oof["y_pred"].notna()  # a member scored on face crops leaves images without a face unscored
+    report = score_report(oof["target"][scored], oof["y_pred"][scored])
     return {
         "setting": setting,
         "seed": seed,
         "overrides": setting_overrides,
         "n_oof": len(oof),
+        "n_unscored": int((~scored).sum()),
         "oof_auc": report["auc"],
         "oof_tpr@fpr1e-3": report["tpr@fpr1e-3"],
         "fold_auc": {k: auc for k, (auc, _) in results.items()},

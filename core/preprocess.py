@@ -17,9 +17,13 @@ imported published checkpoint also records how its authors fed it (`data` keys):
 - `normalize_first`: normalise the full-size image, then resize it (the winning solution's
   released inference did so);
 - `face_crop`: the network takes a crop around each face rather than the image (SBI's test
-  crop: `{kind: sbi_test, margin: 0.25, margin_scale: 0.5}`). Finding faces needs dlib, so
-  the crop itself is made outside `core` (infer.py hands each group its cropper); here it is
-  only read and checked.
+  crop: `{kind: sbi_test, margin: 0.25, margin_scale: 0.5}`), scored as the highest over the
+  faces. Finding faces needs dlib, so the crop itself is made outside `core` (train.py and
+  infer.py hand each network that records it its cropper, `data_prep.face_crop`); here it is
+  only read and checked. A member trained here records it from its config (`sbi_fed`), an
+  imported checkpoint from its release;
+- `video_frames`: how many frames of a video the network's member is scored on (SBI's test:
+  32); infer.py takes the most any scored member records, 16 where none does.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def resize_antialias(image: np.ndarray, size: int) -> np.ndarray:
 class Preprocessing:
     """Resize to `size` x `size`, then (x - mean * 255) / (std * 255) per channel, as CHW float32
     (with `normalize_first`, normalise and then resize). `face_crop`: what the caller cuts
-    around each face before this runs (see the module docstring)."""
+    around each face before this runs; `video_frames`: the frames a video is scored on (see the
+    module docstring)."""
 
     size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -117,17 +122,21 @@ class Preprocessing:
     resize: str = "area"
     normalize_first: bool = False
     face_crop: FaceCrop | None = None
+    video_frames: int | None = None
 
     @classmethod
     def from_config(cls, config: Mapping) -> Preprocessing:
         """From a trained model's config (its meta.json `config`): the `data` section's
         `image_size` and optional `mean` / `std`, as `core.data.transforms.build_transform` reads them,
-        and the optional `resize`, `normalize_first` and `face_crop` of an imported checkpoint."""
+        and the optional `resize`, `normalize_first`, `face_crop` and `video_frames`."""
         data = config["data"]
         resize = str(data.get("resize", "area"))
         if resize not in RESIZE_KERNELS:
             raise ConfigError(f"data.resize {resize!r}: expected one of {RESIZE_KERNELS}")
         crop = data.get("face_crop")
+        frames = data.get("video_frames")
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise ConfigError(f"data.video_frames {frames!r}: expected a positive integer or null")
         return cls(
             int(data["image_size"]),
             tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
@@ -135,6 +144,7 @@ class Preprocessing:
             resize,
             bool(data.get("normalize_first", False)),
             None if crop is None else FaceCrop.from_config(crop),
+            frames,
         )
 
     @property

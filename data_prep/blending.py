@@ -223,8 +223,10 @@ class SBIConfig:
         _pair(self.mask_resize, "mask_resize", 2)
         _pair(self.jpeg_quality, "jpeg_quality", 0, 100)
         _pair(self.crop_margin_scale, "crop_margin_scale", 0)
-        if not self.ratios or not all(0.0 <= r <= 1.0 for r in self.ratios):
-            raise ValueError(f"ratios must be non-empty and in [0, 1], got {self.ratios}")
+        # A ratio of 0 would make the "fake" its real bit for bit (the empty-mask check runs on
+        # the mask, before the ratio is drawn): a wrong label, so it is refused.
+        if not self.ratios or not all(0.0 < r <= 1.0 for r in self.ratios):
+            raise ValueError(f"ratios must be non-empty and in (0, 1], got {self.ratios}")
         if not self.downscale_factors or min(self.downscale_factors) < 1:
             raise ValueError(f"downscale_factors must be >= 1, got {self.downscale_factors}")
         for name in ("downscale_down", "downscale_up"):

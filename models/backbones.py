@@ -13,6 +13,7 @@ import timm
 import torch
 
 from core.checkpoint import CheckpointError
+from core.config import ConfigError
 from models.layouts import timm_layout
 from models.provenance import HUB, NONE, Source, hub_cache_revision, local_source, record, sha256_of
 from models.weight_files import load_checked, read_weights
@@ -89,6 +90,28 @@ def create_backbone(
         return model
     record(Source(f"timm {name}", NONE))
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """Every BatchNorm of `model` updates its running statistics with `momentum` (PyTorch's
+    convention: the weight of the new batch; TensorFlow's 0.99 is PyTorch's 0.01)."""
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum must be in (0, 1], not {momentum!r}")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+def pooled_before_norm(backbone: torch.nn.Module, feature_map: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The pooled feature map before any normalisation in the head. timm's ConvNeXt head pools
+    and then LayerNorms (`head.norm`) before its classifier; the winning solution's contrastive
+    feature is the pooling's output (`head.global_pool`), not the normalised one. Backbones
+    whose head pools only (EfficientNet, ResNet) give their classifier's input, `pooled`."""
+    head = getattr(backbone, "head", None)
+    norm = getattr(head, "norm", None)
+    if isinstance(norm, torch.nn.Module) and not isinstance(norm, torch.nn.Identity) and hasattr(head, "global_pool"):
+        return head.global_pool(feature_map).flatten(1)
+    return pooled
 
 
 def last_feature_stage(backbone: torch.nn.Module) -> torch.nn.Module:

@@ -10,12 +10,17 @@ thousand multiply-adds per image, runs in fp32. Every member computes its logits
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
-from torch import nn
+
+Out = TypeVar("Out")
 
 
-def fp32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """`head(features)` computed in float32 even inside an autocast region."""
+def fp32_head(head: Callable[[torch.Tensor], Out], features: torch.Tensor) -> Out:
+    """`head(features)` computed in float32 even inside an autocast region (`head`: a module,
+    or a function of several, e.g. a member's training-only heads)."""
     device_type = features.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):

@@ -23,7 +23,8 @@ What it writes (the member folder is outputs/<member>, or --out):
   sbi                <member>/fold0/ (member `sbi_published`): an `sbi_fed` network without
                      guidance heads. Preprocessing recorded: each face's SBI test crop (found with
                      dlib; SBI used RetinaFace), 380x380, / 255 with no mean/std; the highest score
-                     over the faces of an image.
+                     over the faces of an image; 32 frames a video. The facial-embedding extension's
+                     release (B4 -> BatchNorm -> FC(2)) imports the same way with model.head=bn_fc.
 Each fold gets model.safetensors and meta.json (source files and their SHA-256, licence note,
 preprocessing). Existing files are refused unless --force. Files are read only with
 torch.load(weights_only=True). Score with the imported models:
@@ -63,6 +64,7 @@ SBI_DATA = {
     "std": [1.0, 1.0, 1.0],
     "resize": "linear",  # the crop is resized to 380 with OpenCV's bilinear before this
     "face_crop": {"kind": "sbi_test", "margin": 0.25, "margin_scale": 0.5},  # box +- w/4, h/4, each x0.5
+    "video_frames": 32,  # SBI's test: 32 frames a video
 }
 SOURCES = {
     "deepfakedefenders": {

@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import create_backbone, last_feature_stage
+from models.backbones import create_backbone, last_feature_stage, pooled_before_norm
 from models.heads import fp32_head
 from models.registry import register_model
 
 
 class MFFExpert(nn.Module):
     """timm backbone -> pooled features -> dropout -> Linear(2) in fp32 (`fp32_head`). Returns
-    logits and features (the features feed the feature-level contrastive loss)."""
+    logits and features: the published expert's contrastive feature, the pooled feature map
+    before the head's normalisation where the backbone has one (ConvNeXt's `head.norm`;
+    `models.backbones.pooled_before_norm`), else the classifier's input."""
 
     def __init__(self, backbone: nn.Module, num_classes: int = 2, drop_rate: float = 0.0):
         super().__init__()
@@ -20,8 +22,10 @@ class MFFExpert(nn.Module):
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(backbone.num_features, num_classes))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(images)
-        return {"logits": fp32_head(self.head, features), "features": features}
+        feature_map = self.backbone.forward_features(images)
+        pooled = self.backbone.forward_head(feature_map, pre_logits=True)
+        features = pooled_before_norm(self.backbone, feature_map, pooled)
+        return {"logits": fp32_head(self.head, pooled), "features": features}
 
     def cam_layer(self) -> nn.Module:
         """The layer whose activations explanations weigh (`models.explain`)."""

@@ -13,7 +13,8 @@ Two releases map onto the project's members key by key:
   `EfficientNet` under `net`. It becomes an `sbi_fed` network without the guidance heads
   (`models.sbi_fed`, backbone timm's `tf_efficientnet_b4.ap_in1k`: the same network with
   TensorFlow "same" padding and BatchNorm eps 1e-3), keys renamed block by block
-  (`efficientnet_pytorch_to_timm`).
+  (`efficientnet_pytorch_to_timm`). The extension's release (B4 -> BatchNorm -> FC(2)) loads
+  the same way into the `bn_fc` head (`model.head: bn_fc`).
 
 Files are read only with `torch.load(weights_only=True)` on the CPU. Every converted state dict
 is loaded strictly into the network its config builds, so a key or shape that does not fit
@@ -154,25 +155,57 @@ def convert_winner(weight_file: Path, ema_file: Path, expert_models: list[dict])
 # --------------------------------------------------------------------------- SBI
 
 
+def bn_fc_head(rest: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The extension's classifier, BatchNorm -> FC(2), as the `bn_fc` head's keys (`head.0.*`,
+    `head.1.*`). Its parts are found by what they hold, not by their names, which no public
+    file fixes: the one module with running statistics is the BatchNorm, the one with a
+    (2, width) weight and a bias the FC. Anything else raises."""
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in rest})
+    norms = [p for p in prefixes if f"{p}.running_mean" in rest]
+    fcs = [p for p in prefixes if p not in norms and rest.get(f"{p}.weight", torch.empty(0)).shape[:1] == (2,)]
+    if len(norms) != 1 or len(fcs) != 1 or len(prefixes) != 2:
+        raise CheckpointError(
+            f"{where}: expected one BatchNorm and one FC(2) beside the backbone (model.head: bn_fc), found {prefixes}"
+        )
+    out = {f"head.0.{k.rsplit('.', 1)[1]}": v for k, v in rest.items() if k.startswith(f"{norms[0]}.")}
+    out.update({f"head.1.{k.rsplit('.', 1)[1]}": v for k, v in rest.items() if k.startswith(f"{fcs[0]}.")})
+    return out
+
+
 def convert_sbi(file: Path, model_cfg: dict) -> dict[str, torch.Tensor]:
     """SBI's released EfficientNet-B4 (`{"model": {"net.<key>": tensor}}`) as the state dict of
-    the `sbi_fed` network `model_cfg` builds (guidance heads off), checked by a strict load."""
+    the `sbi_fed` network `model_cfg` builds (guidance heads off), checked by a strict load.
+
+    With `model.head: bn_fc`, the extension's release: the same `net.` backbone (its own `_fc`
+    unused and absent, or used as the FC), and beside it a BatchNorm over the pooled 1792
+    features and an FC(2) (`bn_fc_head`)."""
     obj = read_pickle(file, "SBI checkpoint")
     if not isinstance(obj, Mapping) or "model" not in obj:
         found = sorted(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(f"{file}: expected a dict with a 'model' entry (SBI's checkpoint), found {found}")
     state = _tensor_dict(obj["model"], file, "its 'model' entry")
-    outside = [k for k in state if not k.startswith("net.")]
-    if outside:
-        raise CheckpointError(f"{file}: keys outside 'net.' (efficientnet_pytorch's EfficientNet), e.g. {outside[:3]}")
+    extension = model_cfg.get("head", "sbi") == "bn_fc"
+    outside = {k: v for k, v in state.items() if not k.startswith("net.")}
+    if outside and not extension:
+        raise CheckpointError(
+            f"{file}: keys outside 'net.' (efficientnet_pytorch's EfficientNet), e.g. {sorted(outside)[:3]}; "
+            "the extension's release loads with model.head=bn_fc"
+        )
     network = build_model(model_cfg, pretrained=False)
     depths = [len(stage) for stage in network.backbone.blocks]
+    net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     try:
-        timm_state = efficientnet_pytorch_to_timm({k.removeprefix("net."): v for k, v in state.items()}, depths)
+        timm_state = efficientnet_pytorch_to_timm(net, depths)
     except CheckpointError as err:
         raise CheckpointError(f"{file}: {err}") from None
-    keys = timm_to_member(list(timm_state), network, str(file))
-    converted = {keys[k]: v for k, v in timm_state.items()}
+    if extension:
+        own = network.state_dict()
+        converted = {f"backbone.{k}": v for k, v in timm_state.items() if f"backbone.{k}" in own}
+        rest = {k: v for k, v in timm_state.items() if f"backbone.{k}" not in own} | outside
+        converted.update(bn_fc_head(rest, str(file)))
+    else:
+        keys = timm_to_member(list(timm_state), network, str(file))
+        converted = {keys[k]: v for k, v in timm_state.items()}
     _check_fits(network, converted, f"{file} ({model_cfg['backbone']})")
     network.load_state_dict(converted, strict=True)
     return converted

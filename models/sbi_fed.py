@@ -2,12 +2,21 @@
 
 The network is the published one, efficientnet_pytorch's EfficientNet-B4 (advprop weights,
 `num_classes=2`), here timm's `tf_efficientnet_b4.ap_in1k`: the head convolution to 1792
-channels and its BatchNorm inside the backbone, average pooling, dropout 0.4, FC(2). Nothing
-sits between the pooling and the FC, so SBI's released weights map onto it key by key.
-Training adds parts that the guidance losses read (built with `guidance: true`; the
-inference path never touches them):
+channels and its BatchNorm inside the backbone, average pooling, then the classifier head,
+`model.head`:
 
-    f (1792, pooled) --> Dropout -> FC(2)                        logits (inference)
+- `sbi` (SBI's network): dropout 0.4, FC(2). Nothing sits between the pooling and the FC, so
+  SBI's released weights map onto it key by key;
+- `bn_fc` (the extension's public inference network): BatchNorm over the 1792 pooled
+  features, FC(2), so the extension's released weights load (`models.published.convert_sbi`).
+
+efficientnet_pytorch trains the backbone with drop-connect 0.2 and BatchNorm momentum 0.99 in
+TensorFlow's convention; `model.drop_path_rate` and `model.bn_momentum` (PyTorch's convention,
+1 - 0.99 = 0.01) set them on timm's network. Training adds parts that the guidance losses read
+(built with `guidance: true`; the inference path never touches them), all computed in fp32
+under mixed precision, as the logits are (`models.heads.fp32_head`):
+
+    f (1792, pooled) --> head                                    logits (inference)
       `--> project: Linear(1792, 1792 + 512) --> a (1792): artifact features
                                                `-> z (512):  identity features
     a --> discrepancy: Linear(1792, 1)    predicts the real-to-fake identity shift
@@ -34,7 +43,7 @@ from torch import nn
 
 from core.config import ConfigError
 from core.log import get_logger
-from models.backbones import create_backbone, last_feature_stage
+from models.backbones import create_backbone, last_feature_stage, set_bn_momentum
 from models.heads import fp32_head
 from models.losses import cross_entropy
 from models.provenance import Source, local_source, record
@@ -46,6 +55,16 @@ if TYPE_CHECKING:  # the data stage's code is imported where it runs: `import mo
 log = get_logger("sbi_fed")
 
 GUIDANCE_TERMS = ("distill", "recon", "artifact_ce", "residual_ce")
+HEADS = ("sbi", "bn_fc")
+
+
+def classifier_head(kind: str, width: int, drop_rate: float) -> nn.Sequential:
+    """`model.head`: `sbi` Dropout -> FC(2) (SBI's), `bn_fc` BatchNorm -> FC(2) (the extension's)."""
+    if kind == "sbi":
+        return nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, 2))
+    if kind == "bn_fc":
+        return nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, 2))
+    raise ConfigError(f"model.head {kind!r}: expected one of {HEADS}")
 
 
 class SBIFedNet(nn.Module):
@@ -60,11 +79,12 @@ class SBIFedNet(nn.Module):
         identity_dim: int = 512,
         embedding_dim: int = 128,
         drop_rate: float = 0.0,
+        head: str = "sbi",
     ):
         super().__init__()
         self.backbone = backbone
         width = backbone.num_features
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, 2))
+        self.head = classifier_head(head, width, drop_rate)
         self.guidance = guidance
         self.width = width
         if guidance:
@@ -80,16 +100,20 @@ class SBIFedNet(nn.Module):
         features = self.backbone(images)
         out = {"logits": fp32_head(self.head, features), "features": features}
         if self.guidance and self.training:
-            projected = fp32_head(self.project, features)
-            artifact, identity = projected[:, : self.width], projected[:, self.width :]
-            out.update(
-                artifact=artifact,
-                discrepancy=self.discrepancy(artifact).squeeze(1),
-                artifact_logits=self.artifact_head(artifact),
-                residual_score=self.residual_head(artifact).squeeze(1),
-                reconstruction=self.reconstruct(identity),
-            )
+            out.update(fp32_head(self._guidance, features))
         return out
+
+    def _guidance(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training-only outputs (see the module docstring); the caller runs this in fp32."""
+        projected = self.project(features)
+        artifact, identity = projected[:, : self.width], projected[:, self.width :]
+        return {
+            "artifact": artifact,
+            "discrepancy": self.discrepancy(artifact).squeeze(1),
+            "artifact_logits": self.artifact_head(artifact),
+            "residual_score": self.residual_head(artifact).squeeze(1),
+            "reconstruction": self.reconstruct(identity),
+        }
 
     def cam_layer(self) -> nn.Module:
         """The layer whose activations explanations weigh (`models.explain`)."""
@@ -106,9 +130,15 @@ def build_sbi_fed(
     identity_dim: int = 512,
     embedding_dim: int = 128,
     drop_rate: float = 0.0,
+    head: str = "sbi",
+    drop_path_rate: float | None = None,
+    bn_momentum: float | None = None,
 ) -> SBIFedNet:
-    net = create_backbone(backbone, pretrained=pretrained, weights=weights, allow_mismatch=allow_mismatch)
-    return SBIFedNet(net, guidance, identity_dim, embedding_dim, drop_rate)
+    extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    net = create_backbone(backbone, pretrained=pretrained, weights=weights, allow_mismatch=allow_mismatch, **extra)
+    if bn_momentum is not None:
+        set_bn_momentum(net, bn_momentum)
+    return SBIFedNet(net, guidance, identity_dim, embedding_dim, drop_rate, head)
 
 
 # --------------------------------------------------------------------------- losses

@@ -178,9 +178,13 @@ class TorchScorer:
             )
         return probs
 
-    def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    def score_arrays(self, arrays: Sequence[np.ndarray], face_crops: bool | None = None) -> np.ndarray:
+        """Like `score_files` for images in memory; `face_crops` True or False scores only the
+        groups that take face crops or whole images (the other columns stay NaN)."""
         probs = np.full((len(arrays), self.n_models), np.nan)
         for group in self.groups:
+            if face_crops is not None and (group.crop is not None) != face_crops:
+                continue
             if group.crop is None:
                 probs[:, group.columns] = predict_arrays(
                     group.networks,

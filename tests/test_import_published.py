@@ -53,6 +53,23 @@ class SBIDetector(nn.Module):
         return self.net(x)
 
 
+class ExtensionDetector(nn.Module):
+    """The extension's public inference layout: efficientnet_pytorch's EfficientNet under `net`
+    (features pooled to its width, its own `_fc` unused and left out), then BatchNorm and FC(2)."""
+
+    def __init__(self, name: str, image_size: int):
+        super().__init__()
+        self.net = EfficientNet.from_name(name, image_size=image_size)
+        del self.net._fc
+        width = self.net._bn1.num_features
+        self.bn = nn.BatchNorm1d(width)
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+        return self.fc(self.bn(pooled))
+
+
 def randomize(module: nn.Module, seed: int) -> nn.Module:
     """Random BatchNorm statistics and affine weights, and a classifier large enough that the two
     logits differ by O(1), so a wrongly mapped key moves the outputs far beyond the tolerance."""
@@ -371,6 +388,30 @@ def test_sbi_b4_at_380_converts(tmp_path):
     x = torch.rand(2, 3, 380, 380, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (network(x)["logits"] - replica(x)).abs().max().item() < TOL
+
+
+def test_the_extension_release_loads_into_the_bn_fc_head(tmp_path, capsys):
+    replica = randomize(ExtensionDetector("efficientnet-b0", image_size=64), seed=5)
+    torch.save({"model": replica.state_dict()}, tmp_path / "extension.tar")
+    overrides = ["model.backbone=tf_efficientnet_b0.ap_in1k", "data.image_size=64"]
+    cmd = ["sbi", str(tmp_path / "extension.tar"), *overrides]
+    assert import_main([*cmd, "--out", str(tmp_path / "sbi"), "model.head=sbi"]) == 2
+    assert "model.head=bn_fc" in capsys.readouterr().err
+    assert import_main([*cmd, "--out", str(tmp_path / "ext"), "model.head=bn_fc"]) == 0
+    network = load_trained(tmp_path / "ext" / "fold0" / "model.safetensors").model
+    assert [type(m) for m in network.head] == [nn.BatchNorm1d, nn.Linear]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (network(x)["logits"] - replica(x)).abs().max().item() < TOL
+
+
+def test_an_extension_head_of_another_shape_is_refused(tmp_path, capsys):
+    replica = ExtensionDetector("efficientnet-b0", image_size=64)
+    replica.extra = nn.Linear(4, 2)  # a second FC(2): which one classifies is not known
+    torch.save({"model": replica.state_dict()}, tmp_path / "extension.tar")
+    cmd = ["sbi", str(tmp_path / "extension.tar"), "--out", str(tmp_path / "o"), "model.head=bn_fc"]
+    assert import_main([*cmd, "model.backbone=tf_efficientnet_b0.ap_in1k", "data.image_size=64"]) == 2
+    assert "expected one BatchNorm and one FC(2)" in capsys.readouterr().err
 
 
 def test_ensemble_says_why_it_cannot_blend_an_imported_member(winner):

@@ -55,6 +55,34 @@ def test_scores_pool_max_over_faces_then_mean_over_frames(weights, monkeypatch):
     crops = {0: [np.zeros((8, 8, 3))] * 2, 1: [np.ones((8, 8, 3))]}  # frame 0: two faces, frame 1: one
     monkeypatch.setattr(infer, "face_crops", lambda frame, analyzer: crops[int(frame)])
     # per crop, the one model's probability; the blend is taken of the pooled model probabilities
-    monkeypatch.setattr(scorer.engine, "score_arrays", lambda arrays: np.array([[0.3], [0.1], [0.5]]))
+    monkeypatch.setattr(scorer.engine, "score_arrays", lambda arrays, face_crops=None: np.array([[0.3], [0.1], [0.5]]))
     monkeypatch.setattr(infer.Scorer, "analyzer", None)
     assert scorer.score_faces("x.avi", [0, 1]) == pytest.approx([(0.3 + 0.5) / 2, (0.3 + 0.5) / 2])
+
+
+def test_a_face_cropping_network_cuts_the_frames_itself(weights, tmp_path, monkeypatch):
+    """SBI's test crop is cut from the frame (`data.face_crop`), not from the aligned crops the
+    other networks take; each network's frames without a face of its own are left out of its mean."""
+    sbi = tmp_path / "sbi"
+    sbi.mkdir()
+    (sbi / "model.safetensors").write_bytes(weights.read_bytes())
+    face_crop = {"kind": "sbi_test", "margin": 0.25, "margin_scale": 0.5}
+    cfg = {**CFG, "name": "cropping", "data": {**CFG["data"], "face_crop": face_crop, "video_frames": 32}}
+    (sbi / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    args = infer.parse_args(["x.avi", "--weights", str(weights), "--weights", str(sbi), "--runtime", "torch"])
+    scorer = infer.Scorer(infer.load_ensemble(args), args, report=lambda m: None)
+    assert scorer.frames == 32
+    frames = [np.full((8, 8, 3), i, np.uint8) for i in range(3)]
+    crops = {0: [np.zeros((8, 8, 3))] * 2, 1: [], 2: [np.ones((8, 8, 3))]}
+    monkeypatch.setattr(infer, "face_crops", lambda frame, analyzer: crops[int(frame[0, 0, 0])])
+    monkeypatch.setattr(infer.Scorer, "analyzer", None)
+    nan = np.nan
+
+    def score_arrays(arrays, face_crops=None):
+        if face_crops:  # the cropping network is given the frames themselves; no face in frame 2
+            assert all(a is f for a, f in zip(arrays, frames, strict=True))
+            return np.array([[nan, 0.8], [nan, 0.4], [nan, nan]])
+        return np.array([[0.3, nan], [0.1, nan], [0.5, nan]])  # the three aligned crops
+
+    monkeypatch.setattr(scorer.engine, "score_arrays", score_arrays)
+    assert scorer.pool_faces("x.avi", frames) == pytest.approx([(0.3 + 0.5) / 2, (0.8 + 0.4) / 2])

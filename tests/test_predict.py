@@ -150,3 +150,41 @@ def test_amp_false_never_enters_autocast(monkeypatch):
     with torch.no_grad():
         fp32 = torch.softmax(net.head(torch.ones(1, 3)).double(), 1)[0, 1].item()
     assert kept[0, 0] == pytest.approx(fp32, abs=1e-12)
+
+
+class _Brightness(torch.nn.Module):
+    """Logits (0, mean pixel value): the fake probability rises with brightness."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean = images.float().mean(dim=(1, 2, 3))
+        return {"logits": torch.stack([torch.zeros_like(mean), mean], dim=1)}
+
+
+def test_face_cropped_images_score_their_highest_face_and_faceless_ones_are_nan(tmp_path):
+    """A network that takes face crops: every face of an image is scored and the highest kept, as
+    SBI's test does; an image without a face is reported and NaN."""
+    from PIL import Image
+
+    from core.data.datasets import ImageDataset, make_loader
+
+    levels = {"two_faces.png": (0.2, 0.9), "one_face.png": (0.5,), "no_face.png": ()}
+    paths = []
+    for name, faces in levels.items():
+        Image.fromarray(np.full((16, 16, 3), 10 * len(faces), np.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+
+    def crop(image: np.ndarray) -> list[np.ndarray]:
+        faces = levels[{20: "two_faces.png", 10: "one_face.png", 0: "no_face.png"}[int(image[0, 0, 0])]]
+        return [np.full((4, 4, 3), level, np.float32) for level in faces]
+
+    def transform(face: np.ndarray, seed: int) -> torch.Tensor:
+        return torch.from_numpy(face.transpose(2, 0, 1).copy())
+
+    errors: list[str] = []
+    dataset = ImageDataset(paths, [1, 0, 1], transform, crop=crop)
+    assert len(dataset.subset([0, 2])) == 2 and dataset.subset([0])[0]["faces"] == 2
+    loader = make_loader(dataset, batch_size=3, num_workers=0)
+    probs = predict.predict_loader([_Brightness()], loader, torch.device("cpu"), progress=False, on_error=errors.append)
+    sigmoid = 1 / (1 + np.exp(-np.array([0.9, 0.5])))
+    np.testing.assert_allclose(probs[:2, 0], sigmoid)
+    assert np.isnan(probs[2, 0]) and errors == [f"{paths[2]}: no face found; not scored"]

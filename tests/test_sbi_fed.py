@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import models
-from core.config import ConfigError
+from core.config import ConfigError, load_config
 from models.sbi_fed import distill_loss, pair_discrepancy, recon_loss, residual_ce
 
 BACKBONE = "test_efficientnet.r160_in1k"
 WEIGHTS = {"ce": 1.0, "distill": 0.4, "recon": 0.01, "artifact_ce": 0.5, "residual_ce": 0.25}
 
 
-def _net(guidance: bool = True, embedding_dim: int = 16) -> torch.nn.Module:
+def _net(guidance: bool = True, embedding_dim: int = 16, head: str = "sbi") -> torch.nn.Module:
     torch.manual_seed(0)
     return models.build_model(
         {
@@ -26,6 +26,7 @@ def _net(guidance: bool = True, embedding_dim: int = 16) -> torch.nn.Module:
             "guidance": guidance,
             "identity_dim": 8,
             "embedding_dim": embedding_dim,
+            "head": head,
         }
     )
 
@@ -212,3 +213,53 @@ def test_shipped_configs_build(member: str) -> None:
     batch = {**_batch(2, dim=cfg["model"]["embedding_dim"]), "image": torch.rand(4, 3, size, size)}
     loss, _, logs = models.build_criterion(cfg)(net, batch)
     assert torch.isfinite(loss) and set(logs) == set(WEIGHTS)
+
+
+def test_every_guidance_output_is_fp32_under_autocast() -> None:
+    """residual_ce subtracts two scores of nearly equal value: in bf16 the difference is noise."""
+    net = _net().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.rand(4, 3, 32, 32))
+    assert {k: v.dtype for k, v in out.items() if k != "features"} == {k: torch.float32 for k in out if k != "features"}
+
+
+@pytest.mark.parametrize("term", ["distill", "recon", "artifact_ce", "residual_ce"])
+def test_each_guidance_term_trains_its_head_and_the_backbone(term: str) -> None:
+    """Fails when a guidance head reads detached features: the term would then leave the backbone
+    untouched."""
+    net = _net().train()
+    weights = {k: float(k == term) for k in WEIGHTS}
+    criterion = models.build_criterion({"loss": {"name": "sbi_fed", **weights}})
+    loss, _, _ = criterion(net, _batch())
+    loss.backward()
+    head = {"distill": net.discrepancy, "recon": net.reconstruct, "artifact_ce": net.artifact_head}
+    head["residual_ce"] = net.residual_head
+    assert all(torch.count_nonzero(p.grad) > 0 for p in head[term].parameters())
+    assert torch.count_nonzero(net.project.weight.grad) > 0
+    assert torch.count_nonzero(net.backbone.conv_stem.weight.grad) > 0
+
+
+def test_the_backbone_trains_with_efficientnet_pytorchs_drop_connect_and_batchnorm_momentum() -> None:
+    """sbi_fed.yaml's B4 against efficientnet_pytorch's (which SBI trains): drop-connect rising
+    linearly to 0.2 over the blocks, BatchNorm momentum 1 - 0.99 in PyTorch's convention."""
+    from efficientnet_pytorch import EfficientNet
+
+    reference = EfficientNet.from_name("efficientnet-b4", num_classes=2)
+    n = len(reference._blocks)
+    rate = reference._global_params.drop_connect_rate
+    model_cfg = load_config(["configs/members/sbi_fed.yaml"])["model"]
+    net = models.build_model(model_cfg, pretrained=False)
+    blocks = [b for stage in net.backbone.blocks for b in stage]
+    assert len(blocks) == n
+    for i, block in enumerate(blocks):
+        expected = rate * i / n
+        assert getattr(block.drop_path, "drop_prob", 0.0) == pytest.approx(expected)
+    ours = {m.momentum for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    theirs = {m.momentum for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(ours) == len(theirs) == 1 and ours.pop() == pytest.approx(theirs.pop())
+
+
+def test_the_head_is_sbis_or_the_extensions() -> None:
+    assert [type(m) for m in _net(head="bn_fc").head] == [torch.nn.BatchNorm1d, torch.nn.Linear]
+    with pytest.raises(ConfigError, match="model.head"):
+        _net(head="mlp")

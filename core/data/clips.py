@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.config import ConfigError
-from core.data.datasets import ImageDataset, Transform, sample_seed
+from core.data.datasets import Crop, ImageDataset, Transform, sample_seed
 from core.imaging import ImageDecodeError, decode_image, is_video, open_video
 from core.trained import takes_clips
 
@@ -192,10 +192,12 @@ def eval_dataset(
     targets: Sequence[int] | None,
     transform: Transform,
     crop: ClipCrop | None = None,
+    faces: Crop | None = None,
 ) -> ImageDataset | ClipDataset:
-    """The dataset that scores `paths` for the member `cfg`: clips when it takes them, else images."""
+    """The dataset that scores `paths` for the member `cfg`: clips when it takes them, else images
+    (each image's face crops with `faces`, for a member that records `data.face_crop`)."""
     if not takes_clips(cfg):
-        return ImageDataset(paths, targets, transform)
+        return ImageDataset(paths, targets, transform, crop=faces)
     settings = ClipSettings.from_cfg(cfg)
     check_uniform_clips(paths, settings, f"{cfg.get('name', 'the member')}'s scored set")
     return ClipDataset(paths, targets, transform, settings, crop=crop)

@@ -1,4 +1,10 @@
-"""A Dataset over image files that reports bad files instead of crashing the loader."""
+"""A Dataset over image files that reports bad files instead of crashing the loader.
+
+A network that takes face crops (`core.preprocess.Preprocessing.face_crop`) gets a `crop`
+(the data stage's detector; core does not import it): each item is then the stack of the
+image's face crops, and the collated batch says which image each crop belongs to (`owner`), so
+the caller can keep the highest score over an image's faces.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from core.imaging import ImageDecodeError, decode_image
 
 Transform = Callable[[np.ndarray, int], torch.Tensor]
+# An image -> the crops, one per face, that a face-cropping network takes.
+Crop = Callable[[np.ndarray], list[np.ndarray]]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -19,7 +27,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """Items are dicts `image`, `target`, `index`; an undecodable file yields `error` instead."""
+    """Items are dicts `image`, `target`, `index`; an undecodable file yields `error` instead.
+    With `crop`, `image` is (n_faces, 3, H, W) with `faces` = n_faces, and an image without a
+    face yields `error`."""
 
     def __init__(
         self,
@@ -27,17 +37,19 @@ class ImageDataset(Dataset):
         targets: Sequence[int] | None = None,
         transform: Transform | None = None,
         seed: int = 0,
+        crop: Crop | None = None,
     ):
         self.paths = [str(p) for p in paths]
         self.targets = None if targets is None else [int(t) for t in targets]
         self.transform = transform
         self.seed = seed
+        self.crop = crop
         self.epoch = 0
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:
         """The items at `indices`, renumbered from 0 (item i of the subset reports index i)."""
         targets = None if self.targets is None else [self.targets[i] for i in indices]
-        return ImageDataset([self.paths[i] for i in indices], targets, self.transform, self.seed)
+        return ImageDataset([self.paths[i] for i in indices], targets, self.transform, self.seed, self.crop)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,22 +62,34 @@ class ImageDataset(Dataset):
             image = decode_image(self.paths[index])
         except ImageDecodeError as err:
             return {"index": index, "error": str(err)}
-        if self.transform is None:
-            tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        seed = sample_seed(self.seed, self.epoch, index)
+        if self.crop is None:
+            item = {"image": self._tensor(image, seed), "index": index}
         else:
-            tensor = self.transform(image, sample_seed(self.seed, self.epoch, index))
-        item = {"image": tensor, "index": index}
+            faces = self.crop(image)
+            if not faces:
+                return {"index": index, "error": f"{self.paths[index]}: no face found; not scored"}
+            item = {"image": torch.stack([self._tensor(f, seed) for f in faces]), "faces": len(faces), "index": index}
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item
 
+    def _tensor(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        if self.transform is None:
+            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return self.transform(image, seed)
+
 
 def collate_skip_errors(items: list[dict]) -> dict:
-    """Stack the good items; carry the bad ones' messages in `errors` for the caller to report."""
+    """Stack the good items; carry the bad ones' messages in `errors` for the caller to report.
+    Face-cropped items are concatenated, `owner` giving each crop's place among the good items."""
     good = [it for it in items if "error" not in it]
     batch: dict = {"errors": [it["error"] for it in items if "error" in it]}
     batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
-    if good:
+    if good and "faces" in good[0]:
+        batch["image"] = torch.cat([it["image"] for it in good])
+        batch["owner"] = torch.repeat_interleave(torch.arange(len(good)), torch.tensor([it["faces"] for it in good]))
+    elif good:
         batch["image"] = torch.stack([it["image"] for it in good])
         if "target" in good[0]:
             batch["target"] = torch.tensor([it["target"] for it in good], dtype=torch.long)

@@ -82,14 +82,11 @@ class Group:
         crops = self.crop(image)
         return np.stack([self.preprocessing(c) for c in crops]) if crops else None
 
-    def probabilities(self, inputs: list[np.ndarray | None], tta: str = "none") -> np.ndarray:
-        """(n_images, n_networks) fake probabilities of a batch of `inputs`, averaged over the
-        views of `tta`; with a crop, the highest over each image's faces, NaN for an image without one."""
-        return self.scores(inputs, tta)[0]
-
     def scores(self, inputs: list[np.ndarray | None], tta: str = "none") -> tuple[np.ndarray, list[dict]]:
-        """`probabilities`, and per network its attribute outputs by name, (n_images,) each; a group
-        fed face crops explains nothing (its score is the highest over faces)."""
+        """(n_images, n_networks) fake probabilities of a batch of `inputs`, averaged over the
+        views of `tta`; with a crop, the highest over each image's faces, NaN for an image without
+        one. And per network its attribute outputs by name, (n_images,) each; a group fed face
+        crops explains nothing (its score is the highest over faces)."""
         if self.crop is None:
             x = np.stack(inputs)
             scored = [network_scores(network, x, tta) for network in self.networks]
@@ -143,8 +140,9 @@ class ArrayScorer:
         self.explain = explain
         self.attributes: dict[int, dict[int, dict[str, float]]] = {}
 
-    def _inputs(self, image: np.ndarray) -> list[np.ndarray | None]:
-        return [g.inputs(image) for g in self.groups]
+    def _groups(self, face_crops: bool | None) -> list[Group]:
+        """Every group (None), or only those that take face crops (True) or whole images (False)."""
+        return [g for g in self.groups if face_crops is None or (g.crop is not None) == face_crops]
 
     def _score(
         self,
@@ -154,10 +152,12 @@ class ArrayScorer:
         progress: bool,
         names: Sequence[str | Path] | None = None,
         explain: bool = False,
+        groups: Sequence[Group] | None = None,
     ):
-        """(n, n_models) probabilities of `items`; with `names` (files), an image in which a
-        face-cropping group found no face is reported by name; with `explain`, the attribute
-        outputs go to `attributes`."""
+        """(n, n_models) probabilities of `items` (per image, the inputs of each of `groups`, by
+        default all); with `names` (files), an image in which a face-cropping group found no face
+        is reported by name; with `explain`, the attribute outputs go to `attributes`."""
+        groups = self.groups if groups is None else groups
         probs = np.full((n, self.n_models), np.nan)
         batches = _batches(items, self.batch_size, on_error)
         if progress:
@@ -165,7 +165,7 @@ class ArrayScorer:
 
             batches = progress_bar(batches, desc="predict", total=-(-n // self.batch_size), leave=False)
         for index, inputs in batches:
-            for g, group in enumerate(self.groups):
+            for g, group in enumerate(groups):
                 probs[np.ix_(index, group.columns)], found = group.scores([one[g] for one in inputs], self.tta)
                 if explain:
                     self._keep(index, group.columns, found)
@@ -186,7 +186,8 @@ class ArrayScorer:
         def load(item: tuple[int, str | Path]) -> tuple[int, list[np.ndarray] | str]:
             i, path = item
             try:
-                return i, self._inputs(decode_image(path))
+                image = decode_image(path)
+                return i, [g.inputs(image) for g in self.groups]
             except ImageDecodeError as err:
                 return i, str(err)
 
@@ -195,9 +196,12 @@ class ArrayScorer:
         progress = len(paths) > self.batch_size
         return self._score(items, len(paths), on_error, progress, names=paths, explain=self.explain)
 
-    def score_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        items = ((i, self._inputs(a)) for i, a in enumerate(arrays))
-        return self._score(items, len(arrays), on_error=None, progress=False)
+    def score_arrays(self, arrays: Sequence[np.ndarray], face_crops: bool | None = None) -> np.ndarray:
+        """Like `score_files` for images in memory; `face_crops` True or False scores only the
+        groups that take face crops or whole images (the other columns stay NaN)."""
+        groups = self._groups(face_crops)
+        items = ((i, [g.inputs(a) for g in groups]) for i, a in enumerate(arrays))
+        return self._score(items, len(arrays), on_error=None, progress=False, groups=groups)
 
 
 def _batches(items: Iterable[tuple[int, list[np.ndarray] | str]], size: int, on_error) -> Iterator:

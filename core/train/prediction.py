@@ -101,7 +101,8 @@ def predict_loader(
     averages over views of each image (`core.data.tta`).
 
     Errors are passed to `on_error` (default: logged) as they appear, so a bad file among
-    thousands is reported and the rest are scored.
+    thousands is reported and the rest are scored. Batches of face crops (their `owner`) give each
+    image the highest score over its faces; an image without a face is NaN.
     """
     report = on_error or log.warning
     for model in models:
@@ -113,8 +114,18 @@ def predict_loader(
             report(message)
         if "image" not in batch:
             continue
-        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp, tta)
+        scores = _forward(models, batch["image"], device, channels_last, amp, tta)
+        if "owner" in batch:  # face crops: the highest score over each image's faces
+            scores = highest_per_owner(scores, batch["owner"].numpy(), len(batch["index"]))
+        probs[batch["index"].numpy()] = scores
     return probs
+
+
+def highest_per_owner(scores: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """(n, M): for each of `n` images, the highest of the `scores` rows it owns (`owner[i]`)."""
+    out = np.full((n, scores.shape[1]), -np.inf)
+    np.maximum.at(out, owner, scores)
+    return out
 
 
 def predict_paths(
