@@ -1,10 +1,9 @@
 """infer.py's scoring of networks that take clips (a `clip` section in their meta.json config).
 
 Each input is fed as the member's own validation fed it (`core.data.clips.eval_dataset`): a video as
-`clip.frames` frames at evenly spaced indices over its whole length, cut at one face box per clip
-when `clip.face_crop` is on; a still image as a one-frame clip or a clip built from it, as
-`clip.still` says. PyTorch only: clip networks are not exported to ONNX (the export traces one
-input shape, and a clip's length differs between stills and videos).
+every clip of its window (`core.clip_reading`), face-cropped when `clip.face_crop` is on, its
+probability the mean of its clips'; a still image as a one-frame clip or a clip built from it, as
+`clip.still` says.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ class ClipScorer:
                 if "error" in item:
                     report(item["error"])
                     break
-                clip = item["image"][None].to(self.device)
+                clips = item["image"].to(self.device)  # (K, T, 3, H, W): the input's every clip
                 for i in idx:
-                    logits = self.networks[i](clip)["logits"].float()
-                    probs[row, i] = torch.softmax(logits, dim=1)[0, 1].item()
+                    logits = self.networks[i](clips)["logits"].double()
+                    probs[row, i] = torch.softmax(logits, dim=1)[:, 1].mean().item()

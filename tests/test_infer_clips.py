@@ -55,8 +55,8 @@ def expected(members, path) -> float:
     cfg = members["clip_cfg"]
     item = eval_dataset(cfg, [str(path)], None, build_transform(cfg["data"], train=False))[0]
     with torch.no_grad():
-        logits = members["clip_model"](item["image"][None])["logits"]
-    return torch.softmax(logits, dim=1)[0, 1].item()
+        logits = members["clip_model"](item["image"])["logits"]  # every clip of the input
+    return torch.softmax(logits.double(), dim=1)[:, 1].mean().item()
 
 
 def weights_args(members) -> list[str]:
@@ -118,14 +118,14 @@ def test_per_frame_writes_each_sampled_frame_of_the_image_members(members, tmp_p
 def test_a_clip_members_folds_read_each_video_once(members, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import core.data.clips
+    import core.clip_reading
 
     second = tmp_path / "fold1"
     shutil.copytree(members["root"] / "clip", second)  # another fold of the same member
     reads = []
-    real_read = core.data.clips.read_clip
+    real_read = core.clip_reading.read_window
     monkeypatch.setattr(
-        core.data.clips, "read_clip", lambda path, frames: reads.append(path) or real_read(path, frames)
+        core.clip_reading, "read_window", lambda path, window: reads.append(path) or real_read(path, window)
     )
     video = write_video(tmp_path / "v.avi", frames(12))
     infer.main([str(video), "--json", *weights_args(members), "--weights", str(second / "model.safetensors")])
