@@ -42,8 +42,8 @@ def members(tmp_path_factory):
         for p in clip_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     save_weights(clip_model.state_dict(), root / "clip" / "model.safetensors")
-    save_member(root / "image", IMAGE_CFG)
-    return {"root": root, "clip_cfg": clip_cfg, "clip_model": clip_model}
+    image_model = save_member(root / "image", IMAGE_CFG)
+    return {"root": root, "clip_cfg": clip_cfg, "clip_model": clip_model, "image_model": image_model}
 
 
 def frames(n: int) -> list[np.ndarray]:
@@ -132,3 +132,35 @@ def test_a_clip_members_folds_read_each_video_once(members, tmp_path, capsys, mo
     out = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(reads) == 1
     assert out["members"]["sta_demo"] == pytest.approx(expected(members, video), abs=1e-5)  # both folds alike
+
+
+def listed_scores(cfg: dict, model: torch.nn.Module, paths: list) -> np.ndarray:
+    """A member's scores of `paths` as train.py writes its test.csv: the whole list in one dataset, batched."""
+    from core.data.datasets import make_loader
+    from core.train.prediction import predict_loader
+
+    dataset = eval_dataset(cfg, [str(p) for p in paths], None, build_transform(cfg["data"], train=False))
+    loader = make_loader(dataset, 3, 0)
+    return predict_loader([model], loader, torch.device("cpu"), amp=False, progress=False)[:, 0]
+
+
+def test_infer_equals_the_listed_test_scores_for_every_member_on_every_image(members, tmp_path, capsys):
+    """infer.py scores each input alone; train.py scores the test list in batches. Every member's
+    probability agrees on every image, wherever the image sits in the list (a still's clip is a
+    function of its pixels), so the blend of the submission row is infer.py's."""
+    from PIL import Image
+
+    face = skdata.astronaut()
+    stills = []
+    for i in range(5):
+        stills.append(tmp_path / f"{i:05d}.png")
+        Image.fromarray(np.ascontiguousarray(face[16 * i : 16 * i + 256, 80 + 8 * i : 336 + 8 * i])).save(stills[-1])
+    video = write_video(tmp_path / "v.avi", frames(20))
+    out = run_json(members, *stills, video, capsys=capsys)
+    clip = listed_scores(members["clip_cfg"], members["clip_model"], [*stills, video])
+    image = listed_scores(IMAGE_CFG, members["image_model"], stills)
+    for k, path in enumerate(stills):
+        assert out[str(path)]["members"]["sta_demo"] == pytest.approx(clip[k], abs=1e-4), path
+        assert out[str(path)]["members"]["tiny"] == pytest.approx(image[k], abs=1e-4), path
+    assert out[str(video)]["members"]["sta_demo"] == pytest.approx(clip[-1], abs=1e-4)
+    assert len({round(float(p), 6) for p in clip}) == len(clip)  # the clips really differ from image to image
