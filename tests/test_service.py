@@ -339,7 +339,7 @@ def test_a_batch_that_fails_is_scored_again_one_by_one():
 
 
 def test_a_scoring_error_is_a_json_500_and_the_next_request_is_served():
-    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, frames=1, crop_faces=False)
+    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, lambda path: None, crop_faces=False)
     with TestClient(build_app(model, 2**20, 0.001), raise_server_exceptions=False) as client:
         failed = client.post("/predict", files={"file": ("dark.png", png(0))})
         assert failed.status_code == 500 and "cannot score a dark image" in failed.json()["error"]
@@ -348,7 +348,7 @@ def test_a_scoring_error_is_a_json_500_and_the_next_request_is_served():
 
 
 def test_a_face_cropped_input_without_a_face_is_422():
-    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, frames=1, crop_faces=True)
+    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, lambda path: None, crop_faces=True)
     with TestClient(build_app(model, 2**20, 0.001)) as client:
         r = client.post("/predict", files={"file": ("wall.png", png(90))})
     assert r.status_code == 422 and r.json()["error"] == "wall.png: no face found in 1 frame(s)"
