@@ -164,3 +164,35 @@ def test_infer_equals_the_listed_test_scores_for_every_member_on_every_image(mem
         assert out[str(path)]["members"]["tiny"] == pytest.approx(image[k], abs=1e-4), path
     assert out[str(video)]["members"]["sta_demo"] == pytest.approx(clip[-1], abs=1e-4)
     assert len({round(float(p), 6) for p in clip}) == len(clip)  # the clips really differ from image to image
+
+
+def test_a_clip_network_exports_with_a_free_clip_length(members):
+    from core.infer.onnx_cache import VERIFIED, OrtNetwork, lookup
+    from models.onnx_export import onnx_network
+
+    cfg, model = members["clip_cfg"], members["clip_model"].eval()
+    size, frames = cfg["data"]["image_size"], cfg["clip"]["frames"]
+    weights = members["root"] / "clip" / "model.safetensors"
+    network = onnx_network(model, size, weights, frames=frames)
+    assert isinstance(network, OrtNetwork) and lookup(weights, size).state == VERIFIED  # checked once, cached
+    for shape in ((2, frames, 3, size, size), (1, 2, 3, size, size), (3, 1, 3, size, size)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected_logits = model(x)["logits"].numpy()
+        assert network(x.numpy())["logits"] == pytest.approx(expected_logits, abs=1e-4), shape
+
+
+def test_scoring_stills_and_videos_with_a_clip_member_imports_no_torch(members, tmp_path):
+    from PIL import Image
+
+    from tests.test_infer_fast import probe
+
+    still = tmp_path / "s.png"
+    Image.fromarray(frames(1)[0]).save(still)
+    video = write_video(tmp_path / "v.avi", frames(12))
+    args = [str(still), str(video), "--json", *weights_args(members), "--device", "cpu"]
+    assert infer.main(args) == 0  # exports what is not exported yet
+    out, err, result = probe(args)
+    assert result == {"rc": 0, "imported": []}, err
+    scored = [json.loads(line) for line in out.splitlines()]
+    assert all(np.isfinite(o["members"]["sta_demo"]) for o in scored)
