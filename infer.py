@@ -21,6 +21,8 @@ image format, by its name or its header); other files are counted in one line. A
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
 frame's score is the highest face score and the video's the mean over frames. Still images
 are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
+A member whose network takes clips (`sta`) scores an input as its validation did: a video as
+the mean over the clips of its window, a still as its `clip.still` says (core/infer/clip_scoring.py).
 
 On a CPU the networks run in ONNX Runtime: each is exported once per checkpoint, checked
 against PyTorch then, and cached beside its weights as model.onnx with the verdict in
