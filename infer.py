@@ -410,10 +410,14 @@ class Scorer:
         indexed = indexed_video_frames(path, self.frames)
         pooled = self.pool_faces(path, [frame for _, frame in indexed], [k for k, _ in indexed])
         probs = np.full(len(self.ensemble.trained), np.nan) if pooled is None else pooled
-        if self.clips is not None:
+        if self.clips is None:
+            return probs
+        try:
             clip_probs = self.clips.score_file(path)
-            probs = np.where(np.isnan(clip_probs), probs, clip_probs)
-        return probs
+        except ImageDecodeError as err:  # the image members' frames were read: keep their scores
+            self.report(str(err))
+            return probs
+        return np.where(np.isnan(clip_probs), probs, clip_probs)
 
     def score_video(self, path: Path) -> np.ndarray | None:
         """The row of `columns` for the video at `path` (the service's upload), as `score` gives it;
