@@ -19,6 +19,10 @@ Cases (targets from the issue in `targets`, each figure's verdict in `meets`):
   script that imports torch and timm, builds the network, loads the weights, decodes,
   normalises, resizes, runs the forward pass and prints the softmax.
 - `photos_48`: the same network and naive script over 48 photographs.
+- `demo_all`: every demo member of configs/ensemble.yaml (clip members included), `--demo-folds`
+  folds each with random weights built from their configs (or, with `--outputs DIR`, the folds a
+  demo run trained there): one image, then one demo-like video (24 frames at 128 px, MPEG-4),
+  each a whole process, warm, with its peak resident memory.
 - `mff`: one photograph with all seven experts of configs/members/mff.yaml (random weights,
   512 px); seconds per image and the process's peak resident memory, warm (the third run:
   the first exports, the second saves the optimised graphs), and the first run's.
@@ -52,6 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "help_s": 0.5,
     "demo_five_networks_s": 1.5,
+    "demo_all_image_s": 1.5,
+    "demo_all_image_peak_rss_mb": 300.0,
+    "demo_all_video_s": 3.0,
     "per_extra_network_s": 0.15,
     "one_b4_vs_naive": 0.5,
     "photos_48_speedup_vs_naive": 2.0,
@@ -171,6 +178,43 @@ def demo_case(root: Path, image: Path, members: list[str], folds: int) -> dict[s
     }
 
 
+def demo_video(path: Path, image: Path, frames: int = 24, side: int = 128) -> Path:
+    """A demo-like video: a square view of `image` panning slowly, `frames` frames of `side` px."""
+    import cv2
+
+    photo = cv2.imread(str(image))
+    h, w = photo.shape[:2]
+    crop = min(h, w) * 3 // 4
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (side, side))
+    for i in range(frames):
+        x = (w - crop) * i // max(frames - 1, 1)
+        writer.write(cv2.resize(photo[(h - crop) // 2 : (h - crop) // 2 + crop, x : x + crop], (side, side)))
+    writer.release()
+    return path
+
+
+def all_members_case(root: Path, image: Path, folds: int, trained: Path | None) -> dict[str, Any]:
+    """One image, then one video, with every demo member (see the module docstring)."""
+    members = load_config([ROOT / "configs" / "ensemble.yaml"])["demo_members"]
+    outputs = trained or root / "outputs"
+    if trained is None:
+        for member in members:
+            cfg = load_config([ROOT / "configs" / "members" / f"{member}.yaml"])
+            for k in range(folds):  # as configured: the demo configs build without any download
+                folder = outputs / member / f"fold{k}"
+                save_weights(build_model(cfg["model"]).state_dict(), folder / "model.safetensors")
+                (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    configs = project_configs(root / "all", outputs, members)
+    video = demo_video(root / "video.mp4", image)
+    return {
+        "members": members,
+        "folds": "as trained" if trained else folds,
+        "trained": str(trained) if trained else None,
+        "image": timed(infer_cmd(str(image), *configs)),
+        "video": timed(infer_cmd(str(video), *configs)),
+    }
+
+
 def naive_vs_infer(root: Path, weights: Path, arch: str, size: int, images: list[Path]) -> dict[str, Any]:
     naive_script = root / "naive.py"
     naive_script.write_text(NAIVE_SCRIPT)
@@ -223,6 +267,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-mff", action="store_true", help="leave out the seven-expert case (most of the time)")
     p.add_argument("--only-mff", action="store_true", help="the seven-expert case alone")
     p.add_argument("--photos", type=int, default=48, help="photographs in the batch case (default: %(default)s)")
+    p.add_argument(
+        "--demo-folds",
+        type=int,
+        default=FOLDS,
+        help="folds per member in demo_all (default: %(default)s, 1 with --quick)",
+    )
+    p.add_argument("--outputs", help="demo_all with the demo members trained under this folder instead of random ones")
     p.add_argument("--out", help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -244,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"help": timed(infer_cmd("--help"))}
         folds = 2 if args.quick else FOLDS
         result["demo"] = demo_case(root / "demo", images[0], ["mff_demo", "sbi_fed_demo"], folds)
+        trained = Path(args.outputs).resolve() if args.outputs else None
+        demo_folds = 1 if args.quick else args.demo_folds
+        result["demo_all"] = all_members_case(root / "demo_all", images[0], demo_folds, trained)
         b4_cfg = {"name": "b4", "model": {"name": "mff_expert", "backbone": arch}, "data": {"image_size": size}}
         weights = save_member(root / "b4", b4_cfg, 0)
         result["one_b4"] = naive_vs_infer(root / "b4", weights, arch, size, images[:1])
@@ -278,6 +332,9 @@ def headline(result: dict) -> dict[str, float]:
         "demo_five_networks_s": result["demo"]["first_member"]["wall_s"],  # two with --quick
         "demo_ten_networks_s": result["demo"]["both_members"]["wall_s"],
         "per_extra_network_s": result["demo"]["per_extra_network_s"],
+        "demo_all_image_s": result["demo_all"]["image"]["wall_s"],
+        "demo_all_image_peak_rss_mb": result["demo_all"]["image"]["peak_rss_mb"],
+        "demo_all_video_s": result["demo_all"]["video"]["wall_s"],
         "one_b4_s": one["infer"]["wall_s"],
         "one_b4_naive_s": one["naive"]["wall_s"],
         "one_b4_vs_naive": ratio(one["infer"]["wall_s"], one["naive"]["wall_s"]),
