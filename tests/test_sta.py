@@ -174,3 +174,33 @@ def test_state_dict_saves_each_frozen_tensor_once(tmp_path):
     other = tiny()
     other.load_state_dict(load_weights(tmp_path / "w.safetensors"))
     assert not any(k.startswith("visual.transformer") for k in net.state_dict())
+
+
+def public_order(attn: torch.nn.MultiheadAttention, query: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The public detector's cross-attention on (B, C, T, h, w) streams: each stream viewed as (B, C, T, h*w),
+    permuted to (T, B, h*w, C) and reshaped to a (T*h*w, B, C) sequence, attended, and reshaped back."""
+    b, c, t, h, w = query.shape
+
+    def sequence(z):
+        return z.reshape(b, c, t, h * w).permute(2, 0, 3, 1).reshape(t * h * w, b, c)
+
+    q, kv = sequence(query), sequence(source)
+    out = attn(q.transpose(0, 1), kv.transpose(0, 1), kv.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
+    return out.reshape(t, h * w, b, c).permute(2, 3, 0, 1).reshape(b, c, t, h, w)
+
+
+def test_the_cross_attention_is_the_public_one_for_one_clip_and_keeps_clips_apart_for_more():
+    attn = tiny().blocks[0].adapter.spatial_to_temporal.eval()
+    torch.manual_seed(1)
+    spatial, temporal = torch.randn(2, 16, 8, 4, 4), torch.randn(2, 16, 8, 4, 4)
+
+    def ours(s, t):  # as STAdapter.forward: each clip's T*h*w tokens, frame-major
+        tokens = attn(t.flatten(2).transpose(1, 2), s.flatten(2).transpose(1, 2), s.flatten(2).transpose(1, 2))[0]
+        return tokens.transpose(1, 2).reshape(s.shape)
+
+    with torch.no_grad():
+        one = ours(spatial[:1], temporal[:1])
+        assert torch.allclose(one, public_order(attn, temporal[:1], spatial[:1]), atol=1e-6)
+        # two clips: ours scores each clip alone; the public reshape pairs tokens of different clips
+        assert torch.allclose(ours(spatial, temporal)[:1], one, atol=1e-6)
+        assert not torch.allclose(public_order(attn, temporal, spatial)[:1], one, atol=1e-3)
