@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from core.blend.applied import FIT_FILE, BlendFileError, read_fitted_blend
+from core.clip_reading import ClipSettings
 from core.config import ConfigError, load_config
 from core.data.labels import LabelError
 from core.data.sources import resolve_data
@@ -77,6 +78,7 @@ from core.imaging import ImageDecodeError, decode_image, indexed_video_frames, i
 # imports neither torch nor timm (seconds of a one-image run); the PyTorch side is imported
 # where it is needed (`--runtime torch`, a GPU, an export to make).
 from core.infer.attributes import AttributeScorer, format_attributes
+from core.infer.clip_scoring import ClipGroup, ClipScorer
 from core.infer.ensemble import Ensemble
 from core.infer.onnx_cache import VERIFIED, lookup
 from core.infer.scoring import ArrayScorer, Crop, Group, Network
@@ -286,15 +288,16 @@ def pick_runtime(requested: str, device: object) -> str:
     return requested
 
 
-def cpu_network(trained: ModelFile, size: int) -> Network:
-    """ONNX Runtime's network for `trained`: its verified cached export, read without torch;
-    else (no export yet, or a failed one) torch is imported to export or to score it."""
+def cpu_network(trained: ModelFile, size: int, frames: int | None = None) -> Network:
+    """ONNX Runtime's network for `trained` (a clip network's with `frames`, its longest clip): its
+    verified cached export, read without torch; else (no export yet, or a failed one) torch is
+    imported to export or to score it."""
     cached = lookup(trained.weights, size)
     if cached.state == VERIFIED:
         return cached.network
     from models.scoring import cpu_network as export_or_fallback
 
-    return export_or_fallback(trained, size, cached)
+    return export_or_fallback(trained, size, cached, frames)
 
 
 def face_cropper(preprocessing: Preprocessing) -> Crop | None:
@@ -320,6 +323,28 @@ def onnx_scorer(ensemble: Ensemble, batch_size: int, workers: int, tta: str = "n
     return ArrayScorer(groups, len(ensemble.trained), batch_size, workers, tta)
 
 
+def clip_scorer(ensemble: Ensemble, runtime: str, device: str) -> ClipScorer:
+    """The clip members' scorer: ONNX Runtime on a CPU (the same cached, checked exports as image
+    members), PyTorch on a GPU or with --runtime torch."""
+    groups = []
+    for idx in ensemble.clip_groups().values():
+        cfg = ensemble.trained[idx[0]].config
+        settings, preprocessing = ClipSettings.from_cfg(cfg), Preprocessing.from_config(cfg)
+        if runtime == "onnx":
+            networks = [cpu_network(ensemble.trained[i], preprocessing.size, settings.frames) for i in idx]
+        else:
+            from models.scoring import clip_network
+
+            networks = [clip_network(ensemble.trained[i], device) for i in idx]
+        crop = None
+        if settings.face_crop:  # dlib only where a member crops faces
+            from data_prep.clip_faces import clip_cropper
+
+            crop = clip_cropper(cfg)
+        groups.append(ClipGroup(settings, preprocessing, networks, idx, crop))
+    return ClipScorer(groups, len(ensemble.trained))
+
+
 class Scorer:
     """Scores inputs with `ensemble`: per row, the blend, then each member's probability (its
     folds averaged), in the order of `ensemble.members`; NaN where the input was not scored."""
@@ -342,11 +367,7 @@ class Scorer:
             from models.scoring import TorchScorer
 
             self.engine = TorchScorer(ensemble, self.device, self.batch_size, self.workers, face_cropper, args.tta)
-        self.clips = None
-        if ensemble.clip_models():  # torch only where a member takes clips: the image-only fast path stays torch-free
-            from models.clip_scoring import ClipScorer
-
-            self.clips = ClipScorer(ensemble, self.device)
+        self.clips = clip_scorer(ensemble, self.runtime, self.device) if ensemble.clip_models() else None
 
     @property
     def columns(self) -> list[str]:
@@ -364,12 +385,39 @@ class Scorer:
         return np.column_stack([self.ensemble.blend(probs), self.ensemble.member_probs(probs)])
 
     def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return self._table(self.engine.score_arrays(arrays))
+        """Rows of `columns` for decoded still images (the service's uploads), clip members included."""
+        probs = np.asarray(self.engine.score_arrays(arrays), dtype=float).reshape(len(arrays), -1)
+        if self.clips is not None:
+            self.clips.score_arrays(arrays, probs)
+        return self._table(probs)
 
     def score_faces(self, path: Path, frames: list[np.ndarray]) -> np.ndarray | None:
-        """The row of `columns` for the faces in `frames` (`pool_faces`); None (reported) when no face."""
+        """The row of `columns` for a face-cropped still: its faces (`pool_faces`) and the clip
+        members on the image; None (reported) when no face."""
         pooled = self.pool_faces(path, frames)
-        return None if pooled is None else self._table(pooled[None])[0]
+        if pooled is None:
+            return None
+        if self.clips is not None:
+            self.clips.score_arrays(frames[:1], pooled[None])
+        return self._table(pooled[None])[0]
+
+    def video_probs(self, path: Path) -> np.ndarray:
+        """(n_models,) probabilities of the video at `path`: image members on the faces of its
+        --frames frames (NaN, reported, where none has a face), clip members on its clips.
+        ImageDecodeError when it cannot be read."""
+        indexed = indexed_video_frames(path, self.frames)
+        pooled = self.pool_faces(path, [frame for _, frame in indexed], [k for k, _ in indexed])
+        probs = np.full(len(self.ensemble.trained), np.nan) if pooled is None else pooled
+        if self.clips is not None:
+            clip_probs = self.clips.score_file(path)
+            probs = np.where(np.isnan(clip_probs), probs, clip_probs)
+        return probs
+
+    def score_video(self, path: Path) -> np.ndarray | None:
+        """The row of `columns` for the video at `path` (the service's upload), as `score` gives it;
+        None when no member could score it."""
+        row = self._table(self.video_probs(path)[None])[0]
+        return None if np.isnan(row[0]) else row
 
     def pool_faces(self, path: Path, frames: list[np.ndarray], indices: list[int] | None = None) -> np.ndarray | None:
         """Per image model, max over the faces of a frame, mean over frames; None (reported) when no
@@ -409,12 +457,11 @@ class Scorer:
         for i, p in enumerate(paths):
             try:
                 if is_video(p):
-                    indexed = indexed_video_frames(p, self.frames)
-                    pooled = self.pool_faces(p, [frame for _, frame in indexed], [k for k, _ in indexed])
-                elif self.crop_faces:
-                    pooled = self.pool_faces(p, [decode_image(p)])
-                else:
+                    probs[i] = self.video_probs(p)
                     continue
+                if not self.crop_faces:
+                    continue
+                pooled = self.pool_faces(p, [decode_image(p)])
             except ImageDecodeError as err:
                 self.report(str(err))
                 unreadable.add(i)
@@ -422,10 +469,10 @@ class Scorer:
             if pooled is not None:
                 probs[i] = pooled
         if self.clips is not None:
-            readable = [i for i in range(len(paths)) if i not in unreadable]
-            clip_probs = probs[readable]
-            self.clips.score([paths[i] for i in readable], clip_probs, self.report)
-            probs[readable] = clip_probs
+            still = [i for i in range(len(paths)) if i not in unreadable and not is_video(paths[i])]
+            clip_probs = probs[still]
+            self.clips.score([paths[i] for i in still], clip_probs, self.report)
+            probs[still] = clip_probs
         return self._table(probs)
 
 
@@ -484,7 +531,7 @@ def serve(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], 
     scorer = make_scorer(ensemble, args, report)
     if scorer is None:
         return 2
-    model = ServedModel(scorer.columns, scorer.score_arrays, scorer.score_faces, scorer.frames, scorer.crop_faces)
+    model = ServedModel(scorer.columns, scorer.score_arrays, scorer.score_faces, scorer.score_video, scorer.crop_faces)
     return run_server(model, args.host, args.port, args.max_upload_mb, args.batch_window_ms)
 
 

@@ -1,10 +1,12 @@
 """The face region of a video clip, for members that take clips with `clip.face_crop: true`.
 
-dlib finds the face in every frame of the clip; the clip is cut at ONE square box for all its
-frames (the median of the per-frame boxes, widened by `margin` of its side on each side), so the
-crop does not jitter from frame to frame and motion stays the face's own. The box is cached per
-video under `cache_dir` (keyed by the file's size, modification time and the clip length), so a
-video is searched once however many epochs read it.
+dlib finds the face in every frame of the clip; each frame is cut at a square box of its own,
+centred on its face, the centres smoothed over the clip (a centred moving average of `SMOOTH`
+frames) so the crop follows a moving face without jittering, and one side for the whole clip (the
+median face side, widened by `margin` of it on each side) so the face keeps its scale. A frame
+where no face is found takes the nearest frame's box. Per-frame boxes are cached per video under
+`cache_dir` (keyed by the file's size and modification time), so a frame is searched once however
+many epochs and clips read it.
 """
 
 from __future__ import annotations
@@ -20,23 +22,33 @@ from core.io import write_json
 from data_prep.faces import FaceAnalyzer
 
 Box = tuple[int, int, int, int]
+SMOOTH = 5  # chosen: frames averaged per box centre (published: DeepfakeBench aligns each frame alone)
 
 
-def clip_box(boxes: list[Box], shape: tuple[int, ...], margin: float) -> Box:
-    """One square box (x0, y0, x1, y1) around the median of `boxes`, `margin` of its side added per
-    side, shifted inside an image of `shape` where it can be."""
-    x0, y0, x1, y1 = np.median(np.asarray(boxes, dtype=np.float64), axis=0)
+def smoothed_boxes(found: list[Box | None], shape: tuple[int, ...], margin: float) -> list[Box]:
+    """A square box (x0, y0, x1, y1) per frame of a clip from its detections `found` (None where no
+    face was found: the nearest frame's is used): centres averaged over `SMOOTH` frames, one side
+    for the clip (the median side plus `margin` of it per side), shifted inside an image of `shape`."""
+    have = [i for i, box in enumerate(found) if box is not None]
+    boxes = np.asarray([found[min(have, key=lambda j: abs(j - i))] for i in range(len(found))], dtype=np.float64)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    pad = SMOOTH // 2
+    padded = np.pad(centres, ((pad, pad), (0, 0)), mode="edge")
+    kernel = np.ones(SMOOTH) / SMOOTH
+    centres = np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(2)], axis=1)
     h, w = shape[:2]
-    side = min(max(x1 - x0, y1 - y0) * (1 + 2 * margin), h, w)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = int(round(min(max(cx - side / 2, 0), w - side)))
-    top = int(round(min(max(cy - side / 2, 0), h - side)))
-    return left, top, left + int(side), top + int(side)
+    side = min(float(np.median(np.max(boxes[:, 2:] - boxes[:, :2], axis=1))) * (1 + 2 * margin), h, w)
+    out = []
+    for cx, cy in centres:
+        left = int(round(min(max(cx - side / 2, 0), w - side)))
+        top = int(round(min(max(cy - side / 2, 0), h - side)))
+        out.append((left, top, left + int(side), top + int(side)))
+    return out
 
 
 class ClipFaceCropper:
-    """`cropper(path, frames) -> frames`: every frame cut at the clip's face box (see the module
-    docstring); ImageDecodeError when no frame shows a face."""
+    """`cropper(path, frames, indices) -> frames`: each frame of a clip cut at its smoothed face box
+    (see the module docstring); ImageDecodeError when no frame of the clip shows a face."""
 
     def __init__(self, cache_dir: str | Path | None, margin: float = 0.3):
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -46,32 +58,35 @@ class ClipFaceCropper:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_analyzer": None}
 
-    def _cache_file(self, path: str, n_frames: int) -> tuple[Path | None, list]:
+    def _cached(self, path: str) -> tuple[Path | None, list, dict[str, list | None]]:
         st = Path(path).stat()
-        key = [st.st_size, st.st_mtime_ns, n_frames, self.margin]
+        key = [st.st_size, st.st_mtime_ns]
         if self.cache_dir is None:
-            return None, key
-        return self.cache_dir / f"{hashlib.sha1(str(path).encode()).hexdigest()}.json", key
+            return None, key, {}
+        cache = self.cache_dir / f"{hashlib.sha1(str(path).encode()).hexdigest()}.json"
+        saved = json.loads(cache.read_text()) if cache.is_file() else {}
+        return cache, key, saved.get("boxes", {}) if saved.get("key") == key else {}
 
-    def box(self, path: str, frames: list[np.ndarray]) -> Box:
-        cache, key = self._cache_file(path, len(frames))
-        if cache is not None and cache.is_file():
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                return tuple(saved["box"])
-        if self._analyzer is None:
-            self._analyzer = FaceAnalyzer(embed=False, pick="score")
-        found = [face.box for face in map(self._analyzer.primary, frames) if face is not None]
-        if not found:
+    def detections(self, path: str, frames: list[np.ndarray], indices: list[int]) -> list[Box | None]:
+        """The face box of each frame (None where none is found), from the cache where it has them."""
+        cache, key, boxes = self._cached(path)
+        missing = [(i, f) for i, f in zip(indices, frames, strict=True) if str(i) not in boxes]
+        if missing:
+            if self._analyzer is None:
+                self._analyzer = FaceAnalyzer(embed=False, pick="score")
+            for i, frame in missing:
+                face = self._analyzer.primary(frame)
+                boxes[str(i)] = None if face is None else [int(v) for v in face.box]
+            if cache is not None:
+                write_json({"key": key, "boxes": boxes}, cache)
+        return [None if boxes[str(i)] is None else tuple(boxes[str(i)]) for i in indices]
+
+    def __call__(self, path: str, frames: list[np.ndarray], indices: list[int]) -> list[np.ndarray]:
+        found = self.detections(path, frames, indices)
+        if all(box is None for box in found):
             raise ImageDecodeError(f"{path}: no face found in {len(frames)} frame(s)")
-        box = clip_box(found, frames[0].shape, self.margin)
-        if cache is not None:
-            write_json({"key": key, "box": list(box)}, cache)
-        return box
-
-    def __call__(self, path: str, frames: list[np.ndarray]) -> list[np.ndarray]:
-        x0, y0, x1, y1 = self.box(path, frames)
-        return [np.ascontiguousarray(f[y0:y1, x0:x1]) for f in frames]
+        boxes = smoothed_boxes(found, frames[0].shape, self.margin)
+        return [np.ascontiguousarray(f[y0:y1, x0:x1]) for f, (x0, y0, x1, y1) in zip(frames, boxes, strict=True)]
 
 
 def clip_cropper(cfg: dict) -> ClipFaceCropper | None:

@@ -3,8 +3,8 @@ made each epoch from the table's real video clips (`data_prep.video_blending`).
 
 The blends sit after the table's rows: item `len(base) + k` is the k-th blend of the epoch, made
 from real video `reals[(k + epoch * n_blends) mod len(reals)]` (so the epochs cycle through every real
-video), read as the base dataset reads that video with the item's own seed (the same clip cutting and
-face crop), its frames' landmarks from `ClipLandmarks`' cache, blended, then augmented like any
+video), read as the base dataset reads a training video with the item's own seed (the same clip cutting
+and face crop), its frames' landmarks from `ClipLandmarks`' cache, blended, then augmented like any
 clip. How many: `blend_count` from `vblend.share`, the part of an epoch's fake clips that are
 blends. Deterministic in (seed, epoch, index), as every training set is.
 """
@@ -16,7 +16,8 @@ import math
 import numpy as np
 from torch.utils.data import Dataset
 
-from core.data.clips import ClipDataset, clip_tensor, load_clip
+from core.clip_reading import training_clip
+from core.data.clips import ClipDataset, clip_tensor
 from core.data.datasets import sample_seed
 from core.imaging import ImageDecodeError
 from data_prep.clip_landmarks import ClipLandmarks, fill_missing
@@ -61,7 +62,7 @@ class VideoBlendClips(Dataset):
         """(real frames, blended frames, blend weights) of blend `index`, before augmentation."""
         seed = sample_seed(self.base.seed, self.epoch, index)
         path = self.base.paths[self.source(index)]
-        real = load_clip(path, self.base.settings, seed, self.base.crop)
+        real = training_clip(path, self.base.settings, np.random.default_rng(seed), self.base.crop)
         points = fill_missing(self.landmarks(real))
         if points is None:
             raise ImageDecodeError(f"{path}: no face found in the {len(real)} frame(s) of its video-level blend")

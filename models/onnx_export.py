@@ -14,6 +14,10 @@ the batch size in ConvNeXt(V2): the convolution after each block's channels-last
 which memory layout its input has, which for a batch of one depends on the batch size, so
 the trace adds the guard `batch <= 1` and the export fails its dynamic-batch constraint
 (`Invalid ranges [2:1]`). Any example batch above one avoids the question.
+
+A network that takes clips (`takes_clips`: (N, T, 3, H, W) in) is exported with its clip length
+free too, from 1 (a still as a one-frame clip) to the longest its config cuts (`clip.frames`),
+and checked on a full-length clip and on one-frame clips.
 """
 
 from __future__ import annotations
@@ -79,10 +83,18 @@ class OnnxNetwork(nn.Module):
         return torch.from_numpy(out)
 
 
-def _examples(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tracing example (two images) and the check's inputs (one image, then three)."""
+def _examples(size: int, frames: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The tracing example (two images, or two clips of `frames`) and the check's inputs (one image,
+    then three; one full-length clip, then three one-frame clips)."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(EXAMPLE_BATCH, 3, size, size, generator=gen), torch.randn(3, 3, size, size, generator=gen)
+    if frames is None:
+        images = torch.randn(3, 3, size, size, generator=gen)
+        return torch.randn(EXAMPLE_BATCH, 3, size, size, generator=gen), [images[:1], images]
+    example = torch.randn(EXAMPLE_BATCH, frames, 3, size, size, generator=gen)
+    return example, [
+        torch.randn(1, frames, 3, size, size, generator=gen),
+        torch.randn(3, 1, 3, size, size, generator=gen),
+    ]
 
 
 @contextlib.contextmanager
@@ -105,17 +117,20 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def export_onnx(model: nn.Module, size: int, keys: list[str] | None, key: str) -> bytes:
-    """The eval-mode `model` as an ONNX model (batch size free, input size `size`), tagged with `key`."""
-    example, _ = _examples(size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+def export_onnx(model: nn.Module, size: int, keys: list[str] | None, key: str, frames: int | None = None) -> bytes:
+    """The eval-mode `model` as an ONNX model (batch size free, input size `size`; with `frames`, clips
+    of 1 to `frames` frames), tagged with `key`."""
+    example, _ = _examples(size, frames)
+    free = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if frames is not None and frames > 1:
+        free[1] = torch.export.Dim("frames", min=1, max=frames)
     with _quiet_exporter():
         program = torch.onnx.export(
             _Tupled(model, keys).eval(),
             (example,),
             input_names=["images"],
             output_names=keys or ["output"],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=(free,),
             dynamo=True,
             verbose=False,
         )
@@ -125,12 +140,13 @@ def export_onnx(model: nn.Module, size: int, keys: list[str] | None, key: str) -
     return proto.SerializeToString()
 
 
-def compare(model: nn.Module, network: OrtNetwork, size: int) -> float | None:
-    """Largest difference between `network` and `model` on one and on three random images (so
-    the free batch size is checked too); None where any output is out of tolerance."""
-    _, images = _examples(size)
+def compare(model: nn.Module, network: OrtNetwork, size: int, frames: int | None = None) -> float | None:
+    """Largest difference between `network` and `model` on one and on three random images or clips
+    (so the free batch size and clip length are checked too); None where any output is out of
+    tolerance."""
+    _, inputs = _examples(size, frames)
     worst = 0.0
-    for x in (images[:1], images):
+    for x in inputs:
         with torch.inference_mode():
             expected = flat_outputs(model(x))
         got = network(x.numpy())
@@ -144,9 +160,9 @@ def compare(model: nn.Module, network: OrtNetwork, size: int) -> float | None:
     return worst
 
 
-def _output_keys(model: nn.Module, size: int) -> list[str] | None:
+def _output_keys(model: nn.Module, size: int, frames: int | None) -> list[str] | None:
     with torch.inference_mode():
-        out = model(_examples(size)[0])
+        out = model(_examples(size, frames)[0])
     return list(out) if isinstance(out, dict) else None
 
 
@@ -160,20 +176,26 @@ def _store(path: Path, model_bytes: bytes) -> bool:
 
 
 def export_and_check(
-    model: nn.Module, size: int, name: str, cached: CachedExport | None = None, threads: int = 0
+    model: nn.Module,
+    size: int,
+    name: str,
+    cached: CachedExport | None = None,
+    threads: int = 0,
+    frames: int | None = None,
 ) -> tuple[OrtNetwork | None, str]:
-    """Export `model` (eval mode, CPU) and compare it with PyTorch: the network, or None and the
-    reason. With `cached` (the cache state of its weights file), the export and the verdict are
-    recorded beside the weights, a failure included, so neither is redone at the next load."""
-    keys = _output_keys(model, size)
+    """Export `model` (eval mode, CPU; a clip network with `frames`, its longest clip) and compare it
+    with PyTorch: the network, or None and the reason. With `cached` (the cache state of its
+    weights file), the export and the verdict are recorded beside the weights, a failure included,
+    so neither is redone at the next load."""
+    keys = _output_keys(model, size, frames)
     network, reason, details = None, "", {}
     try:
-        model_bytes = export_onnx(model, size, keys, cached.key if cached else "uncached")
+        model_bytes = export_onnx(model, size, keys, cached.key if cached else "uncached", frames)
         network = OrtNetwork(make_session(model_bytes, threads), keys)
     except Exception as err:  # noqa: BLE001 (an op without an ONNX form: score with PyTorch)
         reason = f"export failed: {str(err).strip().splitlines()[0]}"
     if network is not None:
-        worst = compare(model, network, size)
+        worst = compare(model, network, size, frames)
         if worst is None:
             network, reason = None, "its outputs differ from PyTorch's"
         else:
@@ -188,13 +210,16 @@ def export_and_check(
     return network, reason
 
 
-def onnx_network(model: nn.Module, size: int, weights: Path | None = None, threads: int = 0) -> OrtNetwork | None:
-    """`model` (eval mode, on the CPU) as an ONNX Runtime network for `size` px inputs: the
-    verified export cached beside `weights`, or a new one checked against PyTorch now and
-    cached with its verdict; None where the export failed or disagreed (now or, recorded, before)."""
+def onnx_network(
+    model: nn.Module, size: int, weights: Path | None = None, threads: int = 0, frames: int | None = None
+) -> OrtNetwork | None:
+    """`model` (eval mode, on the CPU) as an ONNX Runtime network for `size` px inputs (clips of up
+    to `frames` frames for a clip network): the verified export cached beside `weights`, or a new
+    one checked against PyTorch now and cached with its verdict; None where the export failed or
+    disagreed (now or, recorded, before)."""
     name = str(weights) if weights is not None else type(model).__name__
     if weights is None:
-        return export_and_check(model, size, name, threads=threads)[0]
+        return export_and_check(model, size, name, threads=threads, frames=frames)[0]
     cached = lookup(weights, size, threads)
     if cached.state == VERIFIED:
         return cached.network
@@ -202,4 +227,4 @@ def onnx_network(model: nn.Module, size: int, weights: Path | None = None, threa
         log.warning("%s: no ONNX export (%s, recorded in its tag); scoring with PyTorch", name, cached.reason)
         return None
     log.info("%s: exporting to ONNX for the CPU and checking it against PyTorch (once per checkpoint)", name)
-    return export_and_check(model, size, name, cached, threads)[0]
+    return export_and_check(model, size, name, cached, threads, frames)[0]

@@ -65,7 +65,9 @@ class NumpyIn:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
-        x = torch.from_numpy(images).to(self.device or "cpu").contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(images).to(self.device or "cpu")
+        if x.ndim == 4:  # images; a clip batch (N, T, 3, H, W) has no channels_last layout
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.model(x)
         if isinstance(out, dict):
             return {k: v.float().cpu().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
@@ -78,20 +80,29 @@ def loaded_network(trained: ModelFile) -> torch.nn.Module:
     return model if model is not None else load_trained(trained.weights).model
 
 
-def cpu_network(trained: ModelFile, size: int, cached: CachedExport) -> Callable[[np.ndarray], object]:
+def cpu_network(
+    trained: ModelFile, size: int, cached: CachedExport, frames: int | None = None
+) -> Callable[[np.ndarray], object]:
     """For infer.py's CPU path, a network without a verified export in the cache: exported and
     checked now (the verdict recorded beside its weights), or, where the export fails or
-    disagrees now or did before, the PyTorch network (one line on stderr either way)."""
+    disagrees now or did before, the PyTorch network (one line on stderr either way). A clip
+    network (`frames`, its longest clip) is exported with a free clip length."""
     model = loaded_network(trained).eval()
     name = str(trained.weights)
     if cached.state == FAILED:
         log.warning("%s: no ONNX export (%s, recorded in its tag); scoring with PyTorch", name, cached.reason)
     else:
         log.info("%s: exporting to ONNX and checking it against PyTorch (once per checkpoint)", name)
-        network, _ = export_and_check(model, size, name, cached)
+        network, _ = export_and_check(model, size, name, cached, frames=frames)
         if network is not None:
             return network
-    return NumpyIn(torch_network(model, size, torch.device("cpu")))
+    return clip_network(trained) if frames is not None else NumpyIn(torch_network(model, size, torch.device("cpu")))
+
+
+def clip_network(trained: ModelFile, device: str = "cpu") -> NumpyIn:
+    """A clip network in PyTorch on `device` behind the NumPy interface (fp32: a clip member's
+    probabilities are compared with its ONNX export's)."""
+    return NumpyIn(loaded_network(trained).float().to(device).eval(), torch.device(device))
 
 
 @dataclass

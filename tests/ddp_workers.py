@@ -157,3 +157,39 @@ def synthesizer_over_two_processes(rank: int, init: str) -> None:
         torch.testing.assert_close(a, c, rtol=0, atol=0, msg="ranks hold the same synthesizer after a step")
     finally:
         dist.destroy_process_group()
+
+
+def clip_scores_over_two_processes(rank: int, init: str, cfg: dict, paths: list[str], out: str) -> None:
+    """A clip member's scores of `paths` as train.py makes them under torchrun (`score_selected`:
+    each rank its shard, gathered), saved by rank 0 to `out`."""
+    import numpy as np
+
+    from core.data.clips import eval_dataset
+    from core.data.datasets import make_loader
+    from core.data.transforms import build_transform
+    from core.distributed import gather_rows, shard
+    from core.train.prediction import predict_loader
+
+    join(rank, init)
+    try:
+        info = DistInfo(rank, WORLD)
+        idx = shard(len(paths), info)
+        dataset = eval_dataset(cfg, [paths[i] for i in idx], None, build_transform(cfg["data"], train=False))
+        model = clip_member(cfg)
+        local = predict_loader([model], make_loader(dataset, 2, 0), torch.device("cpu"), amp=False, progress=False)
+        scores = gather_rows(local[:, 0], idx, len(paths), info)
+        if rank == 0:
+            np.save(out, scores)
+    finally:
+        dist.destroy_process_group()
+
+
+def clip_member(cfg: dict) -> torch.nn.Module:
+    """`cfg`'s network with seeded random weights (its zero-initialised adapters and head nudged, so
+    that clips are not all scored 0.5), the same in every process."""
+    torch.manual_seed(0)
+    model = models.build_model(cfg["model"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data.clips import read_clip
+from core.clip_reading import read_window
 from core.data.labels import read_labels
 from data_prep.demo import build_demo
 from data_prep.demo_videos import VIDEO_FRAMES, VIDEO_SIZE
@@ -49,7 +49,7 @@ def test_clips_are_short_small_and_move(built):
     man = pd.read_csv(built / "video_manifest.csv", keep_default_na=False)
     for name in man["img_name"]:
         assert VIDEO_FRAMES[0] <= frame_count(built / name) <= VIDEO_FRAMES[1]
-    real = read_clip(str(built / man.loc[man.target == 0, "img_name"].iloc[0]), 4)
+    real = read_window(str(built / man.loc[man.target == 0, "img_name"].iloc[0]), 32)
     assert real[0].shape == (VIDEO_SIZE, VIDEO_SIZE, 3)
     assert np.abs(real[0].astype(float) - real[-1].astype(float)).mean() > 2  # camera motion and lighting
 
@@ -57,7 +57,7 @@ def test_clips_are_short_small_and_move(built):
 def test_a_fake_clip_differs_from_its_real_mostly_inside_the_face(built):
     man = pd.read_csv(built / "video_manifest.csv", keep_default_na=False)
     for _, row in man[man.target == 1].iterrows():
-        fake, real = read_clip(str(built / row["img_name"]), 4), read_clip(str(built / row["parent"]), 4)
+        fake, real = read_window(str(built / row["img_name"]), 4), read_window(str(built / row["parent"]), 4)
         diff = np.abs(np.stack(fake).astype(float) - np.stack(real).astype(float)).mean(axis=(0, 3))
         c = VIDEO_SIZE // 4  # the faces sit around the centre of the frame
         centre, border = diff[c:-c, c:-c].mean(), np.concatenate([diff[:8].ravel(), diff[-8:].ravel()]).mean()

@@ -103,3 +103,30 @@ def test_the_synthesizer_starts_equal_and_steps_on_gradients_averaged_over_proce
     """SLADD's synthesizer, trained outside DDP: rank 0's weights on every rank, gradients averaged
     across ranks before its own Adam step, the baseline from the rewards of both ranks."""
     _run_two_processes(ddp_workers.synthesizer_over_two_processes, tmp_path)
+
+
+def test_a_clip_members_scores_do_not_depend_on_the_number_of_processes(tmp_path):
+    """Still images scored as clips built from them (sta_demo's `clip.still: clip`): two gloo
+    processes, each scoring its shard, give every image the score that one process gives it."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from core.data.clips import eval_dataset
+    from core.data.datasets import make_loader
+    from core.data.transforms import build_transform
+    from core.train.prediction import predict_loader
+
+    cfg = yaml.safe_load(Path("configs/members/sta_demo.yaml").read_text())
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(7):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(paths[-1])
+    _run_two_processes(ddp_workers.clip_scores_over_two_processes, tmp_path, cfg, paths, str(tmp_path / "two.npy"))
+    dataset = eval_dataset(cfg, paths, None, build_transform(cfg["data"], train=False))
+    one = predict_loader(
+        [ddp_workers.clip_member(cfg)], make_loader(dataset, 2, 0), torch.device("cpu"), amp=False, progress=False
+    )[:, 0]
+    assert np.load(tmp_path / "two.npy") == pytest.approx(one, abs=1e-6)
+    assert len(set(np.round(one, 6))) == len(one)

@@ -42,8 +42,8 @@ def members(tmp_path_factory):
         for p in clip_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     save_weights(clip_model.state_dict(), root / "clip" / "model.safetensors")
-    save_member(root / "image", IMAGE_CFG)
-    return {"root": root, "clip_cfg": clip_cfg, "clip_model": clip_model}
+    image_model = save_member(root / "image", IMAGE_CFG)
+    return {"root": root, "clip_cfg": clip_cfg, "clip_model": clip_model, "image_model": image_model}
 
 
 def frames(n: int) -> list[np.ndarray]:
@@ -55,8 +55,8 @@ def expected(members, path) -> float:
     cfg = members["clip_cfg"]
     item = eval_dataset(cfg, [str(path)], None, build_transform(cfg["data"], train=False))[0]
     with torch.no_grad():
-        logits = members["clip_model"](item["image"][None])["logits"]
-    return torch.softmax(logits, dim=1)[0, 1].item()
+        logits = members["clip_model"](item["image"])["logits"]  # every clip of the input
+    return torch.softmax(logits.double(), dim=1)[:, 1].mean().item()
 
 
 def weights_args(members) -> list[str]:
@@ -118,17 +118,81 @@ def test_per_frame_writes_each_sampled_frame_of_the_image_members(members, tmp_p
 def test_a_clip_members_folds_read_each_video_once(members, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import core.data.clips
+    import core.clip_reading
 
     second = tmp_path / "fold1"
     shutil.copytree(members["root"] / "clip", second)  # another fold of the same member
     reads = []
-    real_read = core.data.clips.read_clip
+    real_read = core.clip_reading.read_window
     monkeypatch.setattr(
-        core.data.clips, "read_clip", lambda path, frames: reads.append(path) or real_read(path, frames)
+        core.clip_reading, "read_window", lambda path, window: reads.append(path) or real_read(path, window)
     )
     video = write_video(tmp_path / "v.avi", frames(12))
     infer.main([str(video), "--json", *weights_args(members), "--weights", str(second / "model.safetensors")])
     out = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(reads) == 1
     assert out["members"]["sta_demo"] == pytest.approx(expected(members, video), abs=1e-5)  # both folds alike
+
+
+def listed_scores(cfg: dict, model: torch.nn.Module, paths: list) -> np.ndarray:
+    """A member's scores of `paths` as train.py writes its test.csv: the whole list in one dataset, batched."""
+    from core.data.datasets import make_loader
+    from core.train.prediction import predict_loader
+
+    dataset = eval_dataset(cfg, [str(p) for p in paths], None, build_transform(cfg["data"], train=False))
+    loader = make_loader(dataset, 3, 0)
+    return predict_loader([model], loader, torch.device("cpu"), amp=False, progress=False)[:, 0]
+
+
+def test_infer_equals_the_listed_test_scores_for_every_member_on_every_image(members, tmp_path, capsys):
+    """infer.py scores each input alone; train.py scores the test list in batches. Every member's
+    probability agrees on every image, wherever the image sits in the list (a still's clip is a
+    function of its pixels), so the blend of the submission row is infer.py's."""
+    from PIL import Image
+
+    face = skdata.astronaut()
+    stills = []
+    for i in range(5):
+        stills.append(tmp_path / f"{i:05d}.png")
+        Image.fromarray(np.ascontiguousarray(face[16 * i : 16 * i + 256, 80 + 8 * i : 336 + 8 * i])).save(stills[-1])
+    video = write_video(tmp_path / "v.avi", frames(20))
+    out = run_json(members, *stills, video, capsys=capsys)
+    clip = listed_scores(members["clip_cfg"], members["clip_model"], [*stills, video])
+    image = listed_scores(IMAGE_CFG, members["image_model"], stills)
+    for k, path in enumerate(stills):
+        assert out[str(path)]["members"]["sta_demo"] == pytest.approx(clip[k], abs=1e-4), path
+        assert out[str(path)]["members"]["tiny"] == pytest.approx(image[k], abs=1e-4), path
+    assert out[str(video)]["members"]["sta_demo"] == pytest.approx(clip[-1], abs=1e-4)
+    assert len({round(float(p), 6) for p in clip}) == len(clip)  # the clips really differ from image to image
+
+
+def test_a_clip_network_exports_with_a_free_clip_length(members):
+    from core.infer.onnx_cache import VERIFIED, OrtNetwork, lookup
+    from models.onnx_export import onnx_network
+
+    cfg, model = members["clip_cfg"], members["clip_model"].eval()
+    size, frames = cfg["data"]["image_size"], cfg["clip"]["frames"]
+    weights = members["root"] / "clip" / "model.safetensors"
+    network = onnx_network(model, size, weights, frames=frames)
+    assert isinstance(network, OrtNetwork) and lookup(weights, size).state == VERIFIED  # checked once, cached
+    for shape in ((2, frames, 3, size, size), (1, 2, 3, size, size), (3, 1, 3, size, size)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected_logits = model(x)["logits"].numpy()
+        assert network(x.numpy())["logits"] == pytest.approx(expected_logits, abs=1e-4), shape
+
+
+def test_scoring_stills_and_videos_with_a_clip_member_imports_no_torch(members, tmp_path):
+    from PIL import Image
+
+    from tests.test_infer_fast import probe
+
+    still = tmp_path / "s.png"
+    Image.fromarray(frames(1)[0]).save(still)
+    video = write_video(tmp_path / "v.avi", frames(12))
+    args = [str(still), str(video), "--json", *weights_args(members), "--device", "cpu"]
+    assert infer.main(args) == 0  # exports what is not exported yet
+    out, err, result = probe(args)
+    assert result == {"rc": 0, "imported": []}, err
+    scored = [json.loads(line) for line in out.splitlines()]
+    assert all(np.isfinite(o["members"]["sta_demo"]) for o in scored)

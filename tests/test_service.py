@@ -46,6 +46,24 @@ def member_fold(root: Path, member: str) -> Path:
     return weights
 
 
+def clip_member_fold(root: Path) -> Path:
+    """sta_demo's clip network with random weights (nudged: its zero-initialised adapters and head
+    would score every clip 0.5)."""
+    import torch
+    import yaml
+
+    cfg = yaml.safe_load(Path("configs/members/sta_demo.yaml").read_text())
+    torch.manual_seed(0)
+    model = models.build_model(cfg["model"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = root / cfg["name"] / "fold0"
+    weights = save_weights(model.state_dict(), folder / "model.safetensors")
+    (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    return weights
+
+
 def infer_json(args: list[str]) -> dict[str, dict]:
     """`infer.py --json` run in this process: its object per path."""
     out = io.StringIO()
@@ -71,17 +89,17 @@ def port_is_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict:
-    """Two tiny members exported to ONNX (by a first infer.py run), four images, a video with a
-    face, and what `infer.py --json` says of each."""
+    """Two tiny image members and a clip member exported to ONNX (by a first infer.py run), four
+    images, a video with a face, and what `infer.py --json` says of each."""
     root = tmp_path_factory.mktemp("serve")
-    weights = [member_fold(root, "alpha"), member_fold(root, "beta")]
+    weights = [member_fold(root, "alpha"), member_fold(root, "beta"), clip_member_fold(root)]
     rng = np.random.default_rng(0)
     images = []
     for i in range(4):
         images.append(root / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 40, 3), dtype=np.uint8)).save(images[-1])
     face = skdata.astronaut()[:256, 96:352]
-    video = write_video(root / "clip.avi", [np.roll(face, 3 * i, axis=1) for i in range(4)])
+    video = write_video(root / "clip.avi", [np.roll(face, 3 * i, axis=1) for i in range(10)])
     weight_args = [a for w in weights for a in ("--weights", str(w))]
     common = [*weight_args, "--device", "cpu", "--frames", "2"]
     expected = infer_json([*map(str, images), str(video), *common])
@@ -134,9 +152,10 @@ def post(url: str, name: str, content: bytes, **kwargs) -> httpx.Response:
 
 def assert_scored_as_infer(answer: dict, expected: dict) -> None:
     assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
-    assert answer["members"].keys() == expected["members"].keys() == {"alpha", "beta"}
+    assert answer["members"].keys() == expected["members"].keys() == {"alpha", "beta", "sta_demo"}
     for member, p in expected["members"].items():
         assert answer["members"][member] == pytest.approx(p, abs=1e-6)
+    assert answer["members"]["sta_demo"] != pytest.approx(0.5, abs=1e-4)  # the clip member really scored it
 
 
 def test_an_image_scores_as_infer_json(server, project):
@@ -151,7 +170,7 @@ def test_an_image_scores_as_infer_json(server, project):
 
 def test_health_says_what_is_served(server):
     health = httpx.get(f"{server.url}/health").json()
-    assert health["status"] == "ok" and health["columns"] == ["blend", "alpha", "beta"]
+    assert health["status"] == "ok" and health["columns"] == ["blend", "alpha", "beta", "sta_demo"]
     assert health["max_upload_mb"] == LIMIT_MB
 
 
@@ -339,7 +358,7 @@ def test_a_batch_that_fails_is_scored_again_one_by_one():
 
 
 def test_a_scoring_error_is_a_json_500_and_the_next_request_is_served():
-    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, frames=1, crop_faces=False)
+    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, lambda path: None, crop_faces=False)
     with TestClient(build_app(model, 2**20, 0.001), raise_server_exceptions=False) as client:
         failed = client.post("/predict", files={"file": ("dark.png", png(0))})
         assert failed.status_code == 500 and "cannot score a dark image" in failed.json()["error"]
@@ -348,7 +367,7 @@ def test_a_scoring_error_is_a_json_500_and_the_next_request_is_served():
 
 
 def test_a_face_cropped_input_without_a_face_is_422():
-    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, frames=1, crop_faces=True)
+    model = ServedModel(["blend", "one"], stand_in, lambda name, frames: None, lambda path: None, crop_faces=True)
     with TestClient(build_app(model, 2**20, 0.001)) as client:
         r = client.post("/predict", files={"file": ("wall.png", png(90))})
     assert r.status_code == 422 and r.json()["error"] == "wall.png: no face found in 1 frame(s)"

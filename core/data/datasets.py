@@ -61,11 +61,16 @@ class ImageDataset(Dataset):
 
 
 def collate_skip_errors(items: list[dict]) -> dict:
-    """Stack the good items; carry the bad ones' messages in `errors` for the caller to report."""
+    """Stack the good items; carry the bad ones' messages in `errors` for the caller to report. Items
+    that hold several clips (`clips`, a scoring `core.data.clips.ClipDataset`) are concatenated
+    clip by clip, with `clips` saying how many belong to each item."""
     good = [it for it in items if "error" not in it]
     batch: dict = {"errors": [it["error"] for it in items if "error" in it]}
     batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
-    if good:
+    if good and "clips" in good[0]:  # items of several clips each: all clips in a row, and how many per item
+        batch["image"] = torch.cat([it["image"] for it in good])
+        batch["clips"] = torch.tensor([it["clips"] for it in good], dtype=torch.long)
+    elif good:
         batch["image"] = torch.stack([it["image"] for it in good])
         if "target" in good[0]:
             batch["target"] = torch.tensor([it["target"] for it in good], dtype=torch.long)

@@ -50,8 +50,18 @@ class Ensemble:
         return out
 
     def clip_models(self) -> list[int]:
-        """Indices of the models that take clips of frames (scored apart, in PyTorch)."""
+        """Indices of the models that take clips of frames (scored apart: `core.infer.clip_scoring`)."""
         return [i for i, t in enumerate(self.trained) if takes_clips(t.config)]
+
+    def clip_groups(self) -> dict[str, list[int]]:
+        """Indices of the clip models fed the same clips (a member's folds), so each input is read
+        and cut once per group."""
+        out: dict[str, list[int]] = {}
+        for i in self.clip_models():
+            cfg = self.trained[i].config
+            key = json.dumps([cfg["data"], cfg["clip"], cfg.get("prep")], sort_keys=True)
+            out.setdefault(key, []).append(i)
+        return out
 
     def member_probs(self, probs: np.ndarray) -> np.ndarray:
         """(N, n_models) per-model probabilities -> (N, n_members): each member's folds averaged."""

@@ -47,7 +47,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.imaging import VIDEO_SUFFIXES, ImageDecodeError, decode_image_bytes, is_video, sample_video_frames
+from core.imaging import VIDEO_SUFFIXES, ImageDecodeError, decode_image_bytes, is_video
 
 FIELD = "file"
 MAX_BATCH = 32
@@ -60,12 +60,14 @@ GRACEFUL_SHUTDOWN_S = 30
 class ServedModel:
     """What the service scores with: `columns` are the blend then each member; `score_arrays`
     maps RGB uint8 images to one row of `columns` each; `score_faces(name, frames)` pools the
-    faces of the frames into one row, or None when there is none."""
+    faces of the frames into one row, or None when there is none; `score_video(path)` is a video
+    file's row as infer.py gives it (image members on its frames' faces, clip members on its
+    clips), or None when no member could score it."""
 
     columns: list[str]
     score_arrays: Callable[[list[np.ndarray]], np.ndarray]
     score_faces: Callable[[str, list[np.ndarray]], np.ndarray | None]
-    frames: int
+    score_video: Callable[[Path], np.ndarray | None]
     crop_faces: bool
 
 
@@ -217,10 +219,12 @@ class Service:
             path = Path(folder) / f"upload{suffix if suffix in VIDEO_SUFFIXES else '.mp4'}"
             path.write_bytes(data)
             try:
-                frames = sample_video_frames(path, self.model.frames)
+                row = self.model.score_video(path)
             except ImageDecodeError as err:  # name the upload, not the temporary file
                 raise ImageDecodeError(str(err).replace(str(path), name, 1)) from None
-            return self.faces(name, frames)
+            if row is None:
+                raise NoFace(f"{name}: no face found and no member scores it otherwise")
+            return row
 
     async def score(self, name: str, data: bytes, content_type: str) -> tuple[str, np.ndarray, int]:
         """(kind, row, batch size) of one upload: a video by its name or its declared type."""

@@ -113,8 +113,20 @@ def predict_loader(
             report(message)
         if "image" not in batch:
             continue
-        probs[batch["index"].numpy()] = _forward(models, batch["image"], device, channels_last, amp, tta)
+        scores = _forward(models, batch["image"], device, channels_last, amp, tta)
+        if "clips" in batch:
+            scores = mean_per_item(scores, batch["clips"].numpy())
+        probs[batch["index"].numpy()] = scores
     return probs
+
+
+def mean_per_item(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(items, models) means of the consecutive rows of `scores` that belong to each item (`counts`
+    rows each): a video's probability is the mean of its clips', as the published test scores it."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    sums = np.zeros((len(counts), scores.shape[1]))
+    np.add.at(sums, owner, scores)
+    return sums / counts[:, None]
 
 
 def predict_paths(
