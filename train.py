@@ -177,6 +177,7 @@ def train_fold(cfg: dict, fold: int, dist: DistInfo | None = None, on_epoch=None
         "%s fold %d: %d train / %d validation images -> %s", cfg["name"], fold, len(train_df), len(val_df), out_dir
     )
 
+    models.check_train_data(cfg, table)  # every data setting, before a network is built or downloaded
     device = pick_device(cfg.get("device", "auto"))
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)

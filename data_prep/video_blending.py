@@ -1,16 +1,24 @@
-"""Video-level blending (METHODS.md section 5): a pseudo-fake clip made from a real clip.
+"""Video-level blending (VB, METHODS.md section 5): a pseudo-fake clip made from a real clip.
 
-Each frame is blended, inside a soft face mask, with a warped copy of itself whose warp drifts
-smoothly over the clip: scale, shift and rotation move from one random setting at the first frame
-to another at the last along a smoothstep, so the facial features inside the mask drift against
-their surroundings over time, and no frame jumps. The copy is colour-shifted once for the whole
-clip (as a self-blend shifts its source), so the blend boundary is there in every frame.
+The paper (Yan et al., CVPR 2025) makes VB "by blending the original image and its warped version
+frame-by-frame" to reproduce Facial Feature Drift: a facial feature that moves against the rest of
+the face from one frame to the next, as when each frame of a fake is generated on its own. The
+public code does not ship its VB dataset (`VideoBlendDataset` is named, commented out, in its
+`training/train.py`), so every number below is this project's choice (docs/members/sta.md).
 
-    warp_t  = A(p_t) about the face centre,  p_t = p_0 + (p_1 - p_0) s(t / (T - 1)),  s(a) = 3a^2 - 2a^3
-    mask_t  = blur(erode(hull of frame t's 68 landmarks)) * ratio        (zero outside the hull)
-    fake_t  = mask_t * colour(warp_t(frame_t)) + (1 - mask_t) * frame_t
+For a clip of T frames with 68 landmarks per frame:
 
-Parameters: the `vblend:` section of configs/members/sta.yaml (`load_vblend_config`).
+    region r    one of `regions` (eyes, eyebrows, nose, mouth), drawn once per clip
+    ratio a     drawn once per clip from `ratio`
+    per frame t, drawn independently for every frame (the drift varies frame to frame):
+      warp_t    scale 1 +- scale, shift +- shift of the face's size per axis, rotation +- rotate degrees,
+                about the region's centre in frame t
+      mask_t    feather(region r's dilated hull in frame t, sigma = blur x face size) * a
+      fake_t    mask_t * warp_t(frame_t) + (1 - mask_t) * frame_t
+
+Outside mask_t (weight 0) a fake frame equals its real frame exactly (tested). Parameters: the
+`vblend:` section of a clip member's config (`load_vblend_config`), which also sets `share`, the
+part of each epoch's fake clips that are video-level blends (`models.recipes`).
 """
 
 from __future__ import annotations
@@ -22,40 +30,51 @@ from typing import Any
 import cv2
 import numpy as np
 
-from core.config import read_yaml
-from data_prep.edits import face_hull_mask, morph, to_uint8
+from core.config import ConfigError, read_yaml
+from data_prep.edits import SWAP_REGIONS, feather, region_mask, to_uint8
 
 VBLEND_RECIPE_FILE = Path(__file__).resolve().parents[1] / "configs" / "members" / "sta.yaml"
 
 
 @dataclass(frozen=True)
 class VideoBlendConfig:
-    """The drift's bounds and the mask; see the module docstring and configs/members/sta.yaml."""
+    """The `vblend:` section: see the module docstring and configs/members/sta.yaml."""
 
-    scale: float  # the copy's scale lies in 1 +- scale at each end of the clip
-    shift: float  # its shift, per axis, in +- shift of the face's size
-    rotate: float  # its rotation in +- rotate degrees
-    erode: float  # the hull is eroded by this fraction of the face's size ...
-    blur: float  # ... then blurred with a Gaussian of this sigma (fraction of the face's size)
+    regions: tuple[str, ...]  # the facial features a clip's drift may move, one drawn per clip
+    scale: float  # a frame's warp scales by 1 +- scale ...
+    shift: float  # ... shifts by +- shift of the face's size per axis ...
+    rotate: float  # ... and rotates by +- rotate degrees, drawn for every frame
+    blur: float  # the region mask's feathering sigma, a fraction of the face's size
     ratio: tuple[float, float]  # the blend ratio, drawn once per clip
-    colour_shift: float  # the copy's per-channel gain in 1 +- colour_shift, drawn once per clip
+    share: float  # the part of an epoch's fake clips that are video-level blends, in [0, 1)
 
     def __post_init__(self) -> None:
-        if not 0 < self.blur * 3 <= self.erode:
-            raise ValueError("vblend: blur * 3 must not exceed erode, or the soft mask would leave the face hull")
+        unknown = sorted(set(self.regions) - set(SWAP_REGIONS))
+        if not self.regions or unknown:
+            raise ConfigError(f"vblend.regions must be some of {list(SWAP_REGIONS)}, not {list(self.regions)}")
+        if not 0 < self.ratio[0] <= self.ratio[1] <= 1:
+            raise ConfigError(f"vblend.ratio must be 0 < low <= high <= 1, not {list(self.ratio)}")
+        if not 0 <= self.share < 1:
+            raise ConfigError(f"vblend.share must lie in [0, 1), not {self.share}")
+        if min(self.scale, self.shift, self.rotate, self.blur) < 0:
+            raise ConfigError("vblend: scale, shift, rotate and blur must not be negative")
+
+
+def vblend_config(section: Any, where: str, **overrides: Any) -> VideoBlendConfig:
+    """A `vblend:` mapping as a VideoBlendConfig; ConfigError naming `where` when it does not fit."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: no `vblend:` section")
+    names = {f.name for f in fields(VideoBlendConfig)}
+    if set(section) != names:
+        raise ConfigError(f"{where}: `vblend:` needs exactly {sorted(names)}, has {sorted(section)}")
+    values = {**section, **overrides}
+    values["regions"], values["ratio"] = tuple(values["regions"]), tuple(values["ratio"])
+    return VideoBlendConfig(**values)
 
 
 def load_vblend_config(path: str | Path = VBLEND_RECIPE_FILE, **overrides: Any) -> VideoBlendConfig:
-    """The `vblend:` section of a member config; `overrides` replace fields."""
-    section = read_yaml(path).get("vblend")
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: no `vblend:` section")
-    names = {f.name for f in fields(VideoBlendConfig)}
-    if set(section) != names:
-        raise ValueError(f"{path}: `vblend:` needs exactly {sorted(names)}, has {sorted(section)}")
-    values = {**section, **overrides}
-    values["ratio"] = tuple(values["ratio"])
-    return VideoBlendConfig(**values)
+    """The `vblend:` section of a member config file; `overrides` replace fields."""
+    return vblend_config(read_yaml(path).get("vblend"), str(path), **overrides)
 
 
 def _face_size(landmarks: np.ndarray) -> float:
@@ -63,25 +82,13 @@ def _face_size(landmarks: np.ndarray) -> float:
     return float((hi - lo).max())
 
 
-def drift_params(frames: int, cfg: VideoBlendConfig, rng: np.random.Generator) -> np.ndarray:
-    """(T, 4): scale, shift x, shift y (fractions of the face size), rotation (degrees) per frame,
-    moving from one random draw to another along a smoothstep."""
+def frame_warps(frames: int, cfg: VideoBlendConfig, rng: np.random.Generator) -> np.ndarray:
+    """(T, 4): scale, shift x, shift y (fractions of the face's size), rotation (degrees), drawn
+    independently for every frame."""
     bounds = np.array([cfg.scale, cfg.shift, cfg.shift, cfg.rotate])
-    ends = rng.uniform(-bounds, bounds, size=(2, 4))
-    a = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
-    s = (3 * a**2 - 2 * a**3)[:, None]
-    params = ends[0] + (ends[1] - ends[0]) * s
+    params = rng.uniform(-bounds, bounds, size=(frames, 4))
     params[:, 0] += 1.0
     return params
-
-
-def blend_mask(landmarks: np.ndarray, shape: tuple[int, ...], cfg: VideoBlendConfig) -> np.ndarray:
-    """float32 (H, W) in [0, 1]: the landmark hull eroded, then blurred; zero outside the hull."""
-    size = _face_size(landmarks)
-    hull = face_hull_mask(landmarks, shape)
-    core = morph(hull, cfg.erode * size, cv2.MORPH_ERODE).astype(np.float32)
-    sigma = max(cfg.blur * size, 0.5)
-    return cv2.GaussianBlur(core, (0, 0), sigma) * hull
 
 
 def video_blend(
@@ -90,20 +97,27 @@ def video_blend(
     """(fake frames, blend weights): see the module docstring. `landmarks[t]` are frame t's 68 points."""
     if len(frames) != len(landmarks) or not frames:
         raise ValueError(f"video_blend: {len(frames)} frames and {len(landmarks)} landmark sets")
-    params = drift_params(len(frames), cfg, rng)
+    region = cfg.regions[rng.integers(len(cfg.regions))]
     ratio = rng.uniform(*cfg.ratio)
-    gain = rng.uniform(1 - cfg.colour_shift, 1 + cfg.colour_shift, 3).astype(np.float32)
     fakes, weights = [], []
-    for frame, lm, (scale, dx, dy, angle) in zip(frames, landmarks, params, strict=True):
+    for frame, lm, (scale, dx, dy, angle) in zip(frames, landmarks, frame_warps(len(frames), cfg, rng), strict=True):
         lm = np.asarray(lm, dtype=np.float64)
         size = _face_size(lm)
-        cx, cy = lm.mean(0)
-        mat = cv2.getRotationMatrix2D((float(cx), float(cy)), float(angle), float(scale))
+        hard = region_mask(lm, region, frame.shape)
+        ys, xs = np.nonzero(hard)
+        if not len(xs):  # the region lies outside the frame: nothing to move
+            fakes.append(frame.copy())
+            weights.append(np.zeros(frame.shape[:2], np.float32))
+            continue
+        centre = (float(xs.mean()), float(ys.mean()))
+        mat = cv2.getRotationMatrix2D(centre, float(angle), float(scale))
         mat[:, 2] += (dx * size, dy * size)
         h, w = frame.shape[:2]
-        copy = cv2.warpAffine(frame, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-        weight = blend_mask(lm, frame.shape, cfg) * ratio
-        mixed = weight[..., None] * (copy.astype(np.float32) * gain) + (1 - weight[..., None]) * frame
-        fakes.append(to_uint8(mixed))
+        warped = cv2.warpAffine(frame, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        weight = feather(hard, cfg.blur * size) * ratio
+        mixed = weight[..., None] * warped.astype(np.float32) + (1 - weight[..., None]) * frame
+        fake = to_uint8(mixed)
+        fake[weight == 0] = frame[weight == 0]  # exactly the real frame outside the mask
+        fakes.append(fake)
         weights.append(weight)
     return fakes, weights

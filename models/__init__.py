@@ -5,6 +5,6 @@ Importing the package registers every member.
 
 from models import losses, mff, recipes, sbi_fed, sjedd, sladd, sta  # noqa: F401  (registration side effects)
 from models.losses import build_criterion
-from models.registry import build_model, build_train_data
+from models.registry import build_model, build_train_data, check_train_data
 
-__all__ = ["build_criterion", "build_model", "build_train_data"]
+__all__ = ["build_criterion", "build_model", "build_train_data", "check_train_data"]

@@ -51,6 +51,15 @@ def model_config(clip: str | None, model_cfg: Mapping | None) -> dict:
     return cfg
 
 
+def vision_shape(clip: str | None, model_cfg: Mapping | None) -> tuple[int, int]:
+    """(width, blocks) of the image tower of `clip` or `model_cfg`, read from its config (nothing built)."""
+    import open_clip
+
+    vision = model_config(clip, model_cfg)["vision_cfg"]
+    vision = open_clip.model.CLIPVisionCfg(**vision) if isinstance(vision, dict) else vision
+    return int(vision.width), int(vision.layers)
+
+
 def hub_file(clip: str, tag: str) -> tuple[Path, Source]:
     """The file of open_clip's pretrained `tag` for `clip`: from the local hub cache, else downloaded."""
     import open_clip

@@ -11,6 +11,7 @@ import torch
 _MODELS: dict[str, Callable[..., torch.nn.Module]] = {}
 _CRITERIA: dict[str, Callable[[dict], Callable]] = {}
 _RECIPES: dict[str, Callable[..., TrainData]] = {}
+_RECIPE_CHECKS: dict[str, Callable[[dict, Any], None]] = {}
 
 
 @dataclass
@@ -63,6 +64,18 @@ def register_recipe(name: str) -> Callable:
     return wrap
 
 
+def register_recipe_check(name: str) -> Callable:
+    """Register the config checks of recipe `name`: `fn(cfg, table) -> None`, raising ConfigError, with
+    `table` every row the member will train or be validated on. `check_train_data` runs them before
+    any network is built or downloaded."""
+
+    def wrap(fn: Callable[[dict, Any], None]) -> Callable[[dict, Any], None]:
+        _RECIPE_CHECKS[name] = fn
+        return fn
+
+    return wrap
+
+
 def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
     if name not in table:
         raise KeyError(f"unknown {kind} {name!r}; known: {sorted(table)}")
@@ -100,6 +113,14 @@ def member_criterion(loss_cfg: dict) -> Callable:
     """The criterion registered as `loss_cfg["name"]`: `criterion(model, batch) -> (loss, logits,
     logs)`. `models.build_criterion` adds the configured `loss.add` terms around it."""
     return _lookup(_CRITERIA, loss_cfg["name"], "loss")(loss_cfg)
+
+
+def check_train_data(cfg: dict, table: Any) -> None:
+    """The member's recipe exists and its config checks pass on `table` (see `register_recipe_check`)."""
+    name = (cfg.get("recipe") or {"name": "images"})["name"]
+    _lookup(_RECIPES, name, "training-batch recipe")
+    if name in _RECIPE_CHECKS:
+        _RECIPE_CHECKS[name](cfg, table)
 
 
 def build_train_data(cfg: dict, table: Any, transform: Callable, seed: int) -> TrainData:

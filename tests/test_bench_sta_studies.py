@@ -4,12 +4,13 @@ what the method trains; both studies run end to end on a tiny dataset."""
 import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
 import cv_split
 import models
-from bench.studies import sta_demo_towers, sta_still_mode
+from bench.studies import clip_auc_by_kind, sta_demo_towers, sta_still_mode
 from bench.studies.sta_demo_towers import VARIANTS, train_variant
 from core.checkpoint import save_weights
 
@@ -76,3 +77,31 @@ def test_the_still_mode_study_scores_every_finished_fold_both_ways(tiny_project,
     assert [m["frames"] for m in result["modes"]] == [1, member["clip"]["frames"]]
     assert all(0 <= m["pooled_auc"] <= 1 and m["cpu_seconds"] >= 0 for m in result["modes"])
     assert "| clip |" in capsys.readouterr().out
+
+
+def test_the_clip_auc_study_reports_each_kind_of_fake_clip_against_the_real_ones(tiny_project, tmp_path, capsys):
+    p = tiny_project
+    manifest = pd.DataFrame(
+        {
+            "img_name": ["videos/r0.mp4", "videos/r1.mp4", "videos/f0.mp4", "videos/f1.mp4", "videos/f2.mp4"],
+            "target": [0, 0, 1, 1, 1],
+            "method": ["real", "real", "vblend", "edit:swap", "edit:swap"],
+        }
+    )
+    manifest.to_csv(tmp_path / "video_manifest.csv", index=False)
+    data_cfg = yaml.safe_load(p["data_cfg"].read_text())
+    data_cfg["data"]["video_manifest"] = str(tmp_path / "video_manifest.csv")
+    p["data_cfg"].write_text(yaml.safe_dump(data_cfg))
+    oof = manifest[["img_name", "target"]].assign(y_pred=[0.1, 0.5, 0.9, 0.2, 0.6])
+    oof = pd.concat([oof, pd.DataFrame({"img_name": ["a.png", "b.png"], "target": [0, 1], "y_pred": [0.2, 0.8]})])
+    folder = p["outputs"] / "sta_demo" / "fold0"
+    folder.mkdir(parents=True)
+    oof.to_csv(folder / "oof.csv", index=False)
+    (folder / "meta.json").write_text(json.dumps({"complete": True}))
+    out = tmp_path / "kinds.json"
+    assert clip_auc_by_kind.main(["--data-config", str(p["data_cfg"]), "--out", str(out)]) == 0
+    kinds = json.loads(out.read_text())["kinds"]
+    assert kinds["vblend"] == {"real": 2, "fake": 1, "auc": 1.0}
+    assert kinds["edit:swap"] == {"real": 2, "fake": 2, "auc": 0.75}
+    assert kinds["all clips"]["fake"] == 3 and kinds["stills"] == {"real": 1, "fake": 1, "auc": 1.0}
+    assert "| vblend | 2 | 1 | 1.000 |" in capsys.readouterr().out
