@@ -13,6 +13,11 @@ A training step of the `sladd` member does two kinds of CPU work:
   `prepare` adds stacking the batch; here, on a CPU, it also normalises the images (on a
   GPU that is device work).
 
+`overlap`: the trainer starts forging the next batch (`SynthesizerPart.ahead`, on a thread)
+while the detector steps on this one; its gain against forging inside `prepare`, measured in
+one run (wall-clock seconds per training step, the two ways alternating), with a stand-in for
+the GPU that holds no CPU for as long as forging a batch takes.
+
 Configurations are drawn as the untrained synthesizer draws them (uniform regions and blend
 types, `none` included, mag uniform in [mag_min, 1]); each blend type is also timed alone.
 Everything runs on one thread (rates per CPU-second, robust on a shared machine); the thread
@@ -63,6 +68,7 @@ from data_prep.sladd_online import (  # noqa: E402
 from models.sladd import SynthesizerPart, SynthSettings, build_synthesizer  # noqa: E402
 
 CONFIG = "configs/members/sladd.yaml"
+DEMO_CONFIG = "configs/members/sladd_demo.yaml"
 SIZE = 256
 # Images per second one H100 trains legacy_xception on at 256 px in bf16 (assumed: no GPU here).
 GPU_STEP = {
@@ -160,6 +166,61 @@ def _prepare_rate(ds: SLADDItems, cfg: dict, threads: int, batches: int, batch_i
     return {"threads": threads, "pairs_per_wall_s": round(n / wall, 1), "pairs_per_cpu_s": round(n / cpu, 1)}
 
 
+def _overlap(ds: SLADDItems, cfg: dict, rounds: int, batch_items: int, run_steps: int = 4) -> dict:
+    """Training steps in the trainer's order (`prepare`, the detector's forward, REINFORCE and the
+    synthesizer's step, `ahead`, the detector's backward and step) on 256 px batches of
+    `batch_items` (half targets), one forging thread, the demo member's small synthesizer. The
+    detector is a stand-in for a GPU: it holds no CPU and takes as long as forging one batch
+    takes here (a third for its forward, two thirds for its backward and step), the case
+    `recipe.forge_threads` is sized for: forging just keeps up with the device. `sequential`
+    forges in `prepare`, `overlapped` forges the next batch in `ahead` on a thread while the
+    device steps. The two ways alternate, `rounds` runs of `run_steps` steps each, so that a
+    shared machine's load falls on both alike; a run's first step, which has no batch forged
+    ahead (as an epoch's first), is left out of the timing. Wall-clock seconds per step and
+    their ratio."""
+    demo = load_config([DEMO_CONFIG])
+    s = SynthSettings.from_cfg(demo)
+    forge, recipe = ForgeSettings.from_cfg(cfg), replace(RecipeSettings.from_cfg(cfg), forge_threads=1)
+    torch.manual_seed(0)
+    part = SynthesizerPart(build_synthesizer(s), s, forge, recipe, [0.5] * 3, [0.5] * 3, amp=False)
+    part.to(torch.device("cpu"))
+    batches = [collate_sladd([ds[(b * batch_items + i) % 32] for i in range(batch_items)]) for b in range(2)]
+    start = time.perf_counter()
+    for batch in batches:
+        part.prepare(batch, learn=False)
+    device_s = (time.perf_counter() - start) / len(batches)
+
+    def steps(overlap: bool) -> float:
+        start = 0.0
+        for k in range(run_steps):
+            if k == 1:
+                start = time.perf_counter()
+            out = part.prepare(batches[k % 2], learn=True)
+            time.sleep(device_s / 3)  # the detector's forward on the device
+            n_images = len(out["image"])
+            part.backward(out, {"loss": torch.tensor(1.0), "sample_loss": torch.ones(n_images)}, 1.0)
+            part.step()
+            if overlap and k + 1 < run_steps:
+                part.ahead(batches[(k + 1) % 2])
+            time.sleep(2 * device_s / 3)  # its backward and Adam step
+        return time.perf_counter() - start
+
+    seconds = {"sequential": 0.0, "overlapped": 0.0}
+    for _ in range(rounds):
+        for way in seconds:
+            seconds[way] += steps(way == "overlapped")
+    per_step = {way: t / ((run_steps - 1) * rounds) for way, t in seconds.items()}
+    return {
+        "batch_items": batch_items,
+        "targets_per_batch": batch_items // 2,
+        "device_s_per_step": round(device_s, 4),
+        "steps_each": (run_steps - 1) * rounds,
+        "sequential_s_per_step": round(per_step["sequential"], 4),
+        "overlapped_s_per_step": round(per_step["overlapped"], 4),
+        "speedup": round(per_step["sequential"] / per_step["overlapped"], 3),
+    }
+
+
 def _cpu_step(cfg: dict, items: int, steps: int) -> dict:
     """Detector (forward, the sladd loss, backward, Adam) and synthesizer (forward, REINFORCE,
     backward, Adam) on `items` targets, each with its synthesized image and one image passing
@@ -206,7 +267,13 @@ def _cpu_step(cfg: dict, items: int, steps: int) -> dict:
 
 
 def run(
-    n: int, cpu_step: bool, target_share: float = 0.5, step_items: int = 2, step_count: int = 2, batch_items: int = 32
+    n: int,
+    cpu_step: bool,
+    target_share: float = 0.5,
+    step_items: int = 2,
+    step_count: int = 2,
+    batch_items: int = 32,
+    overlap_rounds: int = 5,
 ) -> dict:
     cfg = load_config([CONFIG])
     forge = ForgeSettings.from_cfg(cfg)
@@ -226,6 +293,7 @@ def run(
             }
             forging = _forge_rates(ds, forge, n)
             prepare = [_prepare_rate(ds, cfg, t, max(2, n // batch_items), batch_items) for t in (1, 2)]
+            overlap = _overlap(ds, cfg, overlap_rounds, batch_items)
         finally:
             cv2.setNumThreads(cv_threads)
             torch.set_num_threads(threads)
@@ -245,6 +313,7 @@ def run(
         "target_share": r,
         "forge_pairs_per_cpu_s": forging,
         "prepare": prepare,
+        "overlap": overlap,
         "cpu_step": step,
         "gpu_step": GPU_STEP,
         "gpu_training_images_per_s": round(items, 1),
@@ -268,9 +337,10 @@ def main() -> None:
     parser.add_argument(
         "--target-share", type=float, default=0.5, help="share of training images that are reals with a face"
     )
+    parser.add_argument("--overlap-rounds", type=int, default=5, help="rounds of 4 sequential + 4 overlapped steps")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    result = run(args.n, args.cpu_step, args.target_share)
+    result = run(args.n, args.cpu_step, args.target_share, overlap_rounds=args.overlap_rounds)
     if args.out:
         write_json(result, args.out)
     print(json.dumps(result, indent=2))

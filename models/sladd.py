@@ -17,8 +17,9 @@ Two networks train together, each with its own optimiser, in one training step:
   a backbone over the 6-channel pair (the real face and its forgery source) with a categorical
   distribution over the 10 regions, one over the 4 blend types and a Beta distribution over
   `mag` in [forge.mag_min, 1]. Per pair it samples a configuration, the pair is forged with it
-  in the training step (`data_prep.sladd_online.forge_pair`), and it learns by REINFORCE to
-  maximise the detector's loss on the forgery it made (`reinforce_loss`).
+  in the training step (`data_prep.sladd_online.forge_pair`; for the next batch on a thread
+  while the detector steps, `SynthesizerPart.ahead`), and it learns by REINFORCE to maximise
+  the detector's loss (`reinforce_loss`; published: the loss on the whole batch, for every action).
 
 The batch the detector sees (`recipe: sladd`): B reals, then the B synthesized images made
 from them (fakes, or reals where the configuration changed nothing), then the training fakes
@@ -31,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -472,6 +473,9 @@ class SynthesizerPart:
         self.device = torch.device("cpu")
         self.pending: tuple[Actions, int] | None = None
         self.pool: ThreadPoolExecutor | None = None
+        # The next batch, its configurations and its forgeries under way (`ahead`), on their own thread.
+        self.upcoming: tuple[dict, Actions, Future] | None = None
+        self.background: ThreadPoolExecutor | None = None
         self._reset_stats()
 
     # ---- the Auxiliary protocol ----------------------------------------------------------
@@ -490,8 +494,12 @@ class SynthesizerPart:
         from data_prep.sladd_online import OTHER_FAKE_TYPE, REAL_TYPE
 
         b, other = len(batch["real"]), batch["other_target"].tolist()
-        actions = self._act(batch, learn) if b else None
-        forged = self._forge(batch, actions) if b else []
+        upcoming, self.upcoming = self.upcoming, None
+        if learn and upcoming is not None and upcoming[0] is batch:
+            actions, forged = upcoming[1], upcoming[2].result()
+        else:
+            actions = self._act(batch, learn) if b else None
+            forged = self._forge(batch, actions) if b else []
         if learn:
             self.pending = (actions, b)
             if b:
@@ -550,6 +558,17 @@ class SynthesizerPart:
         if self.s.reward == "batch":
             return logs["loss"].detach().float().reshape(1).expand(b)
         return logs["sample_loss"][b : 2 * b].float()
+
+    def ahead(self, batch: dict) -> None:
+        """Start on the step's next batch: draw its configurations now (after this step's update,
+        as `prepare` would) and forge them on a thread of their own while the detector steps;
+        `prepare(batch, learn=True)` then waits for them."""
+        if not len(batch["real"]):
+            return
+        actions = self._act(batch, learn=True)
+        if self.background is None:
+            self.background = ThreadPoolExecutor(1, thread_name_prefix="sladd-ahead")
+        self.upcoming = (batch, actions, self.background.submit(self._forge, batch, actions))
 
     def step(self) -> None:
         """One Adam step on the gradients averaged over every process."""

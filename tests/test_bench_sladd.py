@@ -10,7 +10,7 @@ pytest.importorskip("dlib")
 
 
 def test_throughput_reports_every_rate_and_the_cores_they_imply() -> None:
-    result = sladd_throughput.run(n=4, cpu_step=False, batch_items=4)
+    result = sladd_throughput.run(n=4, cpu_step=False, batch_items=4, overlap_rounds=1)
     assert result["size"] == 256 and result["cpu_step"] is None
     assert set(result["forge_pairs_per_cpu_s"]) == {"uniform", "alpha", "poisson", "copy"}
     loader = result["loader_items_per_cpu_s"]
@@ -18,6 +18,12 @@ def test_throughput_reports_every_rate_and_the_cores_they_imply() -> None:
         assert rate["per_cpu_s"] > 0 and rate["cpu_ms_each"] == pytest.approx(1000 / rate["per_cpu_s"], rel=0.05)
     assert loader["target"]["cpu_ms_each"] > loader["other"]["cpu_ms_each"]  # a target decodes its source too
     assert [p["threads"] for p in result["prepare"]] == [1, 2]
+    overlap = result["overlap"]
+    assert overlap["steps_each"] == 3 and overlap["targets_per_batch"] == 2  # a run's first step is not timed
+    assert overlap["sequential_s_per_step"] > 0 and overlap["overlapped_s_per_step"] > 0
+    assert overlap["speedup"] == pytest.approx(
+        overlap["sequential_s_per_step"] / overlap["overlapped_s_per_step"], rel=0.01
+    )
     # Half the images are targets, each three images' work for the GPU: 2400 / 2 training images a second.
     assert result["target_share"] == 0.5 and result["gpu_training_images_per_s"] == 1200
     workers = result["workers"]

@@ -387,6 +387,34 @@ def test_forging_threads_change_nothing_but_speed(photos: dict) -> None:
     assert "recipe.forge_threads" in RESULT_NEUTRAL_KEYS  # so a resume may change it
 
 
+def test_forging_ahead_changes_nothing_but_when(photos: dict) -> None:
+    """`ahead` draws the next batch's configurations after the step and forges them on a thread
+    while the detector steps; `prepare` picks them up: the same images, targets and update as
+    drawing and forging them in `prepare`."""
+    first, second = _targets(photos, copies=1), _targets(photos, copies=2)
+    runs = []
+    for overlap in (False, True):
+        part = _part()
+        torch.manual_seed(11)
+        out = part.prepare(first, learn=True)
+        part.backward(out, {"loss": torch.tensor(2.0), "sample_loss": torch.ones(len(out["image"]))}, scale=1.0)
+        part.step()
+        if overlap:
+            part.ahead(second)
+            assert part.upcoming is not None and part.upcoming[0] is second
+        out = part.prepare(second, learn=True)
+        assert part.upcoming is None
+        part.backward(out, {"loss": torch.tensor(3.0), "sample_loss": torch.ones(len(out["image"]))}, scale=1.0)
+        part.step()
+        runs.append((out, part.net.state_dict(), part.summary()))
+    (a, net_a, summary_a), (b, net_b, summary_b) = runs
+    for key in ("image", "target", "type_target", "map_target", "mag_target"):
+        assert torch.equal(a[key].nan_to_num(-1), b[key].nan_to_num(-1)), key
+    assert all(torch.equal(v, net_b[k]) for k, v in net_a.items()) and summary_a == pytest.approx(
+        summary_b, nan_ok=True
+    )
+
+
 def test_a_batch_with_one_target_or_none_is_forged(photos: dict) -> None:
     """One target: the synthesizer's BatchNorm still has two values per channel (its pair at 32 px
     ends in a 1 x 1 map); no target: nothing to forge, nothing to learn, and the step goes on."""

@@ -61,7 +61,8 @@ def test_an_interrupted_sladd_training_resumes_to_the_same_result(project, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     synth_a = load_state(fold / STATE_FILE)["auxiliary"]
     synth_b = load_state(resumed / STATE_FILE)["auxiliary"]
-    assert synth_a["baseline"].item() == synth_b["baseline"].item()
+    # the published reward keeps no baseline (nan); a moving one would be restored with the rest
+    torch.testing.assert_close(synth_a["baseline"], synth_b["baseline"], rtol=0, atol=0, equal_nan=True)
     assert synth_a["network"] and all(torch.equal(v, synth_b["network"][k]) for k, v in synth_a["network"].items())
     pd.testing.assert_frame_equal(
         history.drop(columns="seconds"), pd.read_csv(resumed / "metrics.csv").drop(columns="seconds")

@@ -172,6 +172,10 @@ class ShiftAuxiliary:
         self.optimizer.step()
         self.optimizer.zero_grad()
 
+    def ahead(self, batch: dict) -> None:
+        assert "image" in batch  # the loader's next batch, before it is prepared
+        self.calls.append("ahead")
+
     def summary(self) -> dict[str, float]:
         self.calls.append("summary")
         return {"shift": float(self.shift.detach())}
@@ -212,8 +216,11 @@ def _fit_with_auxiliary(tmp_path, out: str, on_epoch=None) -> tuple[Trainer, Shi
 
 def test_an_auxiliary_part_is_stepped_recorded_and_resumed_with_the_model(tmp_path):
     trainer, aux = _fit_with_auxiliary(tmp_path, "full")
+    # Each batch learns, steps at the end of its group and starts the next one before the model's backward.
     batch = ["prepare:True", "backward"]
-    epoch = batch * 2 + ["step"] + batch * 2 + ["step"] + ["summary", "prepare:False"]
+    group = batch + ["ahead"] + batch + ["step", "ahead"]
+    last = batch + ["ahead"] + batch + ["step"]
+    epoch = group + last + ["summary", "prepare:False"]
     assert aux.calls == ["to"] + epoch * 2  # the BatchNorm pass forges without learning
     assert float(aux.shift.detach()) == pytest.approx(0.1 * 4 * 2 * 0.5)  # 4 steps of 2 batches at scale 1/2
     assert [row["shift"] for row in trainer.history] == pytest.approx([0.2, 0.4])

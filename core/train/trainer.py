@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from itertools import islice
@@ -140,11 +140,16 @@ class Auxiliary(Protocol):
 
     One training step: `prepare(batch, learn=True)` on the loader's batch (on the CPU; it returns
     the criterion's batch, whose tensors the trainer then moves to the device) -> the criterion's
-    forward and backward -> `backward(batch, logs, scale)` with that batch and the criterion's
-    logs, `scale` being 1 / accum_steps -> `step()` at every optimiser step of the model. The
-    pass that recomputes the EMA weights' BatchNorm statistics calls `prepare(batch, learn=False)`,
-    from which nothing is learnt. Under torchrun every rank calls each method at the same point,
-    so it may use collectives (averaging its gradients across ranks in `step`). `summary()`: the
+    forward -> `backward(batch, logs, scale)` with that batch and the criterion's logs, `scale`
+    being 1 / accum_steps -> `step()` at every optimiser step of the model -> `ahead(next)` with
+    the loader's next batch, where there is one -> the model's backward and optimiser step. What
+    the part starts for the next batch in `ahead` (drawing a synthesizer's configurations, then
+    making the images on CPU threads) thus overlaps the model's backward and step, and
+    `prepare(next, learn=True)` picks it up; the part draws for the next batch with the weights
+    and the random state it would have when preparing it after the model's step. The pass that
+    recomputes the EMA weights' BatchNorm statistics calls `prepare(batch, learn=False)`, from
+    which nothing is learnt. Under torchrun every rank calls each method at the same point, so
+    it may use collectives (averaging its gradients across ranks in `step`). `summary()`: the
     epoch's figures for the history, called once per epoch on every rank. `state_dict()` and
     `load_state_dict()` go into the training state, so a resumed run continues it exactly.
     """
@@ -156,6 +161,8 @@ class Auxiliary(Protocol):
     def backward(self, batch: dict, logs: dict, scale: float) -> None: ...
 
     def step(self) -> None: ...
+
+    def ahead(self, batch: dict) -> None: ...
 
     def summary(self) -> dict[str, float]: ...
 
@@ -454,7 +461,40 @@ class Trainer:
         bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress, leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         group: list[dict] = []  # the batches of this accumulation group (SAM's second pass reruns them)
-        for i, batch in enumerate(bar):
+        usable = self._usable_batches(bar)
+        upcoming = next(usable, None)
+        while upcoming is not None:
+            i, batch = upcoming
+            batch = self._prepared(batch, learn=True)
+            with autocast(self.device, s.amp):
+                loss, _, logs = self.criterion(self.model, batch)
+            steps = (i + 1) % s.accum_steps == 0
+            if self.auxiliary:
+                # It learns, steps and starts on the next batch before the model's backward, so
+                # that its CPU work runs while the device computes (see `Auxiliary`).
+                upcoming = next(usable, None)
+                self.auxiliary.backward(batch, logs, 1.0 / s.accum_steps)
+                if steps:
+                    self.auxiliary.step()
+                if upcoming is not None:
+                    self.auxiliary.ahead(upcoming[1])
+            (loss / s.accum_steps).backward()
+            group.append(batch)
+            if steps:
+                self._optimizer_step(group)
+                group = []
+            if not self.auxiliary:
+                upcoming = next(usable, None)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        local = np.array([np.sum(losses), len(losses)], dtype=float)
+        total = gather_rows(local[None], np.array([self.dist.rank]), self.dist.world, self.dist).sum(0)
+        return float(total[0] / total[1]) if total[1] else float("nan")
+
+    def _usable_batches(self, batches: Iterable[dict]) -> Iterator[tuple[int, dict]]:
+        """(index, batch) for each batch that every process can train on; unreadable files are
+        reported, and a batch with no readable image in some process's share is skipped by all."""
+        for i, batch in enumerate(batches):
             for message in batch["errors"]:
                 log.warning("skipped %s", message)
             # A rank that skipped alone would leave the others waiting in DDP's all-reduce.
@@ -464,19 +504,7 @@ class Trainer:
                         "batch %d of epoch %d skipped by every process: no readable image in a share", i, self.epoch + 1
                     )
                 continue
-            batch = self._prepared(batch, learn=True)
-            loss, logs = self._backward(batch)
-            if self.auxiliary:
-                self.auxiliary.backward(batch, logs, 1.0 / s.accum_steps)
-            group.append(batch)
-            if (i + 1) % s.accum_steps == 0:
-                self._optimizer_step(group)
-                group = []
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        local = np.array([np.sum(losses), len(losses)], dtype=float)
-        total = gather_rows(local[None], np.array([self.dist.rank]), self.dist.world, self.dist).sum(0)
-        return float(total[0] / total[1]) if total[1] else float("nan")
+            yield i, batch
 
     def _backward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The criterion's loss (backpropagated, scaled for accumulation) and its logs."""
@@ -508,8 +536,6 @@ class Trainer:
         self.scheduler.step()
         if self.ema:
             self.ema.update()
-        if self.auxiliary:
-            self.auxiliary.step()
 
     def evaluate(self) -> tuple[dict, np.ndarray]:
         """Metrics of the weights now in the module on the whole validation fold: each process
