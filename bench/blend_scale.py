@@ -10,7 +10,8 @@ them), a test list of `--test-rows` images and the checkout's own configs/ensemb
 are of graded strength, share part of their errors (images hard for every member) and some are
 overconfident, so the weights search, stacking and calibration each have something to do.
 Every run is `python ensemble.py` with the default config (`--methods auto`) or a forced
-`ensemble.method`, in a process of its own: wall seconds and its peak RSS (from wait4) are its own.
+`ensemble.method`, in a process of its own: wall seconds, CPU seconds and peak RSS (from wait4)
+are its own.
 
 Per run the JSON gives the chosen method and weights, the calibration applied, and the nested
 out-of-fold AUC of the chosen blend (oof_blend.csv's `blend`: pooled, and the mean over folds).
@@ -132,6 +133,7 @@ def run_ensemble(root: Path, repo: Path, code: str, members: int, method: str) -
         "weights": [round(w, 4) for w in fit["params"].get("weights", [])] or None,
         "calibration": fit["calibration"]["method"],
         "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),  # what other work on a shared machine changes less
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
         "blend_nested_auc": round(float(roc_auc_score(blend["target"], blend["blend"])), 5),
         "blend_fold_auc_mean": round(float(np.mean(per_fold)), 5),
@@ -170,13 +172,13 @@ def bench(args: argparse.Namespace) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| rows | code | ensemble.method | chosen | wall s | peak RSS MB | nested AUC (pooled) | per-fold mean |",
-        "|---:|---|---|---|---:|---:|---:|---:|",
+        "| rows | code | ensemble.method | chosen | wall s | CPU s | peak RSS MB | nested AUC | per-fold AUC |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         lines.append(
-            f"| {r['rows']} | {r['code']} | {r['method']} | {r['chosen']} | {r['wall_s']} | {r['peak_rss_mb']} "
-            f"| {r['blend_nested_auc']:.5f} | {r['blend_fold_auc_mean']:.5f} |"
+            f"| {r['rows']} | {r['code']} | {r['method']} | {r['chosen']} | {r['wall_s']} | {r['cpu_s']} "
+            f"| {r['peak_rss_mb']} | {r['blend_nested_auc']:.5f} | {r['blend_fold_auc_mean']:.5f} |"
         )
     return "\n".join(lines)
 

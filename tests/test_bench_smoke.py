@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 CASES: dict[str, tuple[list[str], list[str]]] = {
     "blend_scale": (
         ["--rows", "300", "--members", "3", "--folds", "3", "--test-rows", "10", "--methods", "weights"],
-        ["runs[].rows", "runs[].method", "runs[].chosen", "runs[].wall_s", "runs[].peak_rss_mb"]
+        ["runs[].rows", "runs[].method", "runs[].chosen", "runs[].wall_s", "runs[].cpu_s", "runs[].peak_rss_mb"]
         + ["runs[].blend_nested_auc", "runs[].blend_fold_auc_mean", "machine.cpus"],
     ),
     "kmeans_scaling": (
