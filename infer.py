@@ -21,6 +21,8 @@ image format, by its name or its header); other files are counted in one line. A
 --frames frames spread evenly over its length: the faces in each frame are cropped, the
 frame's score is the highest face score and the video's the mean over frames. Still images
 are scored as they are (competition images are face crops), or face-cropped with --crop-faces.
+A member whose network takes clips (`sta`) scores an input as its validation did: a video as
+the mean over the clips of its window, a still as its `clip.still` says (core/infer/clip_scoring.py).
 
 On a CPU the networks run in ONNX Runtime: each is exported once per checkpoint, checked
 against PyTorch then, and cached beside its weights as model.onnx with the verdict in
@@ -408,10 +410,14 @@ class Scorer:
         indexed = indexed_video_frames(path, self.frames)
         pooled = self.pool_faces(path, [frame for _, frame in indexed], [k for k, _ in indexed])
         probs = np.full(len(self.ensemble.trained), np.nan) if pooled is None else pooled
-        if self.clips is not None:
+        if self.clips is None:
+            return probs
+        try:
             clip_probs = self.clips.score_file(path)
-            probs = np.where(np.isnan(clip_probs), probs, clip_probs)
-        return probs
+        except ImageDecodeError as err:  # the image members' frames were read: keep their scores
+            self.report(str(err))
+            return probs
+        return np.where(np.isnan(clip_probs), probs, clip_probs)
 
     def score_video(self, path: Path) -> np.ndarray | None:
         """The row of `columns` for the video at `path` (the service's upload), as `score` gives it;

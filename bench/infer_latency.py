@@ -3,6 +3,7 @@
   python -m bench.infer_latency                # every case; about 10 min on 2 cores, most of it exporting
   python -m bench.infer_latency --skip-mff     # without the seven-expert case (a few minutes)
   python -m bench.infer_latency --quick        # tiny networks, few photographs: a smoke test
+  python -m bench.infer_latency --only-demo-all --outputs outputs   # every demo member, as trained
 
 Prints one JSON object (and writes it with --out). Every figure is one run of a fresh
 process (`subprocess`, wall clock from start to exit), after one untimed run of the same
@@ -19,6 +20,10 @@ Cases (targets from the issue in `targets`, each figure's verdict in `meets`):
   script that imports torch and timm, builds the network, loads the weights, decodes,
   normalises, resizes, runs the forward pass and prints the softmax.
 - `photos_48`: the same network and naive script over 48 photographs.
+- `demo_all`: every demo member of configs/ensemble.yaml (clip members included), `--demo-folds`
+  folds each with random weights built from their configs (or, with `--outputs DIR`, the folds a
+  demo run trained there): one image, then one demo-like video (24 frames at 128 px, MPEG-4),
+  each a whole process, warm, with its peak resident memory.
 - `mff`: one photograph with all seven experts of configs/members/mff.yaml (random weights,
   512 px); seconds per image and the process's peak resident memory, warm (the third run:
   the first exports, the second saves the optimised graphs), and the first run's.
@@ -52,6 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "help_s": 0.5,
     "demo_five_networks_s": 1.5,
+    "demo_all_image_s": 1.5,
+    "demo_all_image_peak_rss_mb": 300.0,
+    "demo_all_video_s": 3.0,
     "per_extra_network_s": 0.15,
     "one_b4_vs_naive": 0.5,
     "photos_48_speedup_vs_naive": 2.0,
@@ -171,6 +179,47 @@ def demo_case(root: Path, image: Path, members: list[str], folds: int) -> dict[s
     }
 
 
+def demo_video(path: Path, image: Path, frames: int = 24, side: int = 128) -> Path:
+    """A demo-like video: a square view of `image` panning slowly, `frames` frames of `side` px."""
+    import cv2
+
+    photo = cv2.imread(str(image))
+    h, w = photo.shape[:2]
+    crop = min(h, w) * 3 // 4
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (side, side))
+    for i in range(frames):
+        x = (w - crop) * i // max(frames - 1, 1)
+        writer.write(cv2.resize(photo[(h - crop) // 2 : (h - crop) // 2 + crop, x : x + crop], (side, side)))
+    writer.release()
+    return path
+
+
+def all_members_case(
+    root: Path, image: Path, folds: int, trained: Path | None, video: Path | None = None
+) -> dict[str, Any]:
+    """One image, then one video (`video`, or one made from the image), with every demo member (see
+    the module docstring)."""
+    members = load_config([ROOT / "configs" / "ensemble.yaml"])["demo_members"]
+    outputs = trained or root / "outputs"
+    if trained is None:
+        for member in members:
+            cfg = load_config([ROOT / "configs" / "members" / f"{member}.yaml"])
+            for k in range(folds):  # as configured: the demo configs build without any download
+                folder = outputs / member / f"fold{k}"
+                save_weights(build_model(cfg["model"]).state_dict(), folder / "model.safetensors")
+                (folder / "meta.json").write_text(json.dumps({"complete": True, "config": cfg}))
+    configs = project_configs(root / "all", outputs, members)
+    video = video or demo_video(root / "video.mp4", image)
+    return {
+        "inputs": [str(image), str(video)],
+        "members": members,
+        "folds": "as trained" if trained else folds,
+        "trained": str(trained) if trained else None,
+        "image": timed(infer_cmd(str(image), *configs)),
+        "video": timed(infer_cmd(str(video), *configs)),
+    }
+
+
 def naive_vs_infer(root: Path, weights: Path, arch: str, size: int, images: list[Path]) -> dict[str, Any]:
     naive_script = root / "naive.py"
     naive_script.write_text(NAIVE_SCRIPT)
@@ -222,7 +271,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-mff", action="store_true", help="leave out the seven-expert case (most of the time)")
     p.add_argument("--only-mff", action="store_true", help="the seven-expert case alone")
+    p.add_argument("--only-demo-all", action="store_true", help="the every-demo-member case alone")
     p.add_argument("--photos", type=int, default=48, help="photographs in the batch case (default: %(default)s)")
+    p.add_argument(
+        "--demo-folds",
+        type=int,
+        default=FOLDS,
+        help="folds per member in demo_all (default: %(default)s, 1 with --quick)",
+    )
+    p.add_argument("--outputs", help="demo_all with the demo members trained under this folder instead of random ones")
+    p.add_argument("--image", help="demo_all's image (default: the first photograph), e.g. data/demo/test/00000.jpg")
+    p.add_argument("--video", help="demo_all's video (default: one made from its image)")
     p.add_argument("--out", help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -241,9 +300,23 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 write_json(result, args.out)
             return 0
+        trained = Path(args.outputs).resolve() if args.outputs else None
+        image = Path(args.image).resolve() if args.image else images[0]
+        video = Path(args.video).resolve() if args.video else None
+        demo_folds = 1 if args.quick else args.demo_folds
+        if args.only_demo_all:
+            result = {"demo_all": all_members_case(root / "demo_all", image, demo_folds, trained, video)}
+            result["headline"] = demo_all_headline(result["demo_all"])
+            result["meets"] = {k: _meets(k, v) for k, v in result["headline"].items() if k in TARGETS}
+            result["machine"] = machine(_runs(result["demo_all"]))
+            print(json.dumps(result, indent=2))
+            if args.out:
+                write_json(result, args.out)
+            return 0
         result: dict[str, Any] = {"help": timed(infer_cmd("--help"))}
         folds = 2 if args.quick else FOLDS
         result["demo"] = demo_case(root / "demo", images[0], ["mff_demo", "sbi_fed_demo"], folds)
+        result["demo_all"] = all_members_case(root / "demo_all", image, demo_folds, trained, video)
         b4_cfg = {"name": "b4", "model": {"name": "mff_expert", "backbone": arch}, "data": {"image_size": size}}
         weights = save_member(root / "b4", b4_cfg, 0)
         result["one_b4"] = naive_vs_infer(root / "b4", weights, arch, size, images[:1])
@@ -278,6 +351,7 @@ def headline(result: dict) -> dict[str, float]:
         "demo_five_networks_s": result["demo"]["first_member"]["wall_s"],  # two with --quick
         "demo_ten_networks_s": result["demo"]["both_members"]["wall_s"],
         "per_extra_network_s": result["demo"]["per_extra_network_s"],
+        **demo_all_headline(result["demo_all"]),
         "one_b4_s": one["infer"]["wall_s"],
         "one_b4_naive_s": one["naive"]["wall_s"],
         "one_b4_vs_naive": ratio(one["infer"]["wall_s"], one["naive"]["wall_s"]),
@@ -289,6 +363,15 @@ def headline(result: dict) -> dict[str, float]:
         out["mff_seven_experts_s"] = result["mff"]["seconds_per_image"]
         out["mff_seven_experts_peak_rss_mb"] = result["mff"]["warm"]["peak_rss_mb"]
     return out
+
+
+def demo_all_headline(case: dict) -> dict[str, float]:
+    return {
+        "demo_all_image_s": case["image"]["wall_s"],
+        "demo_all_image_peak_rss_mb": case["image"]["peak_rss_mb"],
+        "demo_all_video_s": case["video"]["wall_s"],
+        "demo_all_video_peak_rss_mb": case["video"]["peak_rss_mb"],
+    }
 
 
 def _meets(key: str, value: float) -> bool:

@@ -27,9 +27,13 @@ def test_quick_mode_prints_complete_json(tmp_path: Path) -> None:
         "per_extra_network_s",
         "one_b4_vs_naive",
         "photos_48_speedup_vs_naive",
+        "demo_all_image_s",
+        "demo_all_image_peak_rss_mb",
+        "demo_all_video_s",
     ):
         assert isinstance(head[key], float) and key in result["meets"]
     assert 0 < head["help_s"] < head["demo_ten_networks_s"]
     assert result["one_b4"]["infer"]["peak_rss_mb"] > 0 and result["photos_48"]["images"] == 4
     assert isinstance(result["machine"]["shared"], bool)
     assert "mff" not in result  # left out by --quick
+    assert "sta_demo" in result["demo_all"]["members"]  # a clip member among them

@@ -196,3 +196,11 @@ def test_scoring_stills_and_videos_with_a_clip_member_imports_no_torch(members, 
     assert result == {"rc": 0, "imported": []}, err
     scored = [json.loads(line) for line in out.splitlines()]
     assert all(np.isfinite(o["members"]["sta_demo"]) for o in scored)
+
+
+def test_the_torch_runtime_scores_clip_members_as_onnx_does(members, tmp_path, capsys):
+    video = write_video(tmp_path / "v.avi", frames(12))
+    onnx = run_json(members, video, capsys=capsys)[str(video)]["members"]["sta_demo"]
+    infer.main([str(video), "--json", "--runtime", "torch", *weights_args(members)])
+    torch_p = json.loads(capsys.readouterr().out.splitlines()[0])["members"]["sta_demo"]
+    assert torch_p == pytest.approx(onnx, abs=1e-4) and torch_p == pytest.approx(expected(members, video), abs=1e-5)

@@ -41,7 +41,7 @@ def score_mode(cfg: dict, still: str, folds: list[int], table, outputs: str) -> 
     for k in folds:
         rows = np.flatnonzero(table["fold"].to_numpy() == k)
         net = load_trained(f"{outputs}/{cfg['name']}/fold{k}/{WEIGHTS_FILE}").model
-        ds = ClipDataset(table["path"].iloc[rows].tolist(), None, transform, settings)
+        ds = ClipDataset(table["path"].iloc[rows].tolist(), None, transform, settings, scoring=True)
         start = time.process_time()
         probs[rows] = predict_loader([net], make_loader(ds, 32, 0), torch.device("cpu"), progress=False)[:, 0]
         seconds += time.process_time() - start
