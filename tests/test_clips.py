@@ -270,3 +270,29 @@ def test_face_boxes_follow_a_moving_face_smoothed_over_the_clip():
     assert centres[-1] - centres[0] > 25  # the box follows the face across the frame
     raw = np.array([40 + 6 * i + j for i, j in enumerate(jitter)], float)
     assert np.abs(np.diff(centres, 2)).max() < np.abs(np.diff(raw, 2)).max() / 2  # the jitter is smoothed out
+
+
+def test_clip_face_boxes_are_found_once_per_frame_and_cached(tmp_path):
+    from types import SimpleNamespace
+
+    from data_prep.clip_faces import ClipFaceCropper
+
+    calls = []
+
+    class Finder:  # a face at a known place per frame (its grey level), none in frame 2
+        def primary(self, frame):
+            i = int(round(float(frame.mean()) / 8))
+            calls.append(i)
+            return None if i == 2 else SimpleNamespace(box=(4 + i, 8, 20 + i, 24))
+
+    video = numbered_video(tmp_path / "v.avi", 8, size=48)
+    cropper = ClipFaceCropper(tmp_path / "cache")
+    cropper._analyzer = Finder()
+    first, second = video_clips(str(video), ClipSettings(frames=4, window=8, face_crop=True), cropper)
+    assert calls == list(range(8))  # each frame of the window searched once
+    assert {f.shape for f in first + second} == {(25, 25, 3)}  # one side per clip: 16 px plus 30 % per side
+    assert frame_numbers(first) == [0, 1, 2, 3]
+    again = ClipFaceCropper(tmp_path / "cache")
+    again._analyzer = Finder()
+    video_clips(str(video), ClipSettings(frames=4, window=8, face_crop=True), again)
+    assert calls == list(range(8))  # the second reader finds every box in the cache

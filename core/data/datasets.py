@@ -88,16 +88,18 @@ def collate_skip_errors(items: list[dict]) -> dict:
     good = [it for it in items if "error" not in it]
     batch: dict = {"errors": [it["error"] for it in items if "error" in it]}
     batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
-    if good and "faces" in good[0]:
+    if not good:
+        return batch
+    if "faces" in good[0]:
         batch["image"] = torch.cat([it["image"] for it in good])
         batch["owner"] = torch.repeat_interleave(torch.arange(len(good)), torch.tensor([it["faces"] for it in good]))
-    elif good and "clips" in good[0]:  # items of several clips each: all clips in a row, and how many per item
+    elif "clips" in good[0]:  # items of several clips each: all clips in a row, and how many per item
         batch["image"] = torch.cat([it["image"] for it in good])
         batch["clips"] = torch.tensor([it["clips"] for it in good], dtype=torch.long)
-    elif good:
+    else:
         batch["image"] = torch.stack([it["image"] for it in good])
-        if "target" in good[0]:
-            batch["target"] = torch.tensor([it["target"] for it in good], dtype=torch.long)
+    if "target" in good[0]:
+        batch["target"] = torch.tensor([it["target"] for it in good], dtype=torch.long)
     return batch
 
 
