@@ -577,7 +577,7 @@ def exit_status(table: np.ndarray, problems: list[str]) -> int:
 
 def frame_owners(paths: list[Path], per_frame: list[tuple]) -> list[int]:
     """The place in `paths` of each frame row: rows come in the order their videos were scored,
-    which is the order of `paths` (a path given twice has its rows twice, once per place)."""
+    which is the order of `paths` (the rows of a video given twice all go to its first place)."""
     owners, place = [], 0
     for row in per_frame:
         while str(paths[place]) != row[0]:
