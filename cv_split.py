@@ -33,7 +33,7 @@ import pandas as pd
 
 from core.config import ConfigError, load_config, read_yaml, save_config
 from core.data.clustering import kmeans, plot_projection, sweep
-from core.data.features import FeatureError, cached_features
+from core.data.features import FeatureError, cached_features, finite_rows
 from core.data.folds import (
     FOLD_COLUMNS,
     FoldError,
@@ -141,10 +141,11 @@ def cluster_labels(cfg: dict, feats: np.ndarray) -> np.ndarray:
     """k-means cluster per row; -1 for rows without features."""
     split = cfg["split"]
     k = int(split.get("k") or split["n_folds"])
-    ok = np.isfinite(feats).all(axis=1)
+    ok = finite_rows(feats)
     if ok.sum() <= k:
         raise FoldError(f"only {int(ok.sum())} image(s) with features for k={k} clusters")
-    res = kmeans(feats[ok], k, seed=int(split["seed"]), **kmeans_options(cfg))
+    rows = feats if ok.all() else feats[ok]  # the memory-mapped features themselves where all are there
+    res = kmeans(rows, k, seed=int(split["seed"]), **kmeans_options(cfg))
     log.info(
         "k-means K=%d: sizes %s, inertia %.3f (torch_kmeans on %d images, then %d full-data iteration(s))",
         k,
@@ -294,9 +295,9 @@ def run_sweep(cfg: dict, df: pd.DataFrame, k_min: int, k_max: int) -> Path:
     if not 2 <= k_min <= k_max:
         raise ConfigError(f"--sweep needs 2 <= KMIN <= KMAX, got {k_min} {k_max}")
     feats = image_features(cfg, df)
-    ok = np.isfinite(feats).all(axis=1)
+    ok = finite_rows(feats)
     rows = sweep(
-        feats[ok],
+        feats if ok.all() else feats[ok],
         list(range(k_min, k_max + 1)),
         seed=int(cfg["split"]["seed"]),
         silhouette_sample=int(cfg["split"].get("silhouette_sample", 5000)),

@@ -32,6 +32,10 @@ disagreed is scored with PyTorch (one line on stderr) and not exported again unt
 torch or ONNX Runtime change. On a GPU the networks run in PyTorch with bf16 autocast.
 --runtime torch uses PyTorch on the CPU as well.
 
+Under torchrun (`torchrun --nproc_per_node K infer.py FOLDER --out preds.csv`), each process
+scores every K-th input and writes its shard beside --out; process 0 merges the shards and
+writes what one process would (core/infer/sharded.py). --out is required there.
+
 --serve runs an HTTP service instead (models loaded once, uploads scored in micro-batches):
 POST /predict with a multipart file field `file`, GET /health, and an upload page at /; see
 core/infer/service.py. --host, --port, --max-upload-mb and --batch-window-ms set it up.
@@ -73,6 +77,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +97,12 @@ from core.imaging import ImageDecodeError, decode_image, indexed_video_frames, i
 from core.infer.attributes import POSITIVES_KEY, Explained, explain_member, format_attributes
 from core.infer.clip_scoring import ClipGroup, ClipScorer
 from core.infer.ensemble import Ensemble
-from core.infer.onnx_cache import VERIFIED, lookup
+from core.infer.onnx_cache import VERIFIED, lookup, needs_export
 from core.infer.scoring import ArrayScorer, Crop, Group, Network
+from core.infer.sharded import Part, finished_part, gather_parts, remove_shards, run_key, write_part
 from core.io import write_csv
 from core.preprocess import Preprocessing
+from core.ranks import DistInfo, rank_info, usable_cores
 from core.trained import (
     WEIGHTS_FILE,
     CheckpointError,
@@ -296,7 +303,10 @@ def resolve_device(name: str) -> str:
         return "cpu"
     from core.device import pick_device
 
-    return str(pick_device(name))
+    device = str(pick_device(name))
+    info = rank_info()
+    # under torchrun, each process of a machine takes its own GPU, as train.py's do
+    return f"cuda:{info.local_rank}" if device == "cuda" and info.enabled else device
 
 
 def pick_runtime(requested: str, device: object) -> str:
@@ -329,9 +339,27 @@ def face_cropper(preprocessing: Preprocessing) -> Crop | None:
     return cropper(preprocessing)
 
 
+def export_missing(ensemble: Ensemble) -> None:
+    """Export side by side, on every core, the networks without a usable export in their cache
+    (`models.parallel_export`). Under torchrun the cores are shared among a machine's processes,
+    and each process starts on other networks, taking those its peers have finished as done."""
+    jobs = []
+    for idx in ensemble.groups().values():
+        size = Preprocessing.from_config(ensemble.trained[idx[0]].config).size
+        jobs += [(ensemble.trained[i].weights, size) for i in idx if needs_export(ensemble.trained[i].weights, size)]
+    info = rank_info()
+    if not jobs or (len(jobs) == 1 and not info.enabled):  # one export: made where it is needed, as before
+        return
+    from models.parallel_export import export_all
+
+    start = info.rank * len(jobs) // info.world
+    export_all(jobs[start:] + jobs[:start], max(1, usable_cores() // info.local_world))
+
+
 def onnx_scorer(
     ensemble: Ensemble, batch_size: int, workers: int, tta: str = "none", explain: bool = False
 ) -> ArrayScorer:
+    export_missing(ensemble)
     groups = []
     for idx in ensemble.groups().values():
         preprocessing = Preprocessing.from_config(ensemble.trained[idx[0]].config)
@@ -579,14 +607,163 @@ def serve(ensemble: Ensemble, args: argparse.Namespace, report: Callable[[str], 
     return run_server(model, args.host, args.port, args.max_upload_mb, args.batch_window_ms)
 
 
+@dataclass
+class Scored:
+    """What scoring some inputs gave: a row of `columns` per input, the attributes per input
+    (--attributes) and the scored video frames' rows (path, frame, member, probability)."""
+
+    table: np.ndarray
+    attributes: list[dict | None]
+    per_frame: list[tuple]
+
+
+def score_inputs(ensemble: Ensemble, args: argparse.Namespace, paths: list[Path], report) -> Scored | None:
+    """`paths` scored (none: an empty table); None once the reason no scorer could be built is on stderr."""
+    columns = ["blend", *ensemble.members]
+    if not paths:
+        return Scored(np.empty((0, len(columns))), [], [])
+    scorer = make_scorer(ensemble, args, report)
+    if scorer is None:
+        return None
+    table = scorer.score(paths)
+    attributes = [scorer.explained.get(i, {}) for i in range(len(paths))] if args.attributes else [None] * len(paths)
+    return Scored(table, attributes, scorer.per_frame)
+
+
+def emit(paths: list[Path], scored: Scored, columns: list[str], problems: list[str], args: argparse.Namespace) -> None:
+    """Print a line per input (text or --json) and write --out and --per-frame."""
+    for path, row, attributes in zip(paths, scored.table, scored.attributes, strict=True):
+        if args.json:
+            print(json_line(str(path), row, columns, problems, attributes))
+        elif not np.isnan(row[0]):
+            print(f"{row[0]:.4f}\t{path}{format_attributes(attributes or {})}")
+    if args.out:
+        import pandas as pd
+
+        probs = scored.table[:, 0]
+        write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
+    if args.per_frame:
+        import pandas as pd
+
+        write_csv(pd.DataFrame(scored.per_frame, columns=["path", "frame", "member", "probability"]), args.per_frame)
+
+
+def explain(ensemble: Ensemble, paths: list[Path], table: np.ndarray, args: argparse.Namespace, report) -> bool:
+    """Write the --explain overlays of `paths`; False once the reason it could not is on stderr."""
+    from models.explain import ExplainError, write_explanations
+
+    try:
+        write_explanations(ensemble, paths, table, args.explain, resolve_device(args.device), report)
+    except ExplainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def exit_status(table: np.ndarray, problems: list[str]) -> int:
+    if len(table) == 0 or np.isnan(table[:, 0]).all():
+        return 2
+    return 1 if problems else 0
+
+
+def frame_owners(paths: list[Path], per_frame: list[tuple]) -> list[int]:
+    """The place in `paths` of each frame row: rows come in the order their videos were scored,
+    which is the order of `paths` (the rows of a video given twice all go to its first place)."""
+    owners, place = [], 0
+    for row in per_frame:
+        while str(paths[place]) != row[0]:
+            place += 1
+        owners.append(place)
+    return owners
+
+
+def score_shard(
+    ensemble: Ensemble, args: argparse.Namespace, paths: list[Path], info: DistInfo, key: str
+) -> Part | None:
+    """This process's share of `paths` (every world-th), scored and written to its shard file, or
+    taken from the shard an earlier run of the same key left; None once stderr says why it failed."""
+    done = finished_part(args.out, info, key)
+    if done is not None:
+        print(f"rank {info.rank}: its shard of this run is already scored; taking it", file=sys.stderr)
+        return done
+    indices = list(range(info.rank, len(paths), info.world))
+    mine = [paths[i] for i in indices]
+    problems: list[str] = []
+
+    def shard_report(message: str) -> None:  # kept in the shard: process 0 counts every process's problems
+        problems.append(message)
+        print(f"skipped: {message}", file=sys.stderr)
+
+    scored = score_inputs(ensemble, args, mine, shard_report)
+    if scored is None:
+        return None
+    owners = frame_owners(mine, scored.per_frame)
+    part = Part(
+        indices=indices,
+        rows=[[None if np.isnan(x) else float(x) for x in row] for row in scored.table],
+        attributes=scored.attributes,
+        per_frame=[[indices[o], *row] for o, row in zip(owners, scored.per_frame, strict=True)],
+        problems=problems,
+    )
+    write_part(args.out, info, key, part)
+    return part
+
+
+def merge(parts: list[Part], n: int, columns: list[str]) -> Scored:
+    """The processes' parts as one process would have scored all `n` inputs."""
+    table = np.full((n, len(columns)), np.nan)
+    attributes: list[dict | None] = [None] * n
+    frames = []
+    for part in parts:
+        if part.indices:
+            table[part.indices] = np.array(part.rows, dtype=float)
+        for i, found in zip(part.indices, part.attributes, strict=True):
+            attributes[i] = found
+        frames += part.per_frame
+    frames.sort(key=lambda row: row[0])  # stable: a video's frames keep their order
+    return Scored(table, attributes, [tuple(row[1:]) for row in frames])
+
+
+def run_sharded(ensemble: Ensemble, args: argparse.Namespace, paths: list[Path], problems: list[str], report) -> int:
+    """Under torchrun: score this process's share into its shard; process 0 then merges every
+    shard and writes what one process would have (`core.infer.sharded`)."""
+    info = rank_info()
+    fit_file = Path(args.outputs or load_config([args.data_config, args.config])["paths"]["outputs"]) / FIT_FILE
+    key = run_key({**vars(args), "world": info.world}, paths, [*(t.weights for t in ensemble.trained), fit_file])
+    part = score_shard(ensemble, args, paths, info, key)
+    if part is None:
+        return 2
+    ok = True
+    if args.explain:
+        mine = [paths[i] for i in part.indices]
+        ok = explain(ensemble, mine, np.array(part.rows, dtype=float).reshape(len(mine), -1), args, report)
+    if not info.is_main:
+        return 0 if ok else 2
+    parts = gather_parts(args.out, info, key)
+    for each in parts:
+        problems += each.problems
+    columns = ["blend", *ensemble.members]
+    scored = merge(parts, len(paths), columns)
+    emit(paths, scored, columns, problems, args)
+    remove_shards(args.out, info)
+    return exit_status(scored.table, problems) if ok else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problems: list[str] = []
+    info = rank_info()
 
     def report(message: str) -> None:
         problems.append(message)
         print(f"skipped: {message}", file=sys.stderr)
 
+    if info.enabled and (args.serve or not args.out):
+        print(
+            "error: under torchrun, give --out (the processes' shards meet beside it); --serve runs in one process",
+            file=sys.stderr,
+        )
+        return 2
     try:  # bad --device / --runtime: fail before loading any model
         pick_runtime(args.runtime, resolve_device(args.device))
     except (RuntimeError, ValueError) as err:
@@ -603,43 +780,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         return serve(ensemble, args, report)
     paths = expand_inputs(args.inputs, report)
-    if args.json:  # inputs that are not there get their object too
+    if args.json and info.is_main:  # inputs that are not there get their object too
         for raw in args.inputs:
             if not Path(raw).exists():
                 print(json_line(str(Path(raw)), None, [], problems))
     if not paths:
         print("error: no image or video to score", file=sys.stderr)
         return 2
-    scorer = make_scorer(ensemble, args, report)
-    if scorer is None:
+    if info.enabled:
+        return run_sharded(ensemble, args, paths, problems, report)
+    scored = score_inputs(ensemble, args, paths, report)
+    if scored is None:
         return 2
-    table = scorer.score(paths)
-    probs = table[:, 0]
-    explained = [scorer.explained.get(i, {}) for i in range(len(paths))] if args.attributes else [None] * len(paths)
-    for path, row, attributes in zip(paths, table, explained, strict=True):
-        if args.json:
-            print(json_line(str(path), row, scorer.columns, problems, attributes))
-        elif not np.isnan(row[0]):
-            print(f"{row[0]:.4f}\t{path}{format_attributes(attributes or {})}")
-    if args.out:
-        import pandas as pd
-
-        write_csv(pd.DataFrame({"img_name": [str(p) for p in paths], "y_pred": probs}).dropna(), args.out)
-    if args.per_frame:
-        import pandas as pd
-
-        write_csv(pd.DataFrame(scorer.per_frame, columns=["path", "frame", "member", "probability"]), args.per_frame)
-    if args.explain:
-        from models.explain import ExplainError, write_explanations
-
-        try:
-            write_explanations(ensemble, paths, table, args.explain, scorer.device, report)
-        except ExplainError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    if np.isnan(probs).all():
+    emit(paths, scored, ["blend", *ensemble.members], problems, args)
+    if args.explain and not explain(ensemble, paths, scored.table, args, report):
         return 2
-    return 1 if problems else 0
+    return exit_status(scored.table, problems)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,13 @@
 BatchNorm over the global batch, and the agreement that keeps every rank in step.
 
 `torchrun --nproc_per_node N train.py ...` sets WORLD_SIZE/RANK/LOCAL_RANK; without them
-everything here is a no-op and training runs in one process.
+everything here is a no-op and training runs in one process. `core.ranks` reads the same
+environment without torch.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,28 +18,14 @@ from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Sampler
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from core.ranks import DistInfo, rank_info
 
 
 def init_distributed() -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = rank_info()
+    if not info.enabled:
+        return info
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

@@ -3,6 +3,8 @@
 An encoder config (`split.encoder`, `split.demo.encoder` in configs/data.yaml) is one of
 
   {kind: timm, name: convnext_base.fb_in22k, pretrained: true, weights: null, image_size: null, seed: 0}
+  (every key has a default: configs/data.yaml writes them all, null or false where the default applies,
+  so each can be overridden on the command line)
   {kind: open_clip, name: ViT-L-14, pretrained: openai}           # a tag, or a local file (models.clip_towers)
   {kind: open_clip, name: ViT-L-14, pretrained: ViT-L-14.pt, quick_gelu: true}   # OpenAI's file: say QuickGELU
   {kind: open_clip, model_cfg: {embed_dim: .., vision_cfg: {..}, text_cfg: {..}}, weights: null}
@@ -30,6 +32,11 @@ from models.backbones import create_backbone
 log = get_logger("encoders")
 
 KINDS = ("timm", "open_clip")
+# Every key an encoder config may hold (configs/data.yaml writes them all, so each can be overridden).
+KEYS = frozenset(
+    ("kind", "name", "pretrained", "weights", "image_size", "mean", "std", "quick_gelu", "model_cfg")
+    + ("allow_mismatch", "seed")
+)
 
 
 class EncoderError(ValueError):
@@ -104,7 +111,8 @@ def _build_open_clip(cfg: Mapping) -> Encoder:
     tag_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
     # The OpenAI weights were trained with QuickGELU; building without it degrades them silently. A
     # tag says which it takes; a local file cannot, so `quick_gelu` says it.
-    quick_gelu = bool(cfg.get("quick_gelu", tag_cfg.get("quick_gelu", False)))
+    chosen = cfg.get("quick_gelu")  # null in the config: not chosen
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False) if chosen is None else chosen)
     try:
         visual = build_visual(None if inline else name, inline, pretrained, quick_gelu)
     except (CheckpointError, ConfigError) as err:
@@ -122,6 +130,9 @@ def build_encoder(cfg: Mapping) -> Encoder:
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise EncoderError(f"encoder kind must be one of {list(KINDS)}, got {kind!r}")
+    unknown = sorted(set(cfg) - KEYS)
+    if unknown:  # a misspelt key would otherwise be ignored silently
+        raise EncoderError(f"encoder config: unknown key(s) {unknown}; known: {sorted(KEYS)}")
     # Weights not loaded from a file are drawn from torch's generator: seed it (without
     # touching the caller's stream), so a random-weight encoder gives the same clusters on
     # every machine and every run, not only while its features are cached.

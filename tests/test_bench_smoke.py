@@ -64,6 +64,12 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["members[].config", "members[].trainable_params", "members[].total_params", "members[].train_peak_mb"]
         + ["members[].infer_peak_mb"],
     ),
+    "scale": (  # the split and the blend; train and infer stages: tests/test_bench_scale.py
+        ["--n", "60", "120", "--stages", "split", "blend"],
+        ["rows[].n", "rows[].split.seconds", "rows[].split.cpu_seconds", "rows[].split.peak_rss_mb"]
+        + ["rows[].blend.cpu_seconds", "growth[].cpu_per_4x", "growth[].time_per_4x", "growth[].memory_per_4x"]
+        + ["growth[].meets_target", "all_meet_target", "machine.load_average"],
+    ),
     "serve_load": (
         ["--requests", "2", "--clients", "1"],
         ["levels[].clients", "levels[].requests_per_s", "levels[].p50_ms", "levels[].p95_ms"]

@@ -20,7 +20,7 @@ from core.data.clustering import kmeans, sweep
 from core.data.features import cached_features, load_cache
 from core.data.folds import FoldError, check_folds, cluster_folds, pack_clusters, place_groups, split_groups
 from core.data.sources import read_train_table, resolve_data
-from models.encoders import EncoderError, build_encoder, encoder_key
+from models.encoders import KEYS, EncoderError, build_encoder, encoder_key
 
 TINY_TIMM = {"kind": "timm", "name": "test_efficientnet.r160_in1k", "pretrained": False, "image_size": 32}
 TINY_CLIP = {
@@ -379,6 +379,7 @@ def test_feature_cache_recomputes_only_what_changed(tmp_path):
     feats, stats = run()
     assert (stats.computed, stats.reused, len(built)) == (6, 0, 1)
     assert feats.shape == (6, 4) and np.allclose(np.linalg.norm(feats, axis=1), 1)
+    assert isinstance(feats, np.memmap) and Path(feats.filename) == cache / "features.npy"  # streamed to the cache
     again, stats = run()
     assert (stats.computed, stats.reused, len(built)) == (0, 6, 1)  # no encoder built at all
     assert np.array_equal(again, feats)
@@ -429,7 +430,26 @@ def test_shipped_config_resolves_per_profile():
     real_cfg["data"].update(test_list="t.csv", test_root="t")
     real = cv_split.resolve_split(real_cfg, resolve_data(real_cfg, prepared=False))
     assert (real["split"]["n_folds"], real["split"]["k"]) == (7, 7)  # seven experts, split i = cluster i
-    assert real["split"]["encoder"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
+    real_encoder = real["split"]["encoder"]
+    assert (real_encoder["kind"], real_encoder["name"], real_encoder["pretrained"]) == (
+        "open_clip",
+        "ViT-L-14",
+        "openai",
+    )
+    assert real_encoder["quick_gelu"] is None  # not chosen: the openai tag's QuickGELU applies
+
+
+def test_every_encoder_key_is_in_the_config_and_overridable_without_plus():
+    cfg = load_config(["configs/data.yaml"])
+    assert set(cfg["split"]["encoder"]) == KEYS and set(cfg["split"]["demo"]["encoder"]) == KEYS
+    overridden = load_config(
+        ["configs/data.yaml"],
+        ["split.encoder.image_size=64", "split.encoder.seed=3", "split.demo.encoder.mean=[0.5,0.5,0.5]"],
+    )
+    assert overridden["split"]["encoder"]["image_size"] == 64 and overridden["split"]["encoder"]["seed"] == 3
+    assert overridden["split"]["demo"]["encoder"]["mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(EncoderError, match="unknown key"):
+        build_encoder({**TINY_TIMM, "image_sise": 64})
 
 
 # --- identity grouping ----------------------------------------------------------------------

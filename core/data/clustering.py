@@ -24,6 +24,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from torch_kmeans import KMeans
 
+from core.data.features import finite_rows
 from core.report import pyplot, save_figure
 
 # torch_kmeans peaks at about four tensors of restarts x N x K x D floats (measured); one spare.
@@ -101,9 +102,13 @@ def kmeans(
     stop; `tol=0` runs exactly `max_iter` full-data iterations (what a timing wants).
     """
     device = torch.device(device)
-    x = torch.as_tensor(
-        np.ascontiguousarray(features, dtype=np.float32) if isinstance(features, np.ndarray) else features
-    )
+    if isinstance(features, np.ndarray):
+        with warnings.catch_warnings():
+            # A read-only memory map (cached features) is shared, not copied, and never written here.
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    else:
+        x = features
     x = x.float()
     n, d = x.shape
     if not 2 <= k < n:
@@ -209,7 +214,7 @@ def plot_projection(
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    keep = np.flatnonzero(np.isfinite(features).all(axis=1))
+    keep = np.flatnonzero(finite_rows(features))
     if len(keep) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_points, replace=False))
     x, c, t = features[keep], np.asarray(clusters)[keep], np.asarray(targets)[keep]

@@ -6,6 +6,10 @@ array). On a rerun an image's row is reused when its name, file size, modificati
 and encoder key all match; only the other images go through the encoder, and when nothing
 needs computing the encoder is never built. A different encoder therefore recomputes
 everything, while adding images to the training set computes only the new ones.
+
+The features are streamed to that file as they are computed (a memory-mapped `.npy`, written
+beside the cache and renamed over it once complete), and the caller gets them memory-mapped:
+a run holds a batch of features in memory, not N x width floats (500k images x 768 dims is 1.5 GB).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from core.data.datasets import ImageDataset, make_loader
 from core.device import autocast
-from core.io import write_csv, write_with
+from core.io import atomic_path, write_csv
 from core.log import get_logger
 from core.progress import progress_bar
 
@@ -29,6 +33,7 @@ log = get_logger("features")
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ["img_name", "size", "mtime_ns", "encoder"]
+CHUNK_ROWS = 65536  # rows read or written at a time
 
 # Builds the encoder and its eval transform only when some image needs embedding.
 EncoderFactory = Callable[[], tuple[torch.nn.Module, Callable]]
@@ -51,27 +56,50 @@ def file_stamps(paths: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame({"size": [s.st_size for s in stats], "mtime_ns": [s.st_mtime_ns for s in stats]})
 
 
+class FeatureFile:
+    """A (rows x width) float32 `.npy` memory-mapped at `path`, created NaN-filled once the width is known."""
+
+    def __init__(self, path: Path, rows: int, where: str):
+        self.path, self.rows, self.where = path, rows, where
+        self.array: np.ndarray | None = None
+
+    def ensure(self, width: int) -> np.ndarray:
+        if self.array is None:
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.rows, width))
+            for start in range(0, self.rows, CHUNK_ROWS):
+                self.array[start : start + CHUNK_ROWS] = np.nan
+        elif self.array.shape[1] != width:
+            raise FeatureError(
+                f"{self.where}: cached features have {self.array.shape[1]} dims, the encoder gives {width}"
+            )
+        return self.array
+
+    def close(self) -> None:
+        """Write the mapped pages out and unmap them."""
+        if self.array is not None:
+            self.array.flush()
+            self.array = None
+
+
 @torch.inference_mode()
 def extract_features(
     model: torch.nn.Module,
     paths: Sequence[str],
     transform: Callable,
     device: torch.device,
+    into: FeatureFile,
+    rows: np.ndarray,
     *,
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
     on_error: Callable[[str], None] | None = None,
-    dim: int | None = None,
-) -> np.ndarray:
-    """L2-normalised `model(images)` for every path, float32 (N, D); NaN rows for undecodable files.
-
-    When no file decodes, the result is all NaN if the width `dim` is known, else FeatureError.
-    """
+) -> None:
+    """L2-normalised `model(images)` of `paths[i]` written to row `rows[i]` of `into`, a batch at a
+    time; rows of undecodable files are left NaN."""
     report = on_error or log.warning
     model = model.to(device).eval()
     loader = make_loader(ImageDataset(paths, transform=transform), batch_size, num_workers)
-    out: np.ndarray | None = None
     for batch in progress_bar(loader, desc="features", disable=not progress, leave=False):
         for message in batch["errors"]:
             report(message)
@@ -84,23 +112,15 @@ def extract_features(
         # Unit length: k-means on the sphere groups by direction (what the encoder encodes),
         # not by activation magnitude.
         feats = torch.nn.functional.normalize(feats.float().flatten(1), dim=1).cpu().numpy()
-        if out is None:
-            out = np.full((len(paths), feats.shape[1]), np.nan, dtype=np.float32)
-        out[batch["index"].numpy()] = feats
-    if out is None:
-        if dim is None:
-            raise FeatureError(f"none of the {len(paths)} images could be decoded")
-        out = np.full((len(paths), dim), np.nan, dtype=np.float32)
-    return out
+        into.ensure(feats.shape[1])[rows[batch["index"].numpy()]] = feats
 
 
-def _save_npy(array: np.ndarray, path: Path) -> None:
-    # np.save appends ".npy" to a path without it, so write through a file handle.
-    def writer(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-
-    write_with(path, writer)
+def finite_rows(features: np.ndarray) -> np.ndarray:
+    """Which rows hold features (no NaN), read a chunk at a time (a memory-mapped array stays on disk)."""
+    return np.concatenate(
+        [np.isfinite(features[s : s + CHUNK_ROWS]).all(axis=1) for s in range(0, len(features), CHUNK_ROWS)]
+        or [np.zeros(0, dtype=bool)]
+    )
 
 
 def load_cache(cache_dir: str | Path) -> tuple[pd.DataFrame, np.ndarray] | None:
@@ -133,7 +153,8 @@ def cached_features(
     num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[np.ndarray, FeatureStats]:
-    """Features for `paths` in their order, reusing the cache in `cache_dir` where still valid.
+    """Features for `paths` in their order, memory-mapped from the cache in `cache_dir` (read-only),
+    reusing its rows where still valid.
 
     `build()` is called only if at least one image has no valid cached row. Rows of images
     that fail to decode are NaN and are not trusted on the next run (they are retried).
@@ -150,40 +171,40 @@ def cached_features(
         hit = current.merge(old_index, on=INDEX_COLUMNS, how="left")["row"]
         row_of = hit.fillna(-1).to_numpy(dtype=np.int64)
     todo = np.flatnonzero(row_of < 0)
-    failed: list[str] = []
-    if len(todo) == 0:
-        feats = np.asarray(cached[1][row_of], dtype=np.float32)
+    if len(todo) == 0 and np.array_equal(row_of, np.arange(len(cached[1]))):
         log.info("features: all %d images from the cache %s", len(names), cache_dir)
-        return feats, FeatureStats(reused=len(names), computed=0, failed=failed)
-
+        return cached[1], FeatureStats(reused=len(names), computed=0, failed=[])
+    cache_dir = Path(cache_dir)
     log.info("features: %d cached, %d to compute -> %s", len(names) - len(todo), len(todo), cache_dir)
-    model, transform = build()
-    new = extract_features(
-        model,
-        [paths[i] for i in todo],
-        transform,
-        device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-        on_error=failed.append,
-        dim=cached[1].shape[1] if cached is not None and (row_of >= 0).any() else None,
-    )
+    failed: list[str] = []
+    reuse = np.flatnonzero(row_of >= 0)
+    with atomic_path(cache_dir / FEATURES_FILE) as tmp:
+        store = FeatureFile(tmp, len(names), str(cache_dir))
+        for start in range(0, len(reuse), CHUNK_ROWS):
+            part = reuse[start : start + CHUNK_ROWS]
+            store.ensure(cached[1].shape[1])[part] = cached[1][row_of[part]]
+        if len(todo):
+            model, transform = build()
+            extract_features(
+                model,
+                [paths[i] for i in todo],
+                transform,
+                device,
+                store,
+                todo,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                progress=progress,
+                on_error=failed.append,
+            )
+        if store.array is None:
+            raise FeatureError(f"none of the {len(todo)} images could be decoded")
+        store.close()
+        # Drop the old index, move the array in, then write the index that vouches for it: a crash
+        # in between leaves no index (everything recomputed), never an index over the wrong rows.
+        (cache_dir / INDEX_FILE).unlink(missing_ok=True)
     for message in failed:
         log.warning("features: skipped %s", message)
-    feats = np.full((len(names), new.shape[1]), np.nan, dtype=np.float32)
-    reuse = np.flatnonzero(row_of >= 0)
-    if len(reuse):
-        old = cached[1]
-        if old.shape[1] != new.shape[1]:
-            raise FeatureError(
-                f"{cache_dir}: cached features have {old.shape[1]} dims, the encoder gives {new.shape[1]}"
-            )
-        feats[reuse] = old[row_of[reuse]]
-    feats[todo] = new
-    # Drop the old index, write the array, then the index that vouches for it: a crash in
-    # between leaves no index (everything recomputed), never an index over the wrong rows.
-    (Path(cache_dir) / INDEX_FILE).unlink(missing_ok=True)
-    _save_npy(feats, Path(cache_dir) / FEATURES_FILE)
-    write_csv(current, Path(cache_dir) / INDEX_FILE)
+    write_csv(current, cache_dir / INDEX_FILE)
+    feats = np.load(cache_dir / FEATURES_FILE, mmap_mode="r")
     return feats, FeatureStats(reused=len(reuse), computed=len(todo), failed=failed)

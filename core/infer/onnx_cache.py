@@ -214,6 +214,16 @@ def lookup(weights: Path, size: int, threads: int = 0) -> CachedExport:
     return CachedExport(VERIFIED if network else "stale", weights, key, stamp, network=network)
 
 
+def needs_export(weights: Path, size: int) -> bool:
+    """Whether `lookup` would find nothing usable for `weights` at `size` px (no export, or a stale
+    one), read from the tag alone: no session is opened."""
+    tag = read_tag(weights) or {}
+    key = export_key(fingerprint(weights, tag.get("weights"))["sha256"], size)
+    if tag.get("key") != key or tag.get("verdict") not in (VERIFIED, FAILED):
+        return True
+    return tag["verdict"] == VERIFIED and not onnx_path(weights).is_file()
+
+
 def new_tag(cached: CachedExport, size: int, verdict: str, **details) -> dict:
     """The tag recording an export of the weights `cached` describes, and the check's verdict."""
     return {
