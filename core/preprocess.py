@@ -20,7 +20,7 @@ imported published checkpoint also records how its authors fed it (`data` keys):
   crop: `{kind: sbi_test, margin: 0.25, margin_scale: 0.5}`), scored as the highest over the
   faces. Finding faces needs dlib, so the crop itself is made outside `core` (train.py and
   infer.py hand each network that records it its cropper, `data_prep.face_crop`); here it is
-  only read and checked. A member trained here records it from its config (`sbi_fed`), an
+  only read and checked. A member trained here records it from its config (`data.face_crop`), an
   imported checkpoint from its release;
 - `video_frames`: how many frames of a video the network's member is scored on (SBI's test:
   32); infer.py takes the most any scored member records, 16 where none does.
