@@ -12,9 +12,10 @@ import yaml
 from core.io import write_text
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); learning rates are written
-    that way, so floats in exponent form without a dot are accepted too."""
+    that way, so floats in exponent form without a dot are accepted too. LibYAML's parser where
+    PyYAML has it (5-10x faster than the pure-Python one; the same safe constructor and resolver)."""
 
 
 _Loader.add_implicit_resolver(

@@ -19,9 +19,8 @@ import numpy as np
 
 from core.imaging import ImageDecodeError
 from core.io import write_json
-from data_prep.faces import FaceAnalyzer
+from data_prep.faces import Box, FaceAnalyzer
 
-Box = tuple[int, int, int, int]
 SMOOTH = 5  # chosen: frames averaged per box centre (published: DeepfakeBench aligns each frame alone)
 
 
@@ -75,8 +74,8 @@ class ClipFaceCropper:
             if self._analyzer is None:
                 self._analyzer = FaceAnalyzer(embed=False, pick="score")
             for i, frame in missing:
-                face = self._analyzer.primary(frame)
-                boxes[str(i)] = None if face is None else [int(v) for v in face.box]
+                box = self._analyzer.primary_box(frame)
+                boxes[str(i)] = None if box is None else list(box)
             if cache is not None:
                 write_json({"key": key, "boxes": boxes}, cache)
         return [None if boxes[str(i)] is None else tuple(boxes[str(i)]) for i in indices]

@@ -60,7 +60,7 @@ class FaceCropper:
                 return [tuple(box) for box in json.loads(cache.read_text())["boxes"]]
         if self.analyzer is None:
             self.analyzer = FaceAnalyzer(embed=False)
-        found = [face.box for face in self.analyzer.detect(image)]
+        found = self.analyzer.boxes(image)
         if cache is not None:
             write_json({"settings": self.settings, "boxes": [list(box) for box in found]}, cache)
         return found

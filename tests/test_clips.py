@@ -273,17 +273,15 @@ def test_face_boxes_follow_a_moving_face_smoothed_over_the_clip():
 
 
 def test_clip_face_boxes_are_found_once_per_frame_and_cached(tmp_path):
-    from types import SimpleNamespace
-
     from data_prep.clip_faces import ClipFaceCropper
 
     calls = []
 
     class Finder:  # a face at a known place per frame (its grey level), none in frame 2
-        def primary(self, frame):
+        def primary_box(self, frame):
             i = int(round(float(frame.mean()) / 8))
             calls.append(i)
-            return None if i == 2 else SimpleNamespace(box=(4 + i, 8, 20 + i, 24))
+            return None if i == 2 else (4 + i, 8, 20 + i, 24)
 
     video = numbered_video(tmp_path / "v.avi", 8, size=48)
     cropper = ClipFaceCropper(tmp_path / "cache")

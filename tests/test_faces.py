@@ -296,3 +296,81 @@ def test_analyzer_pickles_without_models(analyzer: FaceAnalyzer, astronaut: np.n
     analyzer.largest(astronaut)
     clone = pickle.loads(pickle.dumps(analyzer))
     assert clone.settings() == analyzer.settings()
+
+
+@pytest.fixture
+def canvas(astronaut: np.ndarray, grace: np.ndarray) -> np.ndarray:
+    """Two people, the smaller face the more confident detection: the pick rules disagree."""
+    small = cv2.resize(grace, (230, 270), interpolation=cv2.INTER_AREA)
+    out = np.full((512, 800, 3), 128, np.uint8)
+    out[:, :512] = astronaut
+    out[:270, 540:770] = small
+    return out
+
+
+@pytest.mark.parametrize("pick", ["largest", "score"])
+def test_boxes_are_detect_boxes_without_the_landmark_model(
+    canvas: np.ndarray, pick: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    analyzer = FaceAnalyzer(embed=False, pick=pick)
+    faces = analyzer.detect(canvas)
+    assert len(faces) >= 2
+    primary = analyzer.primary(canvas)
+    loaded: list[str] = []
+    real_load = F._load_model
+    monkeypatch.setattr(F, "_MODELS", {})  # nothing loaded yet in this process, as for a fresh infer.py
+
+    def load(kind: str, path: Path):
+        loaded.append(kind)
+        return real_load(kind, path)
+
+    monkeypatch.setattr(F, "_load_model", load)
+    assert analyzer.boxes(canvas) == [f.box for f in faces]
+    assert analyzer.primary_box(canvas) == primary.box
+    assert loaded and "landmarks" not in loaded
+    assert analyzer.boxes(np.full((64, 64, 3), 128, np.uint8)) == []
+    assert analyzer.primary_box(np.full((64, 64, 3), 128, np.uint8)) is None
+
+
+def test_face_detector_saved_once_then_read_back(
+    tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import dlib
+
+    built = dlib.get_frontal_face_detector()
+    expected = built.run(astronaut, 1, 0.0)
+    monkeypatch.setenv("FFDI_CACHE_DIR", str(tmp_path / "cache"))
+    first = F._frontal_detector()
+    saved = list((tmp_path / "cache").iterdir())
+    assert [p.name for p in saved] == [f"dlib-{dlib.__version__}-frontal_face_detector.svm"]
+
+    def refuse():
+        raise AssertionError("built again although a saved copy exists")
+
+    monkeypatch.setattr(dlib, "get_frontal_face_detector", refuse)
+    again = F._frontal_detector()
+    for detector in (first, again):
+        rects, scores, _ = detector.run(astronaut, 1, 0.0)
+        assert [(r.left(), r.top(), r.right(), r.bottom()) for r in rects] == [
+            (r.left(), r.top(), r.right(), r.bottom()) for r in expected[0]
+        ]
+        assert scores == pytest.approx(expected[1])
+    monkeypatch.undo()
+
+    # A damaged copy is replaced; an unwritable cache only costs the saving.
+    saved[0].write_bytes(b"not a detector")
+    monkeypatch.setenv("FFDI_CACHE_DIR", str(tmp_path / "cache"))
+    assert len(F._frontal_detector().run(astronaut, 1, 0.0)[0]) == len(expected[0])
+    assert "unreadable saved face detector" in capfd.readouterr().err
+    assert dlib.fhog_object_detector(str(saved[0])) is not None
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FFDI_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    assert len(F._frontal_detector().run(astronaut, 1, 0.0)[0]) == len(expected[0])
+
+
+def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FFDI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert F.cache_dir() == tmp_path / "xdg" / "ffdi"
+    monkeypatch.setenv("FFDI_CACHE_DIR", str(tmp_path / "own"))
+    assert F.cache_dir() == tmp_path / "own"

@@ -22,6 +22,7 @@ does not read hundreds of megabytes of weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
@@ -52,6 +53,7 @@ def tag_path(weights: Path) -> Path:
     return weights.with_suffix(".onnx.json")
 
 
+@functools.cache  # read from the installed metadata: 4-8 ms a call, and a load asks twice per network
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -117,6 +119,7 @@ def optimized_path(weights: Path) -> Path:
     return weights.with_suffix(".optimized.onnx")
 
 
+@functools.cache
 def machine_id() -> str:
     """What an optimised graph is specific to: ONNX Runtime picks its fused kernels and blocked
     layouts for the processor's instruction set, so a graph optimised on one machine is used on
