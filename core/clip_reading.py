@@ -102,7 +102,7 @@ def cut(window: list[np.ndarray], start: int, frames: int) -> Clip:
 def read_window(path: str | Path, window: int) -> list[np.ndarray]:
     """The video's first `window` RGB frames, read in order (seeking is unreliable in many codecs),
     fewer when it ends sooner, whatever its container reports (OpenCV's frame count often
-    over-reports). A file that is missing, cannot be opened, reports no frames or has no
+    over-reports, or records none). A file that is missing, cannot be opened, holds no frame or has no
     decodable frame raises ImageDecodeError naming it."""
     import cv2
 

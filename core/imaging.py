@@ -110,7 +110,9 @@ def opens_as_image(path: str | Path) -> bool:
 @contextmanager
 def open_video(path: str | Path) -> Iterator[tuple[Any, int]]:
     """OpenCV's capture of the video at `path` and its frame count, released on exit. A file that
-    is missing, cannot be opened or reports no frames raises ImageDecodeError naming it."""
+    is missing, cannot be opened or holds no frame raises ImageDecodeError naming it. A container
+    that records no frame count (a live stream's dump, some WebM and Matroska files) is counted by
+    reading it through once, then opened again at its start."""
     import cv2
 
     path = Path(path)
@@ -122,7 +124,11 @@ def open_video(path: str | Path) -> Iterator[tuple[Any, int]]:
             raise ImageDecodeError(f"{path}: cannot open as a video")
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if total <= 0:
-            raise ImageDecodeError(f"{path}: video reports no frames")
+            total = sum(1 for _ in iter(cap.grab, False))
+            cap.release()
+            cap = cv2.VideoCapture(str(path))
+        if total <= 0:
+            raise ImageDecodeError(f"{path}: video holds no frames")
         yield cap, total
     finally:
         cap.release()
@@ -133,19 +139,47 @@ def indexed_video_frames(path: str | Path, num_frames: int) -> list[tuple[int, n
 
     Frames are taken at evenly spaced indices from first to last, not from the start,
     so a long video is represented by all of its length; a frame that does not decode is left out.
+    Each is reached by seeking; a file whose seeks do not land (no index to seek by, as in a
+    container that records no frame count) is read in order instead.
     """
-    import cv2
-
     with open_video(path) as (cap, total):
         indices = np.unique(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(int))
-        frames = []
-        for idx in indices:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, int(idx))
-            ok, frame = cap.read()
-            if ok:
-                frames.append((int(idx), cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
+        frames = _frames_by_seeking(cap, indices)
+    if frames is None:
+        with open_video(path) as (cap, _):
+            frames = _frames_in_order(cap, indices)
     if not frames:
         raise ImageDecodeError(f"{path}: no frame could be decoded")
+    return frames
+
+
+def _frames_by_seeking(cap: Any, indices: np.ndarray) -> list[tuple[int, np.ndarray]] | None:
+    """The decodable frames at `indices`, each reached by a seek; None as soon as one does not land."""
+    import cv2
+
+    frames = []
+    for idx in indices:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, int(idx))
+        if int(cap.get(cv2.CAP_PROP_POS_FRAMES)) != idx:
+            return None
+        ok, frame = cap.read()
+        if ok:
+            frames.append((int(idx), cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
+    return frames
+
+
+def _frames_in_order(cap: Any, indices: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The decodable frames at `indices` (ascending), reading the video from its start."""
+    import cv2
+
+    frames, wanted = [], set(indices.tolist())
+    for idx in range(int(indices[-1]) + 1):
+        if not cap.grab():
+            break
+        if idx in wanted:
+            ok, frame = cap.retrieve()
+            if ok:
+                frames.append((idx, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
     return frames
 
 

@@ -96,6 +96,17 @@ def test_a_video_whose_container_over_reports_is_read_to_its_real_end(tmp_path):
     assert "error" not in item and item["image"].shape == (3, 4, 3, 32, 32) and item["clips"] == 3
 
 
+def test_a_video_that_records_no_frame_count_is_counted_and_read(tmp_path):
+    from core.imaging import indexed_video_frames
+
+    video = over_reported(tmp_path / "uncounted.avi", 12, reported=0)
+    assert frame_numbers(read_window(str(video), 32)) == list(range(12))
+    clips = video_clips(str(video), ClipSettings(frames=4, window=8))
+    assert [frame_numbers(c) for c in clips] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    indexed = indexed_video_frames(video, 4)  # the image members' frames, spread over all 12
+    assert [i for i, _ in indexed] == [0, 4, 7, 11] and frame_numbers(f for _, f in indexed) == [0, 4, 7, 11]
+
+
 def test_a_cut_video_keeps_its_decodable_frames_and_junk_is_one_line(tmp_path):
     video = numbered_video(tmp_path / "cut.avi", 24, size=64)
     data = video.read_bytes()
