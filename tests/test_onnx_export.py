@@ -136,6 +136,12 @@ def test_the_optimised_graph_is_saved_at_the_first_load_and_scores_alike(cached,
     assert json.loads(tag_path(cached).read_text())["optimized_for"] == "another-processor"
 
 
+def test_sessions_do_not_spin_between_runs(cached):
+    # infer.py runs a session per network one after the other: an idle pool must not poll the cores
+    options = lookup(cached, SIZE).network.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_a_corrupt_cache_is_exported_again(expert, cached, capsys, monkeypatch):
     weights = cached
     weights.with_suffix(".onnx").write_bytes(b"not an onnx model")
