@@ -11,11 +11,13 @@ scheme, where "right eye" is the subject's right eye (on the left of an unmirror
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,14 @@ def _frontal_detector() -> Any:
     return detector
 
 
+# The detections of the images searched last, by detector settings and pixels: infer.py cuts the
+# aligned crops of a video frame for most networks and the SBI crop of the same frame for a network
+# that takes face crops, each asking for the frame's faces (hashing the pixels costs 1 % of a search or less).
+RECENT_SEARCHES = 64
+_RECENT: OrderedDict[tuple, list] = OrderedDict()
+_RECENT_LOCK = threading.Lock()
+
+
 # eq=False: field-wise == on numpy arrays raises instead of answering.
 @dataclass(eq=False)
 class Face:
@@ -266,7 +276,21 @@ class FaceAnalyzer:
         return list(zip(rects, map(float, scores), strict=True))
 
     def _found(self, img: np.ndarray) -> list[tuple[Any, Box, float]]:
-        """(dlib rectangle, box, score) of each detection kept, largest box first."""
+        """(dlib rectangle, box, score) of each detection kept, largest box first; an image this
+        process searched recently with the same detector settings is not searched again."""
+        key = (self.detector, self.upsample, self.min_score, img.shape, hashlib.blake2b(img, digest_size=16).digest())
+        with _RECENT_LOCK:
+            if key in _RECENT:
+                _RECENT.move_to_end(key)
+                return _RECENT[key]
+        found = self._search(img)
+        with _RECENT_LOCK:
+            _RECENT[key] = found
+            if len(_RECENT) > RECENT_SEARCHES:
+                _RECENT.popitem(last=False)
+        return found
+
+    def _search(self, img: np.ndarray) -> list[tuple[Any, Box, float]]:
         h, w = img.shape[:2]
         found = []
         for rect, score in self._detect_rects(img):

@@ -318,7 +318,8 @@ def test_boxes_are_detect_boxes_without_the_landmark_model(
     primary = analyzer.primary(canvas)
     loaded: list[str] = []
     real_load = F._load_model
-    monkeypatch.setattr(F, "_MODELS", {})  # nothing loaded yet in this process, as for a fresh infer.py
+    monkeypatch.setattr(F, "_MODELS", {})  # nothing loaded or searched yet, as in a fresh infer.py
+    monkeypatch.setattr(F, "_RECENT", F.OrderedDict())
 
     def load(kind: str, path: Path):
         loaded.append(kind)
@@ -374,3 +375,21 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
     assert F.cache_dir() == tmp_path / "xdg" / "ffdi"
     monkeypatch.setenv("FFDI_CACHE_DIR", str(tmp_path / "own"))
     assert F.cache_dir() == tmp_path / "own"
+
+
+def test_a_frame_searched_recently_is_not_searched_again(canvas: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    searched = []
+    real = FaceAnalyzer._detect_rects
+    monkeypatch.setattr(F, "_RECENT", F.OrderedDict())
+    monkeypatch.setattr(FaceAnalyzer, "_detect_rects", lambda self, img: searched.append(img.shape) or real(self, img))
+    aligned = FaceAnalyzer(embed=False).detect(canvas)  # infer.py's aligned crops of a video frame
+    assert FaceAnalyzer(embed=False).boxes(canvas.copy()) == [f.box for f in aligned]  # the SBI crop's search
+    assert len(searched) == 1
+    FaceAnalyzer(embed=False, upsample=0).boxes(canvas)  # other settings: searched
+    FaceAnalyzer(embed=False).boxes(canvas[:, ::-1])  # other pixels: searched
+    assert len(searched) == 3
+    for k in range(F.RECENT_SEARCHES):  # the memory is bounded: the oldest frame is searched again
+        FaceAnalyzer(embed=False).boxes(np.full((32, 32, 3), k, np.uint8))
+    assert len(F._RECENT) == F.RECENT_SEARCHES
+    FaceAnalyzer(embed=False).boxes(canvas)
+    assert len(searched) == 4 + F.RECENT_SEARCHES
