@@ -15,6 +15,10 @@ which memory layout its input has, which for a batch of one depends on the batch
 the trace adds the guard `batch <= 1` and the export fails its dynamic-batch constraint
 (`Invalid ranges [2:1]`). Any example batch above one avoids the question.
 
+A network with a part that does not depend on its input (SJEDD's prompt embeddings, made by
+a text tower that costs several times its image tower) offers `export_constants()`, a context
+under which the export takes that part as a constant computed once, not a subgraph run per call.
+
 A network that takes clips (`takes_clips`: (N, T, 3, H, W) in) is exported with its clip length
 free too, from 1 (a still as a one-frame clip) to the longest its config cuts (`clip.frames`),
 and checked on a full-length clip and on one-frame clips.
@@ -124,7 +128,8 @@ def export_onnx(model: nn.Module, size: int, keys: list[str] | None, key: str, f
     free = {0: torch.export.Dim("batch", min=1, max=4096)}
     if frames is not None and frames > 1:
         free[1] = torch.export.Dim("frames", min=1, max=frames)
-    with _quiet_exporter():
+    constants = getattr(model, "export_constants", contextlib.nullcontext)
+    with _quiet_exporter(), constants():
         program = torch.onnx.export(
             _Tupled(model, keys).eval(),
             (example,),

@@ -26,7 +26,8 @@ on `build_sjedd_loss`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,14 +121,29 @@ class SJEDDNet(nn.Module):
         self.antonyms, self.scale, self.normalize = antonyms, float(scale), normalize
         # The prompts' embeddings in eval mode, and the text weights they were computed from (`text_features`)
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self._export_text: torch.Tensor | None = None  # `export_constants`
+
+    @contextlib.contextmanager
+    def export_constants(self) -> Iterator[None]:
+        """Under this, an export (torch.export, for ONNX) takes the prompts' embeddings as a constant
+        computed now instead of tracing the text tower into the graph, where it would run at every
+        call for an answer that never changes."""
+        with torch.no_grad():
+            self._export_text = self.clip.encode_text(self.tokens)
+        try:
+            yield
+        finally:
+            self._export_text = None
 
     def text_features(self) -> torch.Tensor:
         """The prompts' embeddings. They do not depend on the image, so in eval mode they are
         computed once (the text tower costs about 8 times the ViT-B/32 image tower at batch 1) and
         kept until the text weights change: moved, trained, loaded or edited in place (each bumps
         a tensor's version or storage) or the network is put back in training mode. Training
-        mode, tracing for an export and weights made under torch.inference_mode (whose in-place
-        changes bump no version) compute them every call."""
+        mode, tracing (outside `export_constants`) and weights made under torch.inference_mode
+        (whose in-place changes bump no version) compute them every call."""
+        if self._export_text is not None and torch.compiler.is_exporting():
+            return self._export_text
         weights = [p for name, p in self.clip.named_parameters() if not name.startswith("visual.")]
         if self.training or torch.compiler.is_compiling() or any(p.is_inference() for p in weights):
             return self.clip.encode_text(self.tokens)

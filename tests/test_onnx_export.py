@@ -255,3 +255,26 @@ def test_infer_scores_alike_with_either_runtime(cached, tmp_path):
     assert len(scores["onnx"][0]) == 3 and scores["onnx"][0] == scores["onnx"][1]
     np.testing.assert_allclose(scores["onnx"][0], scores["torch"][0], atol=1e-5)
     assert tag_path(weights).is_file()
+
+
+def test_a_part_that_does_not_depend_on_the_input_is_exported_as_a_constant():
+    import contextlib
+
+    import onnx
+
+    from tests.test_sjedd import TINY_CLIP, tiny_net
+
+    net = tiny_net().eval()
+    size = TINY_CLIP["vision_cfg"]["image_size"]
+    keys = onnx_export._output_keys(net, size, None)
+    text_tower = tuple(net.clip.token_embedding.weight.shape)
+
+    def initializer_shapes() -> set[tuple[int, ...]]:
+        proto = onnx.load_from_string(onnx_export.export_onnx(net, size, keys, "key"))
+        return {tuple(t.dims) for t in proto.graph.initializer}
+
+    assert text_tower not in initializer_shapes()  # the prompts' embeddings, not the tower that makes them
+    network, reason = onnx_export.export_and_check(net, size, "sjedd")
+    assert network is not None, reason  # and it scores as PyTorch does
+    net.export_constants = contextlib.nullcontext  # without the hook the tower is traced in
+    assert text_tower in initializer_shapes()
