@@ -8,7 +8,8 @@ One item is one real row of the training table, deterministic in (seed, epoch, i
     fake crops at output_size, normalised like the evaluation transform -> with guidance,
     the fake's face embedding (dlib, computed here; the real's comes from the face cache) or
     the aligned face crops of both (a torch embedder runs on the device) -> with
-    `mix_ratio` > 0, that share of the fakes is another fake image of the training set.
+    `mix_ratio` > 0, that share of the fakes is another fake image of the training set, cut to
+    its largest face as evaluation cuts images (`data.face_crop`).
 
 `collate_pairs` puts an item's real and fake in the same batch, reals first: B items give B
 reals then B fakes, and image i pairs with image i + B.
@@ -38,6 +39,7 @@ from core.imaging import ImageDecodeError, decode_image
 from core.log import get_logger
 from core.progress import progress_bar
 from data_prep.blending import Box, SBIConfig, face_crop_window, precrop_window, sbi_pair
+from data_prep.face_crop import member_face_cropper
 from data_prep.faces import (
     EMBEDDING_FILE,
     FaceAnalyzer,
@@ -286,7 +288,9 @@ class SBIPairs:
 
     `mix_fakes` (paths) with `mix_ratio` > 0: that share of the items carry one of those
     images, drawn per item, as their fake, through `mix_transform` (the member's training
-    transform), instead of the self-blend.
+    transform), instead of the self-blend; with `mix_crop` (the member's evaluation face crop),
+    cut to its largest face first, so a mixed-in fake meets the network as the self-blends (face
+    crops) and the evaluation images do; one without a face leaves the item its self-blend.
     """
 
     def __init__(
@@ -300,6 +304,7 @@ class SBIPairs:
         mix_fakes: Sequence[str] = (),
         mix_ratio: float = 0.0,
         mix_transform: Callable[[np.ndarray, int], torch.Tensor] | None = None,
+        mix_crop: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     ):
         if not 0.0 <= mix_ratio <= 1.0:
             raise ConfigError(f"recipe.mix_ratio must be in [0, 1], not {mix_ratio}")
@@ -316,6 +321,7 @@ class SBIPairs:
         self.mix_fakes = list(mix_fakes)
         self.mix_ratio = float(mix_ratio)
         self.mix_transform = mix_transform
+        self.mix_crop = mix_crop
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -340,9 +346,9 @@ class SBIPairs:
         try:
             s = sbi_frames(decode_image(real.path), real.landmarks, real.box, rng, self.sbi)
             item = {"index": index, "real": self._tensor(s.real), "guided": guided}
-            if self.mix_ratio and mix_rng.random() < self.mix_ratio:
-                path = self.mix_fakes[int(mix_rng.integers(len(self.mix_fakes)))]
-                item["fake"] = self.mix_transform(decode_image(path), int(mix_rng.integers(2**31)))
+            mixed = self._mixed_fake(mix_rng) if self.mix_ratio and mix_rng.random() < self.mix_ratio else None
+            if mixed is not None:
+                item["fake"] = mixed
                 item["guided"][1] = False
             else:
                 item["fake"] = self._tensor(s.fake)
@@ -350,6 +356,19 @@ class SBIPairs:
         except (ImageDecodeError, ValueError) as err:
             return {"index": index, "error": f"{real.path}: {err}" if real.path not in str(err) else str(err)}
         return item
+
+    def _mixed_fake(self, rng: np.random.Generator) -> torch.Tensor | None:
+        """One of `mix_fakes`, drawn with `rng`, cut by `mix_crop` as evaluation cuts an image (its
+        largest face) and passed through `mix_transform`; None where `mix_crop` finds no face (the
+        item keeps its self-blend)."""
+        path = self.mix_fakes[int(rng.integers(len(self.mix_fakes)))]
+        image, seed = decode_image(path), int(rng.integers(2**31))
+        if self.mix_crop is not None:
+            crops = self.mix_crop(image)
+            if not crops:
+                return None
+            image = crops[0]
+        return self.mix_transform(image, seed)
 
     def _guidance(self, real: RealFace, s: SBIFrames, fake_guided: bool) -> dict:
         """What the criterion needs to measure the real-to-fake identity shift, per image."""
@@ -438,6 +457,7 @@ def sbi_pairs(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int, gu
         raise ConfigError(f"{folder}: none of the {int((table['target'] == 0).sum())} training reals has a cached face")
     spec = EmbedderSpec.from_cfg((cfg.get("loss") or {}).get("embedder")) if guided else None
     data = cfg["data"]
+    mix_ratio = float(recipe.get("mix_ratio", 0.0))
     return SBIPairs(
         reals,
         sbi,
@@ -446,6 +466,7 @@ def sbi_pairs(cfg: dict, table: pd.DataFrame, transform: Callable, seed: int, gu
         seed,
         embedder=spec,
         mix_fakes=table.loc[table["target"] == 1, "path"].astype(str).tolist(),
-        mix_ratio=float(recipe.get("mix_ratio", 0.0)),
+        mix_ratio=mix_ratio,
         mix_transform=transform,
+        mix_crop=member_face_cropper(cfg) if mix_ratio > 0 else None,
     )

@@ -276,6 +276,44 @@ def test_mix_ratio_swaps_that_share_of_fakes_and_leaves_the_rest_alone(
         _pairs(reals, recipe, mix_ratio=0.2)
 
 
+def test_a_mixed_in_fake_is_cut_to_its_face_as_evaluation_cuts_images(
+    reals: list, recipe: object, prepared: dict
+) -> None:
+    fake = str(prepared["out"] / "edit" / "fake.png")
+    seen = []
+
+    def transform(img: np.ndarray, seed: int) -> torch.Tensor:
+        seen.append(img.shape)
+        return torch.full((3, SIZE, SIZE), 7.0)
+
+    def crop(img: np.ndarray) -> list[np.ndarray]:  # the largest face first, as FaceCropper gives them
+        return [img[:12, :10], img[:4, :4]]
+
+    cut = _pairs(reals * 10, recipe, mix_fakes=[fake], mix_ratio=0.5, mix_transform=transform, mix_crop=crop)
+    swapped = [torch.equal(cut[i]["fake"], torch.full((3, SIZE, SIZE), 7.0)) for i in range(30)]
+    assert 8 <= sum(swapped) <= 22 and set(seen) == {(12, 10, 3)}  # the largest face's crop, never the image
+    no_face = {"mix_fakes": [fake], "mix_ratio": 0.5, "mix_transform": transform, "mix_crop": lambda img: []}
+    faceless = _pairs(reals * 10, recipe, **no_face)
+    pure = _pairs(reals * 10, recipe)
+    for i in range(30):  # no face in the fake: the item keeps its self-blend
+        assert torch.equal(faceless[i]["fake"], pure[i]["fake"])
+
+
+def test_the_recipe_cuts_mixed_in_fakes_with_the_members_face_crop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import data_prep.sbi_online as online
+
+    made = []
+    monkeypatch.setattr(online, "member_face_cropper", lambda cfg: made.append(cfg["name"]) or "cropper")
+    monkeypatch.setattr(online, "read_real_faces", lambda *a: ([object()], {}))
+    monkeypatch.setattr(online, "faces_dir", lambda cfg: Path("."))
+    table = pd.DataFrame({"path": ["a.png", "b.png"], "target": [0, 1]})
+    for ratio, expected in ((0.0, None), (0.3, "cropper")):
+        cfg = {"name": "sbi_fed_demo", "recipe": {"mix_ratio": ratio}, "data": {}, "train": {"progress": False}}
+        monkeypatch.setattr(online, "sbi_config", lambda cfg: None)
+        assert online.sbi_pairs(cfg, table, lambda img, seed: None, 0, guided=False).mix_crop == expected
+    assert made == ["sbi_fed_demo"]  # built only where fakes are mixed in
+
+
 # --------------------------------------------------------------------------- guidance inputs
 
 

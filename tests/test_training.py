@@ -135,6 +135,20 @@ def test_unknown_optimizer_or_schedule_is_refused():
         TrainSettings.from_cfg({"schedule": "step"})
 
 
+def test_the_constant_schedule_keeps_the_lr_after_its_warmup(tmp_path):
+    from core.train.trainer import lr_factor
+
+    published = lr_factor(1000, TrainSettings(schedule="constant", warmup_steps=0))  # StA: no scheduler
+    assert [published(k) for k in (0, 1, 500, 999)] == [1.0, 1.0, 1.0, 1.0]
+    warmed = lr_factor(1000, TrainSettings(schedule="constant", warmup_steps=4))
+    assert [warmed(k) for k in (0, 1, 3, 4, 999)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    settings = TrainSettings(schedule="constant", warmup_steps=0, lr=1e-3, num_workers=0, progress=False, epochs=2)
+    ds = tiny_dataset(tmp_path, 8)
+    trainer = Trainer(TinyBatchNormNet(), models.build_criterion({}), ds, ds, settings, tmp_path, torch.device("cpu"))
+    trainer.fit()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # still the lr after the last step
+
+
 def test_adam_puts_weight_decay_in_the_gradient_and_spares_biases(tmp_path):
     """`adam`: torch's Adam with L2 weight decay on the weight matrices (SLADD's optimiser), not
     AdamW's decoupled decay; 1-d parameters (biases, norms) keep none, as with every optimiser."""

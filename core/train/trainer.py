@@ -56,7 +56,7 @@ log = get_logger("train")
 Criterion = Callable[[torch.nn.Module, dict], tuple]
 Collate = Callable[[list[dict]], dict]
 OPTIMIZERS = ("adamw", "adam", "sam_sgd")
-SCHEDULES = ("warmup_cosine", "linear_decay_after")
+SCHEDULES = ("warmup_cosine", "linear_decay_after", "constant")
 STATE_FILE = "last_state.safetensors"
 EMA_BN_MODES = ("recompute", "average")
 
@@ -114,8 +114,9 @@ class TrainSettings:
     optimizer: str = "adamw"
     momentum: float = 0.9  # sam_sgd only
     sam_rho: float = 0.05  # sam_sgd only: radius of SAM's ascent step
-    # `warmup_cosine` (warmup_steps, then cosine to min_lr_ratio) or `linear_decay_after`
-    # (constant, then linear to 0 over the last 1 - decay_start of the steps: SBI's schedule).
+    # `warmup_cosine` (warmup_steps, then cosine to min_lr_ratio), `linear_decay_after`
+    # (constant, then linear to 0 over the last 1 - decay_start of the steps: SBI's schedule) or
+    # `constant` (warmup_steps, then the lr itself: with no warmup, training without a scheduler).
     schedule: str = "warmup_cosine"
     decay_start: float = 0.75
 
@@ -209,9 +210,16 @@ def build_optimizer(module: torch.nn.Module, s: TrainSettings) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=s.lr)
 
 
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then 1."""
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
 def lr_factor(total_steps: int, s: TrainSettings) -> Callable[[int], float]:
     if s.schedule == "linear_decay_after":
         return linear_decay_after(total_steps, s.decay_start)
+    if s.schedule == "constant":
+        return warmup_constant(s.warmup_steps)
     return warmup_cosine(total_steps, s.warmup_steps, s.min_lr_ratio)
 
 
