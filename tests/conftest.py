@@ -33,8 +33,12 @@ def working_folder(where: Path) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_working_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Module- and session-scoped fixtures run here (before any test's own folder exists)."""
-    yield from _inside(working_folder(tmp_path_factory.mktemp("session-cwd")))
+    """Module- and session-scoped fixtures run here (before any test's own folder exists), and
+    what the code keeps in the user's cache (`data_prep.faces.cache_dir`) goes to a folder of the
+    session's, inherited by the commands tests run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FFDI_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+        yield from _inside(working_folder(tmp_path_factory.mktemp("session-cwd")))
 
 
 @pytest.fixture(autouse=True)

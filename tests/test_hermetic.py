@@ -27,3 +27,11 @@ def test_relative_paths_to_the_project_files_resolve_into_the_checkout() -> None
     # The configured places resolve inside the working folder, not the checkout.
     assert Path(cfg["paths"]["outputs"]).resolve() == Path.cwd().resolve() / "outputs"
     assert Path(cfg["data"]["demo_dir"]).resolve().is_relative_to(Path.cwd().resolve())
+
+
+def test_the_users_cache_is_a_folder_of_the_session() -> None:
+    from data_prep.faces import cache_dir
+
+    home_cache = Path.home() / ".cache"
+    assert not cache_dir().resolve().is_relative_to(home_cache.resolve())
+    assert not cache_dir().resolve().is_relative_to(ROOT)
