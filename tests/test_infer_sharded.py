@@ -104,3 +104,25 @@ def test_torchrun_needs_out(project, monkeypatch, capsys):
     as_rank(monkeypatch, 0)
     assert infer.main(project["args"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_process_0_names_the_ranks_it_still_waits_for(tmp_path, monkeypatch, capfd):
+    import threading
+
+    from core.infer import sharded
+    from core.ranks import DistInfo
+
+    monkeypatch.setattr(sharded, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(sharded, "WAIT_NOTE_SECONDS", 0.05)
+    out, info = tmp_path / "preds.csv", DistInfo(rank=0, world=3)
+    for rank in (0, 2):
+        sharded.write_part(out, DistInfo(rank=rank, world=3), "key", Part([rank], [[0.5]], [None], [], []))
+    late = threading.Timer(
+        0.3, lambda: sharded.write_part(out, DistInfo(1, 3), "key", Part([1], [[0.1]], [None], [], []))
+    )
+    late.start()
+    parts = sharded.gather_parts(out, info, "key")
+    late.join()
+    assert [p.indices for p in parts] == [[0], [1], [2]]
+    notes = [line for line in capfd.readouterr().err.splitlines() if "waited" in line]
+    assert notes and all("rank(s) 1 (preds.csv.rank1-of-3.json)" in line for line in notes)

@@ -20,9 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.io import write_json
+from core.log import get_logger
 from core.ranks import DistInfo
 
 POLL_SECONDS = 0.2
+WAIT_NOTE_SECONDS = 60.0
+log = get_logger("infer")
 
 
 @dataclass
@@ -80,14 +83,27 @@ def write_part(out: str | Path, info: DistInfo, key: str, part: Part) -> None:
 
 def gather_parts(out: str | Path, info: DistInfo, key: str) -> list[Part]:
     """Every process's part, waited for (process 0 only). torchrun stops every process when one
-    fails, so a shard that never comes does not leave this one waiting."""
+    fails, so a shard that never comes does not leave this one waiting; processes started some
+    other way (by hand, by a scheduler) are not watched, so every `WAIT_NOTE_SECONDS` a line names
+    the ranks still awaited and the files they write."""
     parts: dict[int, Part] = {}
+    started = noted = time.monotonic()
     while len(parts) < info.world:
         for rank in range(info.world):
             if rank not in parts and (part := _read(shard_path(out, rank, info.world), key)) is not None:
                 parts[rank] = part
-        if len(parts) < info.world:
-            time.sleep(POLL_SECONDS)
+        if len(parts) == info.world:
+            break
+        if time.monotonic() - noted >= WAIT_NOTE_SECONDS:
+            noted = time.monotonic()
+            missing = [r for r in range(info.world) if r not in parts]
+            log.info(
+                "waited %.0f s for the shards of rank(s) %s (%s); a rank that died must be run again",
+                noted - started,
+                ", ".join(map(str, missing)),
+                ", ".join(shard_path(out, r, info.world).name for r in missing),
+            )
+        time.sleep(POLL_SECONDS)
     return [parts[r] for r in range(info.world)]
 
 
