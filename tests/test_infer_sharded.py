@@ -13,15 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data as skdata
 
 import infer
 from core.infer.sharded import Part, shard_path
 from tests.test_infer_fast import member_fold
+from tests.test_infer_video import write_video
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict:
-    """Two members (exported by the first test that scores), seven images of unequal sizes and a corrupt one."""
+    """Two members (exported by the first test that scores), seven images of unequal sizes, a corrupt
+    one and two videos with a face (one for each of two processes)."""
     tmp_path = tmp_path_factory.mktemp("sharded")
     weights = [member_fold(tmp_path / "outputs", "alpha"), member_fold(tmp_path / "outputs", "beta")]
     folder = tmp_path / "images"
@@ -31,7 +34,11 @@ def project(tmp_path_factory) -> dict:
         pixels = rng.integers(0, 255, (40 + 3 * i, 36, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i}.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    face = skdata.astronaut()[:256, 96:352]
+    for v in range(2):
+        write_video(folder / f"v{v}.avi", [np.roll(face, (3 + v) * i, axis=1) for i in range(6)])
     args = [str(folder), *[a for w in weights for a in ("--weights", str(w))], "--device", "cpu", "--json"]
+    args += ["--frames", "3"]
     return {"args": args, "folder": folder}
 
 
@@ -44,14 +51,16 @@ def test_two_torchrun_processes_write_what_one_process_writes(project, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     sharded = subprocess.run(  # the first run in this module: both processes make the exports
-        [*torchrun, "infer.py", *project["args"], "--out", str(tmp_path / "sharded.csv")],
+        [*torchrun, "infer.py", *project["args"], "--out", str(tmp_path / "sharded.csv")]
+        + ["--per-frame", str(tmp_path / "sharded_frames.csv")],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     one = subprocess.run(
-        [sys.executable, "infer.py", *project["args"], "--out", str(tmp_path / "one.csv")],
+        [sys.executable, "infer.py", *project["args"], "--out", str(tmp_path / "one.csv")]
+        + ["--per-frame", str(tmp_path / "one_frames.csv")],
         env=env,
         capture_output=True,
         text=True,
@@ -61,10 +70,14 @@ def test_two_torchrun_processes_write_what_one_process_writes(project, tmp_path)
     assert sharded.returncode != 0, sharded.stderr[-3000:]  # torchrun: a process ended with status 1
     assert "broken.jpg" in sharded.stderr
     assert (tmp_path / "sharded.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
-    assert len((tmp_path / "one.csv").read_text().splitlines()) == 8  # header and seven images
+    assert len((tmp_path / "one.csv").read_text().splitlines()) == 10  # header, seven images, two videos
+    frames = (tmp_path / "one_frames.csv").read_text().splitlines()
+    assert {Path(row.split(",")[0]).name for row in frames[1:]} == {"v0.avi", "v1.avi"}  # one from each process
+    assert (tmp_path / "sharded_frames.csv").read_text().splitlines() == frames
     lines = [json.loads(line) for line in sharded.stdout.splitlines() if line.startswith("{")]
     assert lines == [json.loads(line) for line in one.stdout.splitlines()]
-    assert [Path(x["path"]).name for x in lines] == ["broken.jpg", *[f"img{i}.png" for i in range(7)]]
+    names = ["broken.jpg", *[f"img{i}.png" for i in range(7)], "v0.avi", "v1.avi"]
+    assert [Path(x["path"]).name for x in lines] == names
     assert lines[0]["skipped"] and lines[0]["probability"] is None
     assert not list(tmp_path.glob("*.rank*"))  # shards removed once merged
 
