@@ -161,6 +161,10 @@ _RECENT: OrderedDict[tuple, list] = OrderedDict()
 _RECENT_LOCK = threading.Lock()
 
 
+def box_area(box: Box) -> int:
+    return max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+
+
 # eq=False: field-wise == on numpy arrays raises instead of answering.
 @dataclass(eq=False)
 class Face:
@@ -187,7 +191,7 @@ class Face:
 
     @property
     def area(self) -> int:
-        return max(self.width, 0) * max(self.height, 0)
+        return box_area(self.box)
 
     def eye_centers(self) -> tuple[np.ndarray, np.ndarray]:
         """(subject's right eye centre, subject's left eye centre), each (x, y)."""
@@ -305,7 +309,7 @@ class FaceAnalyzer:
             )
             if box[2] > box[0] and box[3] > box[1]:
                 found.append((rect, box, score))
-        found.sort(key=lambda f: (-(f[1][2] - f[1][0]) * (f[1][3] - f[1][1]), -f[2]))
+        found.sort(key=lambda f: (-box_area(f[1]), -f[2]))
         return found
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
@@ -335,9 +339,11 @@ class FaceAnalyzer:
     def primary_box(self, rgb: np.ndarray) -> Box | None:
         """The box of the face `primary` returns, without its landmarks; None without a face."""
         found = self._found(_as_rgb(rgb))
-        if not found:
-            return None
-        return max(found, key=lambda f: f[2])[1] if self.pick == "score" else found[0][1]
+        return found[self._pick([score for _, _, score in found])][1] if found else None
+
+    def _pick(self, scores: list[float]) -> int:
+        """The index of the face the `pick` rule chooses among faces sorted largest first."""
+        return int(np.argmax(scores)) if self.pick == "score" else 0
 
     def largest(self, rgb: np.ndarray) -> Face | None:
         """The face with the largest box, or None."""
@@ -347,11 +353,7 @@ class FaceAnalyzer:
     def primary(self, rgb: np.ndarray) -> Face | None:
         """The face chosen by this analyzer's `pick` rule, or None."""
         faces = self.detect(rgb)
-        if not faces:
-            return None
-        if self.pick == "score":
-            return max(faces, key=lambda f: f.score)
-        return faces[0]
+        return faces[self._pick([f.score for f in faces])] if faces else None
 
     def analyze_file(self, path: str | Path, cache_file: str | Path | None = None) -> tuple[Face | None, bool]:
         """The primary face of one image file, through the cache when `cache_file` is given.

@@ -10,14 +10,13 @@ kind of fake clip against every real clip, of all clips pooled, and of the still
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 import pandas as pd
 
 from bench.output import publish
-from core.config import load_config
+from bench.studies import member_study_config
 from core.data.sources import resolve_data
 from core.imaging import is_video
 from core.metrics import roc_auc
@@ -55,13 +54,7 @@ def by_kind(oof: pd.DataFrame, manifest: pd.DataFrame | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/members/sta_demo.yaml")
-    p.add_argument("--data-config", default="configs/data.yaml")
-    p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    cfg = load_config([args.data_config, args.config], args.overrides)
+    cfg, out = member_study_config(__doc__, argv)
     folds = finished_folds(cfg["paths"]["outputs"], cfg["name"])
     if not folds:
         print(f"clip_auc_by_kind: {cfg['name']} has no finished fold under {cfg['paths']['outputs']}", file=sys.stderr)
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in result["kinds"].items():
         auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
         lines.append(f"| {name} | {row['real']} | {row['fake']} | {auc} |")
-    publish(result, "\n".join(lines), args.out)
+    publish(result, "\n".join(lines), out)
     return 0
 
 

@@ -11,7 +11,6 @@ networks were trained under the config's own `clip.still`, which favours that mo
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from bench.output import publish
+from bench.studies import member_study_config
 from core.checkpoint import WEIGHTS_FILE
-from core.config import load_config
 from core.data.clips import ClipDataset, ClipSettings, with_videos
 from core.data.datasets import make_loader
 from core.data.folds import read_folds
@@ -49,13 +48,7 @@ def score_mode(cfg: dict, still: str, folds: list[int], table, outputs: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/members/sta_demo.yaml")
-    p.add_argument("--data-config", default="configs/data.yaml")
-    p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    cfg = load_config([args.data_config, args.config], args.overrides)
+    cfg, out = member_study_config(__doc__, argv)
     data = resolve_data(cfg)
     table = with_videos(cfg, data, read_folds(cfg["paths"]["folds"], read_train_table(data)))
     stills = table[~table["path"].map(is_video)].reset_index(drop=True)
@@ -82,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         spread = f"{r['fold_auc_mean']:.3f} +- {r['fold_auc_std']:.3f}"
         lines.append(f"| {r['still']} | {r['frames']} | {r['pooled_auc']:.3f} | {spread} | {r['cpu_seconds']} |")
-    publish(result, "\n".join(lines), args.out)
+    publish(result, "\n".join(lines), out)
     return 0
 
 

@@ -210,16 +210,11 @@ def build_optimizer(module: torch.nn.Module, s: TrainSettings) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=s.lr)
 
 
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then 1."""
-    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
-
-
 def lr_factor(total_steps: int, s: TrainSettings) -> Callable[[int], float]:
     if s.schedule == "linear_decay_after":
         return linear_decay_after(total_steps, s.decay_start)
-    if s.schedule == "constant":
-        return warmup_constant(s.warmup_steps)
+    if s.schedule == "constant":  # a cosine down to the lr itself: 1 after the warmup
+        return warmup_cosine(total_steps, s.warmup_steps, 1.0)
     return warmup_cosine(total_steps, s.warmup_steps, s.min_lr_ratio)
 
 
